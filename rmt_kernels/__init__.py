@@ -1,0 +1,21 @@
+"""rmt_kernels: fused attention and memory handoff kernels for Recurrent Memory Transformers.
+
+Public API only. Importing the package never imports triton or the compiled extension, and never
+queries a GPU.
+"""
+
+__version__ = "0.1.0"
+
+from .backends import BackendUnavailableError
+from .layout import MemoryLayout, attention_flops
+from .ops.segment_attention.interface import segment_attention
+from .reference import segment_attention_ref
+
+__all__ = [
+    "__version__",
+    "BackendUnavailableError",
+    "MemoryLayout",
+    "attention_flops",
+    "segment_attention",
+    "segment_attention_ref",
+]

@@ -1,0 +1,1 @@
+"""One folder per op: interface (public function, custom ops, autograd) and one file per backend."""

@@ -1,0 +1,1 @@
+"""Segment attention: the causal-plus-memory masked attention of one packed segment."""

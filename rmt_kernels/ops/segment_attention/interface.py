@@ -1,0 +1,200 @@
+"""Public ``segment_attention``: validation, backend choice, and the custom ops autograd goes through.
+
+``rmt_kernels::segment_attention_fwd`` / ``_bwd`` are ``torch.library`` custom ops with fake
+implementations, so ``torch.compile(fullgraph=True)`` traces through a call without a graph break;
+the backend is an argument of the op, so every backend shares one autograd formula.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ... import backends
+from ..._checks import check_attention_inputs
+from ...layout import MemoryLayout
+from .torch_impl import (
+    alloc_outputs,
+    segment_attention_bwd_torch,
+    segment_attention_fwd_torch,
+)
+
+OP = "segment_attention"
+
+backends.register(
+    OP,
+    "torch",
+    backends.BackendImpl(
+        fwd=segment_attention_fwd_torch,
+        bwd=segment_attention_bwd_torch,
+        dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+        devices=("cpu", "cuda", "mps", "xpu"),
+    ),
+)
+
+
+def _layout(num_read, num_write, mask, prefix_visible_to) -> MemoryLayout:
+    return MemoryLayout(num_read, num_write, mask, prefix_visible_to)
+
+
+@torch.library.custom_op("rmt_kernels::segment_attention_fwd", mutates_args=())
+def segment_attention_fwd_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Optional[Tensor],
+    prefix_v: Optional[Tensor],
+    segment_lengths: Optional[Tensor],
+    num_read: int,
+    num_write: int,
+    mask: str,
+    prefix_visible_to: str,
+    scale: float,
+    backend: str,
+) -> Tuple[Tensor, Tensor]:
+    layout = _layout(num_read, num_write, mask, prefix_visible_to)
+    fwd = backends.get_impl(OP, backend).fwd
+    return fwd(q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale)
+
+
+@segment_attention_fwd_op.register_fake
+def _(q, k, v, prefix_k, prefix_v, segment_lengths, num_read, num_write, mask, prefix_visible_to, scale, backend):
+    return alloc_outputs(q)
+
+
+@torch.library.custom_op("rmt_kernels::segment_attention_bwd", mutates_args=())
+def segment_attention_bwd_op(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Optional[Tensor],
+    prefix_v: Optional[Tensor],
+    segment_lengths: Optional[Tensor],
+    out: Tensor,
+    lse: Tensor,
+    num_read: int,
+    num_write: int,
+    mask: str,
+    prefix_visible_to: str,
+    scale: float,
+    backend: str,
+    need_prefix_grad: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    layout = _layout(num_read, num_write, mask, prefix_visible_to)
+    bwd = backends.get_impl(OP, backend).bwd
+    dq, dk, dv, dpk, dpv = bwd(
+        dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, layout, scale, need_prefix_grad
+    )
+    empty = q.new_empty(0)
+    # custom ops may not return None, nor alias their inputs.
+    return (
+        dq.contiguous(),
+        dk.contiguous(),
+        dv.contiguous(),
+        empty if dpk is None else dpk.contiguous(),
+        empty.clone() if dpv is None else dpv.contiguous(),
+    )
+
+
+@segment_attention_bwd_op.register_fake
+def _(dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, num_read, num_write, mask,
+      prefix_visible_to, scale, backend, need_prefix_grad):
+    with_prefix = prefix_k is not None and need_prefix_grad
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+        torch.empty_like(v, memory_format=torch.contiguous_format),
+        torch.empty_like(prefix_k, memory_format=torch.contiguous_format) if with_prefix else q.new_empty(0),
+        torch.empty_like(prefix_v, memory_format=torch.contiguous_format) if with_prefix else q.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prefix_k, prefix_v, segment_lengths, *params = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, segment_lengths, out, lse)
+    ctx.params = params
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, prefix_k, prefix_v, segment_lengths, out, lse = ctx.saved_tensors
+    need_prefix = prefix_k is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
+    dq, dk, dv, dpk, dpv = segment_attention_bwd_op(
+        dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, *ctx.params, need_prefix
+    )
+    if not need_prefix:
+        dpk = dpv = None
+    return dq, dk, dv, dpk, dpv, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "rmt_kernels::segment_attention_fwd", _backward, setup_context=_setup_context
+)
+
+
+def segment_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: MemoryLayout,
+    *,
+    segment_lengths: Optional[Tensor] = None,
+    prefix_k: Optional[Tensor] = None,
+    prefix_v: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Causal-plus-memory attention over a packed ``[read memory | segment | write memory]`` segment.
+
+    Which query row sees which key is fixed by ``layout`` (see :class:`MemoryLayout` for the drawn
+    masks); nothing else about the mask is passed or materialised.
+
+    Args:
+        q: ``[B, H_q, N, D]`` float16, bfloat16 or float32 (float64 on the torch backend), any
+            strides (a ``[B, N, H, D]`` tensor viewed with ``.transpose(1, 2)`` works without a copy).
+        k, v: ``[B, H_kv, N, D]``, same dtype and device; ``H_q`` a multiple of ``H_kv`` (GQA).
+        layout: :class:`MemoryLayout`: R, W, mask family, prefix visibility. ``N >= R + W``.
+        segment_lengths: integer ``[B]`` with values in ``[0, S]`` (``S = N - R - W``): the valid
+            segment tokens of each batch row (right padding). Default: all S valid.
+        prefix_k, prefix_v: ``[B, H_kv, P, D]`` keys/values seen before the packed ones (an XL cache,
+            a learned null key), read from their own tensors; both or neither. May require grad.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        backend: ``"auto"`` (default: ``RMT_KERNELS_BACKEND`` if set, else the fastest available),
+            ``"torch"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        ``[B, H_q, N, D]`` in q's dtype. Softmax and accumulation run in float32. A row that sees no
+        key outputs 0 and passes zero gradient.
+
+    Raises:
+        TypeError: a non-tensor argument, mismatched or unsupported dtypes, a non-integer
+            ``segment_lengths``.
+        ValueError: wrong shapes, devices, head dims or lengths (the message names the argument).
+        BackendUnavailableError: the requested backend cannot run here (the message says how to get it).
+
+    Example::
+
+        >>> layout = MemoryLayout(num_read=16, num_write=16, mask="memory_bidirectional")
+        >>> q = k = v = torch.randn(2, 4, 16 + 64 + 16, 64)
+        >>> segment_attention(q, k, v, layout).shape
+        torch.Size([2, 4, 96, 64])
+    """
+    if not isinstance(q, Tensor):
+        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+    name = backends.resolve_backend(OP, backend, q.device)
+    impl = backends.get_impl(OP, name)
+    shape = check_attention_inputs(
+        q, k, v, layout, segment_lengths, prefix_k, prefix_v, scale,
+        dtypes=impl.dtypes, head_dims=impl.head_dims, backend=name,
+    )
+    if shape.prefix_len == 0:
+        prefix_k = prefix_v = None
+    out, _ = segment_attention_fwd_op(
+        q, k, v, prefix_k, prefix_v, segment_lengths,
+        layout.num_read, layout.num_write, layout.mask, layout.prefix_visible_to, shape.scale, name,
+    )
+    return out

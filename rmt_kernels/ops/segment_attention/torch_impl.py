@@ -1,0 +1,267 @@
+"""The ``torch`` backend of segment attention: stock attention calls composed per mask block.
+
+:meth:`MemoryLayout.blocks` cuts one batch row's mask into rectangles and top-left aligned causal
+triangles. Each block is one call of a stock attention kernel that returns its log-sum-exp
+(``_scaled_dot_product_flash_attention_for_cpu`` on CPU, which skips the masked tiles of a causal call
+and reads grouped-query heads and arbitrary strides without copies; an exact blockwise math path
+elsewhere). Rows covered by several blocks are merged by log-sum-exp. The backward feeds the *merged*
+output and log-sum-exp to each block's backward, which makes each block's gradients exact parts of the
+full gradient: ``dS = P * (dO V^T - rowsum(dO * O))`` with ``P = exp(S - lse)`` needs only the merged
+row statistics.
+
+No N x N mask is ever built: the prefix is read from its own tensors, padding only shortens the key
+ranges of the blocks (batch rows with equal ``segment_lengths`` share one set of calls), and a mask
+that is one causal or one rectangular block costs exactly one attention call.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ...layout import MemoryLayout
+
+_cpu_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_cpu_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def alloc_outputs(q: torch.Tensor):
+    """Output ``[B, H_q, N, D]`` (stored as ``[B, N, H_q, D]``, as the kernels write it) and
+    log-sum-exp ``[B, H_q, N]`` (stored ``[B, N, H_q]``). Every backend and the fake use this."""
+    b, h, n, d = q.shape
+    out = torch.empty((b, n, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty((b, n, h), dtype=lse_dtype(q.dtype), device=q.device).transpose(1, 2)
+    return out, lse
+
+
+# --------------------------------------------------------------------------- one block
+
+
+def _math_block_fwd(q, k, v, causal: bool, scale: float):
+    b, hq, m, d = q.shape
+    hkv, kn = k.shape[1], k.shape[2]
+    cdt = lse_dtype(q.dtype)
+    qf = q.to(cdt).reshape(b, hkv, hq // hkv, m, d)
+    s = torch.matmul(qf, k.to(cdt).transpose(-1, -2)[:, :, None]) * scale  # [B, Hkv, G, M, K]
+    if causal:
+        s = s.masked_fill(torch.ones(m, kn, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    o = torch.matmul(torch.exp(s - lse[..., None]), v.to(cdt)[:, :, None])
+    return o.reshape(b, hq, m, d).to(q.dtype), lse.reshape(b, hq, m)
+
+
+def _math_block_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
+    b, hq, m, d = q.shape
+    hkv, kn = k.shape[1], k.shape[2]
+    g = hq // hkv
+    cdt = lse_dtype(q.dtype)
+    qf = q.to(cdt).reshape(b, hkv, g, m, d)
+    kf, vf = k.to(cdt)[:, :, None], v.to(cdt)[:, :, None]
+    dof = do.to(cdt).reshape(b, hkv, g, m, d)
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(m, kn, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    p = torch.exp(s - lse.to(cdt).reshape(b, hkv, g, m, 1))
+    delta = (dof * o.to(cdt).reshape(b, hkv, g, m, d)).sum(-1, keepdim=True)
+    ds = p * (torch.matmul(dof, vf.transpose(-1, -2)) - delta)
+    dq = torch.matmul(ds, kf) * scale
+    dk = (torch.matmul(ds.transpose(-1, -2), qf) * scale).sum(2)
+    dv = torch.matmul(p.transpose(-1, -2), dof).sum(2)
+    return dq.reshape(b, hq, m, d), dk, dv
+
+
+def _block_fwd(q, k, v, causal: bool, scale: float):
+    if q.device.type == "cpu":
+        return _cpu_fwd(q, k, v, 0.0, causal, scale=scale)
+    return _math_block_fwd(q, k, v, causal, scale)
+
+
+def _block_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
+    if q.device.type == "cpu":
+        return _cpu_bwd(do, q, k, v, o, lse, 0.0, causal, scale=scale)
+    return _math_block_bwd(do, q, k, v, o, lse, causal, scale)
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def _batch_runs(segment_lengths: Optional[torch.Tensor], batch: int, segment_len: int):
+    """``(b0, b1, L)``: runs of consecutive batch rows with the same valid length."""
+    if segment_lengths is None:
+        return [(0, batch, segment_len)]
+    lengths = [int(x) for x in segment_lengths.tolist()]
+    runs, start = [], 0
+    for b in range(1, batch + 1):
+        if b == batch or lengths[b] != lengths[start]:
+            runs.append((start, b, lengths[start]))
+            start = b
+    return runs
+
+
+def _row_segments(blocks, n: int):
+    """Split rows ``[0, n)`` at every block edge: ``[(r0, r1, [blocks covering it])]``."""
+    edges = sorted({0, n, *(b.row_start for b in blocks), *(b.row_end for b in blocks)})
+    segs = []
+    for r0, r1 in zip(edges[:-1], edges[1:]):
+        segs.append((r0, r1, [b for b in blocks if b.row_start <= r0 and b.row_end >= r1]))
+    return segs
+
+
+def _keys(blk, k, v, prefix_k, prefix_v, b0, b1):
+    src_k, src_v = (prefix_k, prefix_v) if blk.source == "prefix" else (k, v)
+    return src_k[b0:b1, :, blk.key_start : blk.key_end], src_v[b0:b1, :, blk.key_start : blk.key_end]
+
+
+def _is_whole(blk, n: int) -> bool:
+    """The block is every row over every packed key (one stock call is the whole op)."""
+    return (blk.row_start, blk.row_end, blk.source, blk.key_start, blk.key_end, blk.offset) == (0, n, "packed", 0, n, 0)
+
+
+class _Accumulator:
+    """Gradient buffer filled block by block without a zero-fill pass.
+
+    The first write to a row range copies, later writes add, and :meth:`finish` zeroes what no block
+    wrote. (Fresh zero-filled buffers cost a full extra pass, which is measurable on CPU.)
+    """
+
+    def __init__(self, like: torch.Tensor, dtype: torch.dtype):
+        self.buf = torch.empty(like.shape, dtype=dtype, device=like.device)
+        self.covered = {}  # (b0, b1) -> list of written [start, end)
+
+    def write(self, b0: int, b1: int, start: int, grad: torch.Tensor):
+        end = start + grad.shape[2]
+        covered = self.covered.setdefault((b0, b1), [])
+        pos = start
+        for c0, c1 in _union(covered):
+            c0, c1 = max(c0, start), min(c1, end)
+            if c1 <= c0:
+                continue
+            if c0 > pos:
+                self.buf[b0:b1, :, pos:c0].copy_(grad[:, :, pos - start : c0 - start])
+            self.buf[b0:b1, :, c0:c1].add_(grad[:, :, c0 - start : c1 - start])
+            pos = c1
+        if pos < end:
+            self.buf[b0:b1, :, pos:end].copy_(grad[:, :, pos - start :])
+        covered.append((start, end))
+
+    def finish(self, runs, dtype: torch.dtype) -> torch.Tensor:
+        length = self.buf.shape[2]
+        for b0, b1, _ in runs:
+            pos = 0
+            for c0, c1 in _union(self.covered.get((b0, b1), [])) + [(length, length)]:
+                if c0 > pos:
+                    self.buf[b0:b1, :, pos:c0].zero_()
+                pos = max(pos, c1)
+        return self.buf if self.buf.dtype == dtype else self.buf.to(dtype)
+
+
+def _union(intervals):
+    """Sorted disjoint union of ``[start, end)`` intervals."""
+    merged = []
+    for c0, c1 in sorted(intervals):
+        if merged and c0 <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], c1))
+        else:
+            merged.append((c0, c1))
+    return merged
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def segment_attention_fwd_torch(
+    q, k, v, prefix_k, prefix_v, segment_lengths, layout: MemoryLayout, scale: float
+):
+    """Forward of the torch backend: ``(out [B, H_q, N, D], lse [B, H_q, N])``. Inputs are validated."""
+    b, hq, n, d = q.shape
+    s = layout.segment_len(n)
+    p = 0 if prefix_k is None else prefix_k.shape[2]
+    runs = _batch_runs(segment_lengths, b, s)
+    out, lse = alloc_outputs(q)
+    for b0, b1, length in runs:
+        blocks = layout.blocks(s, p, length)
+        if len(runs) == 1 and len(blocks) == 1 and _is_whole(blocks[0], n):
+            o1, l1 = _block_fwd(q, k, v, blocks[0].causal, scale)
+            if o1.stride() == out.stride() and l1.stride() == lse.stride():
+                return o1, l1
+            out.copy_(o1)
+            lse.copy_(l1)
+            return out, lse
+        results = []
+        for blk in blocks:
+            kb, vb = _keys(blk, k, v, prefix_k, prefix_v, b0, b1)
+            o, l = _block_fwd(q[b0:b1, :, blk.row_start - blk.offset : blk.row_end], kb, vb, blk.causal, scale)
+            results.append((o[:, :, blk.offset :], l[:, :, blk.offset :]))
+        for r0, r1, covering in _row_segments(blocks, n):
+            o_seg, l_seg = out[b0:b1, :, r0:r1], lse[b0:b1, :, r0:r1]
+            parts = [
+                (o[:, :, r0 - blk.row_start : r1 - blk.row_start], l[:, :, r0 - blk.row_start : r1 - blk.row_start])
+                for blk, (o, l) in zip(blocks, results)
+                if blk in covering
+            ]
+            if not parts:  # rows that see no key
+                o_seg.zero_()
+                l_seg.fill_(float("-inf"))
+            elif len(parts) == 1:
+                o_seg.copy_(parts[0][0])
+                l_seg.copy_(parts[0][1])
+            else:
+                l_m = torch.logsumexp(torch.stack([pl for _, pl in parts]), dim=0)
+                acc = sum(po.to(l_m.dtype) * torch.exp(pl - l_m)[..., None] for po, pl in parts)
+                o_seg.copy_(acc)
+                l_seg.copy_(l_m)
+    return out, lse
+
+
+def segment_attention_bwd_torch(
+    dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, layout: MemoryLayout, scale: float,
+    need_prefix_grad: bool,
+):
+    """Backward of the torch backend: ``(dq, dk, dv, dprefix_k, dprefix_v)``, prefix grads None when
+    there is no prefix or ``need_prefix_grad`` is False."""
+    b, hq, n, d = q.shape
+    s = layout.segment_len(n)
+    p = 0 if prefix_k is None else prefix_k.shape[2]
+    runs = _batch_runs(segment_lengths, b, s)
+    if len(runs) == 1:
+        blocks = layout.blocks(s, p, runs[0][2])
+        if len(blocks) == 1 and _is_whole(blocks[0], n):
+            return (*_block_bwd(dout, q, k, v, out, lse, blocks[0].causal, scale), None, None)
+
+    acc = lse_dtype(q.dtype)
+    dq, dk, dv = _Accumulator(q, acc), _Accumulator(k, acc), _Accumulator(v, acc)
+    want_prefix = p > 0 and need_prefix_grad
+    dpk = _Accumulator(prefix_k, acc) if want_prefix else None
+    dpv = _Accumulator(prefix_v, acc) if want_prefix else None
+    for b0, b1, length in runs:
+        for blk in layout.blocks(s, p, length):
+            if blk.source == "prefix" and not want_prefix:
+                continue
+            rows = slice(blk.row_start - blk.offset, blk.row_end)
+            lse_b = lse[b0:b1, :, rows]
+            if blk.offset:
+                # The discarded rows of the causal call must contribute nothing: lse = +inf makes
+                # their probabilities exactly 0 whatever their dout and out.
+                lse_b = lse_b.clone()
+                lse_b[:, :, : blk.offset] = float("inf")
+            kb, vb = _keys(blk, k, v, prefix_k, prefix_v, b0, b1)
+            g_q, g_k, g_v = _block_bwd(
+                dout[b0:b1, :, rows], q[b0:b1, :, rows], kb, vb, out[b0:b1, :, rows], lse_b, blk.causal, scale
+            )
+            dq.write(b0, b1, blk.row_start, g_q[:, :, blk.offset :])
+            gk, gv = (dpk, dpv) if blk.source == "prefix" else (dk, dv)
+            gk.write(b0, b1, blk.key_start, g_k)
+            gv.write(b0, b1, blk.key_start, g_v)
+    dtype = q.dtype
+    return (
+        dq.finish(runs, dtype),
+        dk.finish(runs, dtype),
+        dv.finish(runs, dtype),
+        dpk.finish(runs, dtype) if want_prefix else None,
+        dpv.finish(runs, dtype) if want_prefix else None,
+    )

@@ -1,0 +1,85 @@
+"""Packaging for rmt_kernels.
+
+`pip install .` installs pure Python and compiles nothing. `RMT_KERNELS_BUILD_CUDA=1 pip install
+--no-build-isolation .` additionally builds the CUDA extension `rmt_kernels._C` from csrc/ against the
+installed torch, for the architectures in RMT_KERNELS_CUDA_ARCHS (else TORCH_CUDA_ARCH_LIST, else
+"8.0;9.0a"), with at most RMT_KERNELS_MAX_JOBS parallel compile jobs (default 2).
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _version() -> str:
+    with open(os.path.join(HERE, "rmt_kernels", "__init__.py")) as f:
+        for line in f:
+            if line.startswith("__version__"):
+                return line.split("=")[1].strip().strip('"')
+    raise RuntimeError("__version__ not found")
+
+
+def _cuda_extension_kwargs() -> dict:
+    if os.environ.get("RMT_KERNELS_BUILD_CUDA", "0") != "1":
+        return {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    except ImportError as exc:  # pragma: no cover - exercised only by the opt-in build
+        raise RuntimeError(
+            "RMT_KERNELS_BUILD_CUDA=1 needs torch importable in the build environment: "
+            "install torch first and use `pip install --no-build-isolation .`"
+        ) from exc
+    import torch
+
+    if torch.version.cuda is None:
+        raise RuntimeError("RMT_KERNELS_BUILD_CUDA=1 needs a CUDA build of torch; this one is CPU-only")
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "*.cpp")))
+    if not sources:
+        raise RuntimeError("RMT_KERNELS_BUILD_CUDA=1 but csrc/ holds no CUDA sources in this version")
+    archs = os.environ.get("RMT_KERNELS_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0a"
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    os.environ.setdefault("MAX_JOBS", os.environ.get("RMT_KERNELS_MAX_JOBS", "2"))
+    ext = CUDAExtension(
+        name="rmt_kernels._C",
+        sources=sources,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+    )
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+
+
+with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+    long_description = f.read()
+
+setup(
+    name="rmt_kernels",
+    version=_version(),
+    description="Fused attention and memory-handoff kernels for Recurrent Memory Transformers",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["rmt_kernels", "rmt_kernels.*"]),
+    install_requires=[
+        "torch>=2.6",
+        "triton; platform_system == 'Linux'",
+        "numpy",
+        "ninja",
+        "pybind11",
+    ],
+    extras_require={
+        "test": [
+            "pytest",
+            "pytest-benchmark",
+            "hypothesis",
+            "transformers>=4.48",
+            "recurrent-memory-transformer-pytorch",
+        ],
+        "hf": ["transformers>=4.48"],
+        "bench": ["matplotlib", "tqdm"],
+    },
+    entry_points={"console_scripts": ["rmt-kernels=rmt_kernels.cli:main"]},
+    **_cuda_extension_kwargs(),
+)
