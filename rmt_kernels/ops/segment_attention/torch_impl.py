@@ -126,16 +126,25 @@ class _Accumulator:
     """Gradient buffer filled block by block without a zero-fill pass.
 
     The first write to a row range copies, later writes add, and :meth:`finish` zeroes what no block
-    wrote. (Fresh zero-filled buffers cost a full extra pass, which is measurable on CPU.)
+    wrote. A block gradient that spans the whole buffer is adopted as the buffer itself. (On CPU a
+    fresh large buffer costs page faults on first touch, which is measurable against one stock call.)
     """
 
     def __init__(self, like: torch.Tensor, dtype: torch.dtype):
-        self.buf = torch.empty(like.shape, dtype=dtype, device=like.device)
+        self.like, self.dtype = like, dtype
+        self.buf = None
         self.covered = {}  # (b0, b1) -> list of written [start, end)
 
     def write(self, b0: int, b1: int, start: int, grad: torch.Tensor):
         end = start + grad.shape[2]
         covered = self.covered.setdefault((b0, b1), [])
+        if self.buf is None:
+            whole = (b0, b1, start, end) == (0, self.like.shape[0], 0, self.like.shape[2])
+            if whole and grad.dtype == self.dtype and grad.shape == self.like.shape:
+                self.buf = grad
+                covered.append((start, end))
+                return
+            self.buf = torch.empty(self.like.shape, dtype=self.dtype, device=self.like.device)
         pos = start
         for c0, c1 in _union(covered):
             c0, c1 = max(c0, start), min(c1, end)
@@ -150,6 +159,8 @@ class _Accumulator:
         covered.append((start, end))
 
     def finish(self, runs, dtype: torch.dtype) -> torch.Tensor:
+        if self.buf is None:
+            return torch.zeros(self.like.shape, dtype=dtype, device=self.like.device)
         length = self.buf.shape[2]
         for b0, b1, _ in runs:
             pos = 0
@@ -239,7 +250,9 @@ def segment_attention_bwd_torch(
     dpk = _Accumulator(prefix_k, acc) if want_prefix else None
     dpv = _Accumulator(prefix_v, acc) if want_prefix else None
     for b0, b1, length in runs:
-        for blk in layout.blocks(s, p, length):
+        # Widest key ranges first, so a block spanning every key becomes the dk/dv buffer.
+        blocks = sorted(layout.blocks(s, p, length), key=lambda blk: blk.key_start - blk.key_end)
+        for blk in blocks:
             if blk.source == "prefix" and not want_prefix:
                 continue
             rows = slice(blk.row_start - blk.offset, blk.row_end)
