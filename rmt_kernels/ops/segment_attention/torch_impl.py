@@ -75,6 +75,12 @@ def _math_block_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
     return dq.reshape(b, hq, m, d), dk, dv
 
 
+def _unit_last_stride(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t`` with stride 1 along the head dim. The stock CPU flash kernel reads rows as dense vectors
+    and silently gives wrong results otherwise (e.g. ``x[..., ::2]``); other strides it honours."""
+    return t if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
 def _block_fwd(q, k, v, causal: bool, scale: float):
     if q.device.type == "cpu":
         return _cpu_fwd(q, k, v, 0.0, causal, scale=scale)
@@ -189,6 +195,7 @@ def segment_attention_fwd_torch(
     q, k, v, prefix_k, prefix_v, segment_lengths, layout: MemoryLayout, scale: float
 ):
     """Forward of the torch backend: ``(out [B, H_q, N, D], lse [B, H_q, N])``. Inputs are validated."""
+    q, k, v, prefix_k, prefix_v = map(_unit_last_stride, (q, k, v, prefix_k, prefix_v))
     b, hq, n, d = q.shape
     s = layout.segment_len(n)
     p = 0 if prefix_k is None else prefix_k.shape[2]
@@ -235,6 +242,7 @@ def segment_attention_bwd_torch(
 ):
     """Backward of the torch backend: ``(dq, dk, dv, dprefix_k, dprefix_v)``, prefix grads None when
     there is no prefix or ``need_prefix_grad`` is False."""
+    dout, q, k, v, prefix_k, prefix_v = map(_unit_last_stride, (dout, q, k, v, prefix_k, prefix_v))
     b, hq, n, d = q.shape
     s = layout.segment_len(n)
     p = 0 if prefix_k is None else prefix_k.shape[2]
