@@ -1,0 +1,15 @@
+"""Drop-in integrations: Hugging Face attention, the official RMT wrapper API, lucidrains' model.
+
+Each submodule is imported explicitly by the user, and only it imports its third-party package:
+
+- :mod:`rmt_kernels.integrations.hf` -- ``register()`` adds the ``"rmt_kernels"`` attention
+  implementation to ``transformers``;
+- :mod:`rmt_kernels.integrations.rmt` -- ``MemoryCell`` / ``RecurrentWrapper`` with the official
+  wrapper's API and state-dict keys;
+- :mod:`rmt_kernels.integrations.lucidrains` -- ``apply_rmt_kernels(model)`` patches a
+  ``recurrent_memory_transformer_pytorch.RecurrentMemoryTransformer`` in place.
+
+Importing this package imports none of them.
+"""
+
+__all__ = ["hf", "rmt", "lucidrains"]

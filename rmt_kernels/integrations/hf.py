@@ -1,0 +1,331 @@
+"""The ``"rmt_kernels"`` attention implementation for Hugging Face ``transformers``.
+
+After :func:`register`, any model whose attention goes through ``AttentionInterface`` (GPT-2,
+GPT-NeoX, Llama and its grouped-query relatives, BERT-family encoders, ...) runs on
+:func:`rmt_kernels.segment_attention`::
+
+    from rmt_kernels.integrations import hf
+    hf.register()
+    model.set_attn_implementation("rmt_kernels")   # or from_pretrained(..., attn_implementation="rmt_kernels")
+
+What one attention call computes:
+
+- **No memory layout** (the default): plain padded attention, causal for decoder layers and
+  bidirectional for encoder layers (``module.is_causal``; an explicit ``is_causal`` argument wins),
+  equal to ``"sdpa"``.
+- **A memory layout** (:class:`~rmt_kernels.MemoryLayout`, given as the forward keyword
+  ``rmt_layout=`` or stored on the config with :func:`set_memory_layout`): the inputs are one packed
+  segment ``[read memory R | segment S | write memory W]`` and each row sees the keys the layout's mask
+  family allows (``"causal"``, ``"memory_bidirectional"`` or ``"full"``).
+
+Padding. The mask function registered with ``AttentionMaskInterface`` hands the 2-D padding mask
+``[B, N]`` (or ``None`` when nothing is padded) to the attention instead of a dense 4-D mask. When the
+memory columns are all valid and the segment part is right padded, the kernel runs with
+``segment_lengths`` = the valid segment tokens per row. Any other 2-D mask (left padding, holes,
+padded memory columns) takes the **exact fallback**: SDPA with the dense mask
+``layout mask AND key-valid``, which is what ``"sdpa"`` computes for the same inputs.
+
+Other fallbacks, all to ``transformers``' own SDPA attention with the same mask ``"sdpa"`` would use:
+
+- attention dropout (``dropout > 0``, i.e. a training module with ``attention_dropout > 0``): the
+  kernel has no dropout, so SDPA runs with ``dropout_p`` (same distribution; bit-equal to ``"sdpa"``
+  under the same seed when no layout is set);
+- queries and keys of different lengths (decoding with a KV cache, cross-attention), a 4-D mask
+  (a custom mask, sliding-window or packed-sequence masks), a ``position_bias``: not expressible as a
+  memory layout. With a layout set these raise ``ValueError`` instead, since the layout could not be
+  honoured.
+
+``transformers`` range verified by the tests: 5.24 (see the README).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Mapping
+from typing import Optional, Tuple
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    bidirectional_mask_function,
+    causal_mask_function,
+    sdpa_mask,
+)
+from transformers.modeling_utils import AttentionInterface
+
+from ..layout import MemoryLayout
+from ..ops.segment_attention.interface import segment_attention
+
+ATTN_IMPLEMENTATION = "rmt_kernels"
+LAYOUT_KWARG = "rmt_layout"
+CONFIG_ATTR = "rmt_layout"
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_STANDARD_MASK_FUNCTIONS = (causal_mask_function, bidirectional_mask_function)
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def register(name: str = ATTN_IMPLEMENTATION) -> str:
+    """Register the attention implementation and its mask function under ``name``.
+
+    Idempotent; call it before or after models are built. Afterwards
+    ``model.set_attn_implementation(name)``, ``from_pretrained(..., attn_implementation=name)`` and
+    ``from_config(config, attn_implementation=name)`` select it.
+
+    Args:
+        name: the implementation's name (default ``"rmt_kernels"``).
+
+    Returns:
+        ``name``.
+
+    Raises:
+        TypeError: ``name`` is not a non-empty string.
+        ValueError: ``name`` is one of transformers' own implementations.
+
+    Example::
+
+        >>> from rmt_kernels.integrations import hf
+        >>> hf.register()
+        'rmt_kernels'
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}")
+    builtin = {"eager", "sdpa", "flex_attention", "paged|eager"} | {
+        f"flash_attention_{v}" for v in (2, 3, 4)
+    }
+    if name in builtin:
+        raise ValueError(f"name={name!r} would replace transformers' own {name!r} implementation")
+    AttentionInterface.register(name, rmt_kernels_attention)
+    AttentionMaskInterface.register(name, rmt_kernels_mask)
+    return name
+
+
+def as_layout(value) -> Optional[MemoryLayout]:
+    """A :class:`MemoryLayout` from a layout, a mapping of its fields (as stored on a config) or None."""
+    if value is None or isinstance(value, MemoryLayout):
+        return value
+    if isinstance(value, Mapping):
+        return MemoryLayout(**value)
+    raise TypeError(
+        f"{LAYOUT_KWARG} must be a rmt_kernels.MemoryLayout, a dict of its fields or None, "
+        f"got {type(value).__name__}"
+    )
+
+
+def set_memory_layout(model_or_config, layout) -> None:
+    """Store ``layout`` on a model's config (as a plain dict, so ``save_pretrained`` keeps working).
+
+    Every attention call of the model then uses it unless a forward ``rmt_layout=`` overrides it.
+
+    Args:
+        model_or_config: a ``PreTrainedModel`` (its ``.config`` is used) or a ``PretrainedConfig``.
+        layout: a :class:`MemoryLayout`, a dict of its fields, or None to remove it.
+
+    Raises:
+        TypeError: ``layout`` is neither; ``model_or_config`` has no config.
+
+    Example::
+
+        >>> set_memory_layout(model, MemoryLayout(4, 4, mask="causal"))
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    if not hasattr(config, "to_dict"):
+        raise TypeError(f"model_or_config must be a transformers model or config, got {type(model_or_config).__name__}")
+    layout = as_layout(layout)
+    setattr(config, CONFIG_ATTR, None if layout is None else dataclasses.asdict(layout))
+
+
+# --------------------------------------------------------------------------- mask function
+
+
+def rmt_kernels_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=causal_mask_function,
+    attention_mask: Optional[torch.Tensor] = None,
+    **kwargs,
+):
+    """``AttentionMaskInterface`` entry: pass the 2-D padding mask through instead of a 4-D mask.
+
+    For a plain causal or bidirectional mask over queries and keys that coincide (no cache offset),
+    returns ``None`` when nothing is padded, else the bool ``[B, kv_length]`` padding mask. Anything
+    else (a cache offset, sliding windows, packed sequences, a custom overlay) gets the dense mask of
+    ``transformers.masking_utils.sdpa_mask`` (or its ``None``), which the attention hands to SDPA.
+    """
+    plain = (
+        mask_function in _STANDARD_MASK_FUNCTIONS
+        and isinstance(q_offset, int)
+        and isinstance(kv_offset, int)
+        and q_offset == 0
+        and kv_offset == 0
+        and q_length == kv_length
+        and (attention_mask is None or (attention_mask.dim() == 2 and attention_mask.shape[-1] == kv_length))
+    )
+    if plain:
+        if attention_mask is None or bool(attention_mask.all()):
+            return None
+        return attention_mask.to(torch.bool)
+    return sdpa_mask(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=mask_function,
+        attention_mask=attention_mask,
+        **kwargs,
+    )
+
+
+# --------------------------------------------------------------------------- padding analysis
+
+
+class _PaddingCache:
+    """Remembers the analysis of the last 2-D mask: every layer of a forward gets the same tensor."""
+
+    def __init__(self):
+        self._ref = None
+        self._key = None
+        self._value = None
+
+    def get(self, mask: torch.Tensor, key):
+        if self._ref is not None and self._ref() is mask and self._key == (key, mask._version):
+            return self._value
+        return None
+
+    def put(self, mask: torch.Tensor, key, value) -> None:
+        self._ref = weakref.ref(mask)
+        self._key = (key, mask._version)
+        self._value = value
+
+
+_padding_cache = _PaddingCache()
+
+
+def _right_padding(mask2d: torch.Tensor, layout: MemoryLayout, seq_len: int):
+    """``(True, lengths or None)`` when the memory columns are valid and the segment is right padded,
+    else ``(False, None)``. ``lengths`` is int32 ``[B]`` (None: nothing padded)."""
+    cached = _padding_cache.get(mask2d, (layout.num_read, layout.num_write, seq_len))
+    if cached is not None:
+        return cached
+    r, w = layout.num_read, layout.num_write
+    s = seq_len - r - w
+    valid = mask2d.to(torch.bool)
+    seg = valid[:, r : r + s]
+    lengths = seg.sum(dim=1)
+    expected = torch.arange(s, device=valid.device)[None, :] < lengths[:, None]
+    ok = bool(valid[:, :r].all()) and bool(valid[:, r + s :].all()) and bool(torch.equal(seg, expected))
+    if not ok:
+        result = (False, None)
+    elif bool((lengths == s).all()):
+        result = (True, None)
+    else:
+        result = (True, lengths.to(torch.int32))
+    _padding_cache.put(mask2d, (r, w, seq_len), result)
+    return result
+
+
+def _dense_mask(layout: MemoryLayout, seq_len: int, mask2d: Optional[torch.Tensor], device) -> torch.Tensor:
+    """bool ``[B or 1, 1, N, N]``: the layout's mask AND the 2-D key-valid mask."""
+    dense = layout.dense_mask(layout.segment_len(seq_len)).to(device)[:, None]
+    if mask2d is not None:
+        dense = dense & mask2d.to(device=device, dtype=torch.bool)[:, None, None, :]
+    return dense
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def rmt_kernels_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    **kwargs,
+) -> Tuple[torch.Tensor, None]:
+    """``AttentionInterface`` entry: one attention call of a Hugging Face layer.
+
+    Args:
+        module: the attention module (``is_causal``, ``config`` are read from it).
+        query: ``[B, H_q, N, D]``; key, value: ``[B, H_kv, N_kv, D]`` (grouped-query heads are read
+            natively). float16/bfloat16/float32 (float64 on the torch backend).
+        attention_mask: what :func:`rmt_kernels_mask` produced: None, a bool ``[B, N]`` padding mask,
+            or a 4-D mask (fallback to SDPA).
+        dropout: attention-probability dropout; ``> 0`` takes the SDPA fallback.
+        scaling: softmax scale (default ``1/sqrt(D)``).
+        is_causal: overrides ``module.is_causal`` when given.
+        kwargs: ``rmt_layout`` (a :class:`MemoryLayout` or dict; default ``module.config.rmt_layout``),
+            ``position_bias`` (fallback), and whatever else the model passes (ignored like SDPA does).
+
+    Returns:
+        ``(attn_output [B, N, H_q, D] contiguous, None)``, as ``transformers``' SDPA attention.
+
+    Raises:
+        ValueError: a layout is set but the call cannot honour it (query and key lengths differ, a
+            4-D mask, a position bias), or the layout does not fit ``N``.
+        TypeError: ``rmt_layout`` of the wrong type.
+
+    Example::
+
+        >>> out, _ = rmt_kernels_attention(module, q, k, v, None, scaling=0.125)
+    """
+    layout = as_layout(kwargs.pop(LAYOUT_KWARG, None))
+    if layout is None:
+        layout = as_layout(getattr(getattr(module, "config", None), CONFIG_ATTR, None))
+    q_len, kv_len = query.shape[2], key.shape[2]
+    mask_is_2d = attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2)
+    position_bias = kwargs.get("position_bias")
+    expressible = q_len == kv_len and mask_is_2d and position_bias is None and query.dtype in _KERNEL_DTYPES
+
+    if layout is None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        if not expressible:
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                is_causal=is_causal, **kwargs,
+            )
+        layout = MemoryLayout(0, 0, mask="causal" if causal else "full")
+        if dropout > 0.0 and attention_mask is None:
+            # Same call as "sdpa" makes: bit-equal under the same seed.
+            return sdpa_attention_forward(
+                module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=causal, **kwargs
+            )
+    elif not expressible:
+        raise ValueError(
+            f"a memory layout ({LAYOUT_KWARG}) needs queries and keys of one packed segment, a 2-D "
+            f"padding mask and no position bias; got {q_len} queries, {kv_len} keys, "
+            f"attention_mask of shape {None if attention_mask is None else tuple(attention_mask.shape)}"
+            f"{', a position bias' if position_bias is not None else ''}"
+        )
+    if q_len < layout.num_read + layout.num_write:
+        raise ValueError(
+            f"{LAYOUT_KWARG} has num_read + num_write = {layout.num_read + layout.num_write} memory "
+            f"positions but the layer got only {q_len} positions"
+        )
+
+    if dropout > 0.0:
+        dense = _dense_mask(layout, q_len, attention_mask, query.device)
+        return sdpa_attention_forward(
+            module, query, key, value, dense, dropout=dropout, scaling=scaling, is_causal=False
+        )
+
+    lengths = None
+    if attention_mask is not None:
+        right, lengths = _right_padding(attention_mask, layout, q_len)
+        if not right:
+            dense = _dense_mask(layout, q_len, attention_mask, query.device)
+            return sdpa_attention_forward(module, query, key, value, dense, scaling=scaling, is_causal=False)
+
+    out = segment_attention(query, key, value, layout, segment_lengths=lengths, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None

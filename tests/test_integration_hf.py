@@ -1,0 +1,352 @@
+"""The "rmt_kernels" Hugging Face attention against transformers' own "sdpa" on tiny random models.
+
+Rule (tests/helpers.py): the float32 "rmt_kernels" logits and parameter gradients may differ from the
+float64 "sdpa" model by at most twice what float32 "sdpa" does, plus the floor. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import uuid
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from rmt_kernels import MemoryLayout  # noqa: E402
+from rmt_kernels.integrations import hf  # noqa: E402
+
+from helpers import assert_close  # noqa: E402
+
+VOCAB, SEQ = 97, 12
+
+hf.register()
+
+
+def _gpt2(attn_pdrop: float = 0.0):
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+        attn_pdrop=attn_pdrop, resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _neox():
+    cfg = transformers.GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+    )
+    return transformers.GPTNeoXForCausalLM(cfg)
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _bert():
+    cfg = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=64,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return transformers.BertForMaskedLM(cfg)
+
+
+FAMILIES = [
+    pytest.param(_gpt2, id="gpt2"),
+    pytest.param(_neox, id="gpt_neox"),
+    pytest.param(_llama, id="llama_gqa"),
+    pytest.param(_bert, id="bert"),
+]
+
+
+def _mask(kind: str, batch: int = 3, seq: int = SEQ):
+    """(2-D attention mask or None, whether the kernel path is expected)."""
+    if kind == "none":
+        return None, True
+    lengths = {"right": [seq, 9, 1], "right_empty_row": [seq, 5, 0]}.get(kind, [seq, 9, 4])
+    m = (torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]).long()
+    if kind == "left":
+        return m.flip(1), False
+    if kind == "holes":
+        m = torch.ones(batch, seq, dtype=torch.long)
+        m[1, 3] = m[2, 0] = m[2, 7] = 0
+        return m, False
+    return m, True
+
+
+class _Counter:
+    """Wraps ``hf.segment_attention`` to count kernel calls."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        original = hf.segment_attention
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(hf, "segment_attention", counted)
+
+
+def _run(model, attn: str, upstream: torch.Tensor, **inputs):
+    model.set_attn_implementation(attn)
+    model.zero_grad(set_to_none=True)
+    logits = model(**inputs).logits
+    (logits * upstream.to(logits.dtype)).sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), grads
+
+
+def _compare(build, upstream_shape, **inputs):
+    """rmt_kernels float32 vs sdpa float64 (reference) and sdpa float32 (baseline)."""
+    model = build().eval()
+    model64 = copy.deepcopy(model).double()
+    upstream = torch.randn(upstream_shape, dtype=torch.float64)
+    ref, ref_g = _run(model64, "sdpa", upstream, **inputs)
+    base, base_g = _run(model, "sdpa", upstream, **inputs)
+    out, out_g = _run(model, "rmt_kernels", upstream, **inputs)
+    assert_close(out, ref, base, name="logits")
+    assert set(out_g) == set(ref_g) and len(out_g) > 4
+    for name in ref_g:
+        assert_close(out_g[name], ref_g[name], base_g[name], name=f"grad {name}")
+    return model
+
+
+@pytest.mark.parametrize("build", FAMILIES)
+@pytest.mark.parametrize(
+    "padding",
+    [
+        pytest.param("none", id="no_padding"),
+        pytest.param("right", id="right"),
+        pytest.param("right_empty_row", id="right_with_empty_row"),
+        pytest.param("left", id="left_fallback"),
+        pytest.param("holes", id="holes_fallback"),
+    ],
+)
+def test_matches_sdpa(build, padding, monkeypatch):
+    mask, native = _mask(padding)
+    ids = torch.randint(0, VOCAB, (3, SEQ))
+    counter = _Counter(monkeypatch)
+    _compare(build, (3, SEQ, VOCAB), input_ids=ids, attention_mask=mask)
+    # Two layers; the sdpa runs must not touch the kernel.
+    assert counter.calls == (2 if native else 0)
+
+
+LAYOUTS = [
+    pytest.param(MemoryLayout(3, 3, mask="causal"), [8, 5, 1], id="causal_R3_W3"),
+    pytest.param(MemoryLayout(2, 3, mask="memory_bidirectional"), [9, 9, 9], id="membi_unpadded"),
+    pytest.param(MemoryLayout(2, 2, mask="memory_bidirectional"), [10, 4, 0], id="membi_padded_empty_seg"),
+    pytest.param(MemoryLayout(0, 4, mask="memory_bidirectional"), [10, 2, 7], id="membi_write_only"),
+    pytest.param(MemoryLayout(3, 1, mask="full"), [10, 6, 1], id="full_R3_W1"),
+]
+
+
+def _layout_inputs(layout: MemoryLayout, lengths, hole: bool = False):
+    n = SEQ + layout.num_read + layout.num_write
+    s = SEQ
+    seg = (torch.arange(s)[None, :] < torch.tensor(lengths)[:, None]).long()
+    if hole:
+        seg[0, 2] = 0
+    mask2d = torch.cat(
+        [torch.ones(3, layout.num_read, dtype=torch.long), seg, torch.ones(3, layout.num_write, dtype=torch.long)], 1
+    )
+    dense = layout.dense_mask(s)[:, None] & mask2d.bool()[:, None, None, :]  # [B, 1, N, N]
+    return torch.randint(0, VOCAB, (3, n)), mask2d, dense
+
+
+def _compare_layout(build, layout, lengths, via: str, hole: bool, monkeypatch):
+    ids, mask2d, dense = _layout_inputs(layout, lengths, hole)
+    model = build().eval()
+    model64 = copy.deepcopy(model).double()
+    upstream = torch.randn(ids.shape + (VOCAB,), dtype=torch.float64)
+    # Oracle: sdpa with the layout's dense mask handed over as a 4-D mask.
+    ref, ref_g = _run(model64, "sdpa", upstream, input_ids=ids, attention_mask=dense)
+    base, base_g = _run(model, "sdpa", upstream, input_ids=ids, attention_mask=dense)
+    counter = _Counter(monkeypatch)
+    if via == "kwarg":
+        out, out_g = _run(model, "rmt_kernels", upstream, input_ids=ids, attention_mask=mask2d, rmt_layout=layout)
+    else:
+        hf.set_memory_layout(model, layout)
+        out, out_g = _run(model, "rmt_kernels", upstream, input_ids=ids, attention_mask=mask2d)
+    assert counter.calls == (0 if hole else 2)
+    assert_close(out, ref, base, name="logits")
+    for name in ref_g:
+        assert_close(out_g[name], ref_g[name], base_g[name], name=f"grad {name}")
+
+
+@pytest.mark.parametrize(
+    "build", [pytest.param(_gpt2, id="gpt2"), pytest.param(_llama, id="llama_gqa"), pytest.param(_bert, id="bert")]
+)
+@pytest.mark.parametrize("layout, lengths", LAYOUTS)
+def test_layout_matches_dense_mask(build, layout, lengths, monkeypatch):
+    _compare_layout(build, layout, lengths, "kwarg", False, monkeypatch)
+
+
+@pytest.mark.parametrize(
+    "layout, lengths, hole",
+    [
+        pytest.param(MemoryLayout(2, 2, mask="memory_bidirectional"), [10, 4, 12], False, id="config_membi"),
+        pytest.param(MemoryLayout(2, 2, mask="memory_bidirectional"), [10, 4, 12], True, id="config_hole_fallback"),
+        pytest.param(MemoryLayout(3, 0, mask="causal"), [12, 12, 3], True, id="config_causal_hole_fallback"),
+    ],
+)
+def test_layout_from_config(layout, lengths, hole, monkeypatch):
+    _compare_layout(_llama, layout, lengths, "config", hole, monkeypatch)
+
+
+def test_padded_memory_column_takes_fallback(monkeypatch):
+    layout = MemoryLayout(2, 2, mask="memory_bidirectional")
+    ids, mask2d, _ = _layout_inputs(layout, [12, 7, 3])
+    mask2d[1, 0] = 0  # a read-memory key marked as padding: not right padding of the segment
+    dense = layout.dense_mask(SEQ)[:, None] & mask2d.bool()[:, None, None, :]
+    model = _gpt2().eval()
+    counter = _Counter(monkeypatch)
+    model.set_attn_implementation("sdpa")
+    ref = model(input_ids=ids, attention_mask=dense).logits
+    model.set_attn_implementation("rmt_kernels")
+    out = model(input_ids=ids, attention_mask=mask2d, rmt_layout=layout).logits
+    assert counter.calls == 0
+    assert_close(out, ref, name="logits")
+
+
+@pytest.mark.parametrize(
+    "padding", [pytest.param("none", id="no_padding"), pytest.param("right", id="right")]
+)
+def test_dropout_falls_back_to_sdpa(padding, monkeypatch):
+    model = _gpt2(attn_pdrop=0.3).train()
+    ids = torch.randint(0, VOCAB, (3, SEQ))
+    mask, _ = _mask(padding)
+    counter = _Counter(monkeypatch)
+    outs = {}
+    for attn in ("sdpa", "rmt_kernels"):
+        model.set_attn_implementation(attn)
+        torch.manual_seed(1234)
+        outs[attn] = model(input_ids=ids, attention_mask=mask).logits
+    assert counter.calls == 0
+    # Same SDPA call under the same seed: identical, dropout included.
+    assert torch.equal(outs["rmt_kernels"], outs["sdpa"])
+    model.set_attn_implementation("sdpa")
+    model.eval()
+    no_dropout = model(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(outs["rmt_kernels"], no_dropout)
+    # Training mode with dropout 0 runs the kernel.
+    model.set_attn_implementation("rmt_kernels")
+    model.train()
+    for block in model.transformer.h:
+        block.attn.attn_dropout.p = 0.0
+    assert_close(model(input_ids=ids, attention_mask=mask).logits, no_dropout, name="logits")
+    assert counter.calls == 2
+
+
+def test_dropout_with_layout_uses_dense_layout_mask(monkeypatch):
+    layout = MemoryLayout(2, 2, mask="memory_bidirectional")
+    ids, mask2d, dense = _layout_inputs(layout, [12, 7, 3])
+    model = _gpt2(attn_pdrop=0.3).train()
+    counter = _Counter(monkeypatch)
+    model.set_attn_implementation("sdpa")
+    torch.manual_seed(99)
+    ref = model(input_ids=ids, attention_mask=dense).logits
+    model.set_attn_implementation("rmt_kernels")
+    torch.manual_seed(99)
+    out = model(input_ids=ids, attention_mask=mask2d, rmt_layout=layout).logits
+    assert counter.calls == 0
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("build", [pytest.param(_gpt2, id="gpt2"), pytest.param(_llama, id="llama_gqa")])
+def test_greedy_generation_left_padded(build):
+    model = build().eval()
+    ids = torch.randint(1, VOCAB, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    ids[1, :3] = 0
+    out = {}
+    for attn in ("sdpa", "rmt_kernels"):
+        model.set_attn_implementation(attn)
+        out[attn] = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0
+        )
+    assert out["rmt_kernels"].shape == (2, 13)
+    assert torch.equal(out["rmt_kernels"], out["sdpa"])
+
+
+def test_registered_before_build_from_pretrained_and_config_layout_saved(tmp_path):
+    model = _gpt2().eval()
+    layout = MemoryLayout(2, 2, mask="memory_bidirectional")
+    hf.set_memory_layout(model, layout)
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="rmt_kernels")
+    assert loaded.config._attn_implementation == "rmt_kernels"
+    assert hf.as_layout(loaded.config.rmt_layout) == layout
+    ids, mask2d, dense = _layout_inputs(layout, [12, 6, 2])
+    out = loaded.eval()(input_ids=ids, attention_mask=mask2d).logits
+    model.set_attn_implementation("sdpa")
+    assert_close(out, model(input_ids=ids, attention_mask=dense).logits, name="logits")
+
+
+def test_registered_after_build(monkeypatch):
+    name = f"rmt_kernels_late_{uuid.uuid4().hex[:8]}"
+    model = _llama().eval()
+    with pytest.raises(ValueError, match=name):
+        model.set_attn_implementation(name)
+    assert hf.register(name) == name
+    model.set_attn_implementation(name)
+    assert model.config._attn_implementation == name
+    counter = _Counter(monkeypatch)
+    ids = torch.randint(0, VOCAB, (2, SEQ))
+    out = model(input_ids=ids).logits
+    model.set_attn_implementation("sdpa")
+    assert_close(out, model(input_ids=ids).logits, name="logits")
+    assert counter.calls == 2
+
+
+def test_mask_function_passes_2d_mask_or_defers_to_sdpa_mask():
+    from transformers.masking_utils import causal_mask_function, sdpa_mask, sliding_window_causal_mask_function
+
+    m = torch.ones(2, 6, dtype=torch.bool)
+    assert hf.rmt_kernels_mask(2, 6, 6, attention_mask=m) is None
+    m[1, 4:] = False
+    assert torch.equal(hf.rmt_kernels_mask(2, 6, 6, attention_mask=m), m)
+    # A cache offset (decoding) or a non-standard mask function: the dense mask sdpa would get.
+    dec = hf.rmt_kernels_mask(2, 1, 6, q_offset=5, attention_mask=m, allow_is_causal_skip=True)
+    assert torch.equal(dec, sdpa_mask(2, 1, 6, q_offset=5, attention_mask=m))
+    win = sliding_window_causal_mask_function(2)
+    got = hf.rmt_kernels_mask(2, 6, 6, mask_function=win, attention_mask=m)
+    assert torch.equal(got, sdpa_mask(2, 6, 6, mask_function=win, attention_mask=m))
+    assert hf.rmt_kernels_mask(2, 6, 6, mask_function=causal_mask_function) is None
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="sdpa"):
+        hf.register("sdpa")
+    with pytest.raises(TypeError, match="name"):
+        hf.register(3)
+    with pytest.raises(TypeError, match="rmt_layout"):
+        hf.as_layout((2, 2))
+    model = _gpt2().eval()
+    model.set_attn_implementation("rmt_kernels")
+    ids = torch.randint(0, VOCAB, (1, 6))
+    with pytest.raises(ValueError, match="num_read"):
+        model(input_ids=ids, rmt_layout=MemoryLayout(4, 4))
+    with pytest.raises(ValueError, match="2-D padding mask"):
+        model(input_ids=ids, attention_mask=torch.ones(1, 1, 6, 6, dtype=torch.bool), rmt_layout=MemoryLayout(1, 1))
+    with pytest.raises(TypeError, match="model_or_config"):
+        hf.set_memory_layout(object(), None)
+
+
+def test_importing_the_package_does_not_import_transformers():
+    code = (
+        "import sys, rmt_kernels, rmt_kernels.integrations; "
+        "assert 'transformers' not in sys.modules, 'transformers imported'; "
+        "assert 'recurrent_memory_transformer_pytorch' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
