@@ -261,8 +261,6 @@ def segment_attention_bwd_torch(
         # Widest key ranges first, so a block spanning every key becomes the dk/dv buffer.
         blocks = sorted(layout.blocks(s, p, length), key=lambda blk: blk.key_start - blk.key_end)
         for blk in blocks:
-            if blk.source == "prefix" and not want_prefix:
-                continue
             rows = slice(blk.row_start - blk.offset, blk.row_end)
             lse_b = lse[b0:b1, :, rows]
             if blk.offset:
@@ -275,6 +273,8 @@ def segment_attention_bwd_torch(
                 dout[b0:b1, :, rows], q[b0:b1, :, rows], kb, vb, out[b0:b1, :, rows], lse_b, blk.causal, scale
             )
             dq.write(b0, b1, blk.row_start, g_q[:, :, blk.offset :])
+            if blk.source == "prefix" and not want_prefix:
+                continue  # a detached prefix still feeds dq; only its own gradients are dropped
             gk, gv = (dpk, dpv) if blk.source == "prefix" else (dk, dv)
             gk.write(b0, b1, blk.key_start, g_k)
             gv.write(b0, b1, blk.key_start, g_v)
