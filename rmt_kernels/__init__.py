@@ -8,7 +8,9 @@ __version__ = "0.1.0"
 
 from .backends import BackendUnavailableError
 from .layout import MemoryLayout, attention_flops
+from .ops.pack_segment.interface import pack_segment, pack_segment_from_ids, unpack_segment
 from .ops.segment_attention.interface import segment_attention
+from .recurrent import SegmentDriver, SegmentInfo, StepOutput, RecurrentOutput
 from .reference import segment_attention_ref
 
 __all__ = [
@@ -16,6 +18,13 @@ __all__ = [
     "BackendUnavailableError",
     "MemoryLayout",
     "attention_flops",
+    "pack_segment",
+    "pack_segment_from_ids",
+    "unpack_segment",
+    "SegmentDriver",
+    "SegmentInfo",
+    "StepOutput",
+    "RecurrentOutput",
     "segment_attention",
     "segment_attention_ref",
 ]

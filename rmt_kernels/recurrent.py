@@ -1,0 +1,567 @@
+"""The multi-segment RMT driver: segmentation, memory handoff, gradient truncation, packed buffers.
+
+One :class:`SegmentDriver` runs a backbone over a long sequence one segment at a time, with the
+official RMT wrapper's semantics (booydar/recurrent-memory-transformer, ``babilong-release``; SPEC §3):
+
+- **segmentation** (:func:`segment_bounds`): ``"left"`` (default) cuts segments of ``segment_size``
+  from the start, the last one shorter; ``"right"`` from the end, the first one shorter;
+  ``"center"`` is ``torch.chunk(x, ceil(T / segment_size), dim=1)``;
+- **handoff**: segment ``i`` is packed as ``[memory | segment tokens | memory]`` (the same memory
+  tensor feeds the R and the W block; R = W = M), or ``[memory | tokens | write_memory]`` with a fixed
+  write input. The next memory is the W rows of the backbone's last hidden state (after its final
+  norm), with no projection;
+- **truncation** (:func:`memory_detached`): the memory produced by segment ``i`` is detached iff
+  ``i >= 1 and k2 not in (-1, None) and i + k2 <= max_n_segments``.
+
+The backbone is a callable ``step(packed_embeds, info)``: ``packed_embeds`` is ``[B, N, d]``
+(``N = R + S + W``) and ``info`` a :class:`SegmentInfo` with the :class:`MemoryLayout` and the padding
+(``segment_lengths``) that ``segment_attention`` takes. It returns the last hidden state ``[B, N, d]``,
+a ``(hidden, logits)`` pair, or a :class:`StepOutput` (which may also carry every layer's hidden
+states when ``info.output_hidden_states`` asks for them).
+
+Buffers: the packed input of a segment is built by one fused kernel (``pack_segment`` or, from token
+ids, ``pack_segment_from_ids``). While autograd records nothing (``torch.no_grad()``, or no input and
+no parameter requiring grad), one buffer sized for the longest segment is allocated once and every
+segment is packed into it. As soon as a step records a graph (its outputs require grad), the graph
+may have saved the buffer, so every later segment gets a fresh one: overwriting a saved buffer would
+corrupt the backward (autograd's version counter would catch it and raise).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from .layout import MemoryLayout
+from .ops.pack_segment.interface import _overlaps, _pack_from_ids, check_input_ids, pack_segment
+
+ALIGNMENTS = (None, "left", "right", "center")
+
+Bounds = List[Tuple[int, int]]
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def segment_bounds(seq_len: int, segment_size: int, alignment: Optional[str] = None) -> Bounds:
+    """Token ranges ``[(start, end), ...]`` of the segments of a length-``seq_len`` sequence.
+
+    Exactly the official wrapper's ``split_tensor``: ``None``/``"left"``: starts ``0, s, 2s, ...``,
+    the last segment shorter; ``"right"``: ends ``T, T - s, ...``, the first segment shorter;
+    ``"center"``: ``torch.chunk`` into ``ceil(T / s)`` chunks (chunks of ``ceil(T / n)`` tokens, the
+    last one shorter; torch.chunk may return fewer chunks than asked, and so does this).
+
+    Raises:
+        TypeError / ValueError: non-int or negative ``seq_len``, ``segment_size < 1``, unknown
+            ``alignment``.
+
+    Example::
+
+        >>> segment_bounds(10, 4)
+        [(0, 4), (4, 8), (8, 10)]
+        >>> segment_bounds(10, 4, "right")
+        [(0, 2), (2, 6), (6, 10)]
+        >>> segment_bounds(10, 4, "center")
+        [(0, 4), (4, 8), (8, 10)]
+    """
+    for name, value, low in (("seq_len", seq_len, 0), ("segment_size", segment_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"segment_alignment must be one of {ALIGNMENTS}, got {alignment!r}")
+    if alignment in (None, "left"):
+        edges = list(range(0, seq_len, segment_size)) + [seq_len]
+    elif alignment == "right":
+        edges = (list(range(seq_len, 0, -segment_size)) + [0])[::-1]
+    else:
+        if seq_len == 0:
+            return []
+        chunk = math.ceil(seq_len / math.ceil(seq_len / segment_size))
+        edges = list(range(0, seq_len, chunk)) + [seq_len]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def memory_detached(index: int, k2: Optional[int], max_n_segments: Optional[int]) -> bool:
+    """Whether the memory produced by segment ``index`` (0-based) is detached (SPEC §3):
+    ``index >= 1 and k2 not in (-1, None) and index + k2 <= max_n_segments``.
+
+    The 0 -> 1 hop is never detached. ``max_n_segments`` is required when the rule can detach.
+
+    Example::
+
+        >>> [memory_detached(i, 1, 4) for i in range(5)]
+        [False, True, True, True, False]
+    """
+    if index < 1 or k2 in (-1, None):
+        return False
+    if max_n_segments is None:
+        raise ValueError(f"k2={k2} needs max_n_segments (the truncation rule is i + k2 <= max_n_segments)")
+    return index + k2 <= max_n_segments
+
+
+# --------------------------------------------------------------------------- step protocol
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    """What a backbone ``step`` needs to attend one packed segment.
+
+    Attributes:
+        layout: the :class:`MemoryLayout` (R, W, mask family) to pass to ``segment_attention``.
+        batch: B.
+        index: 0-based segment index; ``num_segments`` in this run.
+        start, end: the segment's token range in the full sequence (``S = end - start``).
+        segment_lengths: int64 ``[B]`` on the inputs' device, valid segment tokens per batch row (right
+            padding), or None when every row is complete. Pass it to ``segment_attention``.
+        segment_lengths_list: the same as Python ints (or None), for host-side logic.
+        output_hidden_states: whether the driver wants every layer's hidden states from this step.
+    """
+
+    layout: MemoryLayout
+    batch: int
+    index: int
+    num_segments: int
+    start: int
+    end: int
+    segment_lengths: Optional[Tensor]
+    segment_lengths_list: Optional[Tuple[int, ...]]
+    output_hidden_states: bool = False
+
+    @property
+    def segment_len(self) -> int:
+        """S, tokens of this segment (padding included)."""
+        return self.end - self.start
+
+    @property
+    def seq_len(self) -> int:
+        """N = R + S + W, rows of the packed input."""
+        return self.layout.seq_len(self.segment_len)
+
+    def packed_attention_mask(self, device=None, dtype: torch.dtype = torch.long) -> Tensor:
+        """``[B, N]`` key mask in Hugging Face form: 1 for memory rows and valid tokens, 0 for padding
+        (what the official wrapper's ``pad_attention_mask`` builds)."""
+        r, s, n = self.layout.num_read, self.segment_len, self.seq_len
+        if device is None:
+            device = self.segment_lengths.device if self.segment_lengths is not None else "cpu"
+        j = torch.arange(n, device=device)
+        if self.segment_lengths is None:
+            return torch.ones(self.batch, n, dtype=dtype, device=device)
+        lengths = self.segment_lengths.to(device)[:, None]
+        return ((j[None, :] < r + lengths) | (j[None, :] >= r + s)).to(dtype)
+
+
+class StepOutput(NamedTuple):
+    """What a backbone step may return (a bare tensor means ``StepOutput(hidden)``).
+
+    hidden: ``[B, N, d]`` last hidden state after the final norm; its W rows become the next memory.
+    logits: ``[B, N, V]`` or None; when given, the driver returns the segment rows of the logits,
+        otherwise the segment rows of ``hidden``.
+    hidden_states: every layer's ``[B, N, d]`` hidden states, only needed when
+        ``info.output_hidden_states`` is True.
+    """
+
+    hidden: Tensor
+    logits: Optional[Tensor] = None
+    hidden_states: Optional[Sequence[Tensor]] = None
+
+
+@dataclass
+class RecurrentOutput:
+    """Result of :meth:`SegmentDriver.run`.
+
+    outputs: ``[B, T', V]`` (logits) or ``[B, T', d]`` (hidden, when the step gives no logits): the
+        segment rows of every segment, concatenated (``T'`` = tokens covered by the bounds); None with
+        ``return_outputs=False``. Detached when ``loss_fn`` ran the backward.
+    memory: ``[B, M, d]`` memory produced by the last segment (after the truncation rule; detached
+        when ``loss_fn`` ran the backward).
+    hidden_states: with ``output_hidden_states``: one ``[B, T', d]`` tensor per layer, segment rows
+        concatenated; else None.
+    loss: with ``loss_fn``: the sum of its per-segment values, detached; else None.
+    bounds: the segments' token ranges.
+    """
+
+    outputs: Optional[Tensor]
+    memory: Tensor
+    hidden_states: Optional[Tuple[Tensor, ...]] = None
+    loss: Optional[Tensor] = None
+    bounds: Bounds = field(default_factory=list)
+
+
+StepFn = Callable[[Tensor, SegmentInfo], Union[Tensor, Tuple[Tensor, Tensor], StepOutput]]
+LossFn = Callable[[Tensor, SegmentInfo], Tensor]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _lengths_from_mask(attention_mask, batch: int, seq_len: int, device) -> Optional[List[int]]:
+    """Valid tokens per row of a right-padded 0/1 ``[B, T]`` mask (one host sync), None if all valid."""
+    if not isinstance(attention_mask, Tensor):
+        raise TypeError(f"attention_mask must be a torch.Tensor or None, got {type(attention_mask).__name__}")
+    if tuple(attention_mask.shape) != (batch, seq_len):
+        raise ValueError(f"attention_mask must have shape [B, T] = [{batch}, {seq_len}], got {list(attention_mask.shape)}")
+    if attention_mask.device != device:
+        raise ValueError(f"attention_mask is on {attention_mask.device} but the inputs are on {device}")
+    m = attention_mask.to(torch.int64)
+    if not bool(((m == 0) | (m == 1)).all()):
+        raise ValueError("attention_mask must contain only 0 and 1")
+    if seq_len > 1 and not bool((m[:, 1:] <= m[:, :-1]).all()):
+        raise ValueError(
+            "attention_mask must be right-padded (each row: ones, then zeros); left padding and holes "
+            "are not supported by the packed layout"
+        )
+    lengths = [int(x) for x in m.sum(1).tolist()]
+    return None if all(x == seq_len for x in lengths) else lengths
+
+
+def _check_bounds(bounds, seq_len: int) -> Bounds:
+    out, pos = [], 0
+    for k, pair in enumerate(bounds):
+        try:
+            a, b = (int(v) for v in pair)
+        except (TypeError, ValueError):
+            raise TypeError(f"bounds[{k}] must be a (start, end) pair of ints, got {pair!r}") from None
+        if a != pos or b <= a or b > seq_len:
+            raise ValueError(
+                f"bounds must be contiguous non-empty ranges from 0 within [0, {seq_len}]; bounds[{k}] = "
+                f"({a}, {b}) after position {pos}"
+            )
+        out.append((a, b))
+        pos = b
+    if not out:
+        raise ValueError("bounds is empty")
+    return out
+
+
+def _check_memory(name, mem, rows: int, batch: int, dim: int, dtype, device) -> None:
+    if not isinstance(mem, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mem).__name__}")
+    if tuple(mem.shape) not in ((rows, dim), (batch, rows, dim)):
+        raise ValueError(f"{name} must be [{rows}, {dim}] or [{batch}, {rows}, {dim}] ([M, d] or [B, M, d] "
+                         f"with M = layout.num_write), got {list(mem.shape)}")
+    if mem.dtype != dtype:
+        raise TypeError(f"{name} has dtype {mem.dtype}; the inputs are {dtype}")
+    if mem.device != device:
+        raise ValueError(f"{name} is on {mem.device}; the inputs are on {device}")
+
+
+def _as_step_output(result, info: SegmentInfo, dim: int) -> StepOutput:
+    if isinstance(result, StepOutput):
+        out = result
+    elif isinstance(result, Tensor):
+        out = StepOutput(result)
+    elif isinstance(result, (tuple, list)) and len(result) == 2:
+        out = StepOutput(result[0], result[1])
+    else:
+        raise TypeError(
+            f"step must return a Tensor, a (hidden, logits) pair or a StepOutput, got {type(result).__name__}"
+        )
+    b, n = info.batch, info.seq_len
+    if not isinstance(out.hidden, Tensor) or tuple(out.hidden.shape) != (b, n, dim):
+        shape = tuple(out.hidden.shape) if isinstance(out.hidden, Tensor) else type(out.hidden).__name__
+        raise ValueError(f"step must return the last hidden state [B, N, d] = [{b}, {n}, {dim}], got {shape}")
+    if out.logits is not None and (out.logits.dim() != 3 or tuple(out.logits.shape[:2]) != (b, n)):
+        raise ValueError(f"step logits must be [B, N, V] with B={b}, N={n}, got {tuple(out.logits.shape)}")
+    if info.output_hidden_states:
+        if out.hidden_states is None:
+            raise ValueError("output_hidden_states=True but step returned no hidden_states (use StepOutput)")
+        for k, h in enumerate(out.hidden_states):
+            if not isinstance(h, Tensor) or h.dim() != 3 or tuple(h.shape[:2]) != (b, n):
+                raise ValueError(f"step hidden_states[{k}] must be [B, N, d] with B={b}, N={n}")
+    return out
+
+
+def _records(*tensors) -> bool:
+    """Whether autograd would record an op on these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _own(t: Optional[Tensor], buf: Optional[Tensor]) -> Optional[Tensor]:
+    """``t``, copied if it aliases the reusable buffer (which the next segment overwrites)."""
+    if t is not None and buf is not None and _overlaps(t, buf):
+        return t.clone()
+    return t
+
+
+# --------------------------------------------------------------------------- driver
+
+
+class SegmentDriver:
+    """Runs a backbone over a long sequence segment by segment, handing memory over between segments.
+
+    Args:
+        layout: :class:`MemoryLayout`. ``num_write`` = M > 0 (the next memory is the W rows);
+            ``num_read`` is M (official RMT: the memory is read and rewritten) or 0.
+        segment_size: tokens per segment (>= 1).
+        max_n_segments: the official wrapper's ``max_n_segments``; used only by the ``k2`` rule (it does
+            not limit the number of segments). Required when ``k2`` is not -1/None.
+        k2: gradient truncation, see :func:`memory_detached`. -1 or None: full BPTT (default -1).
+        segment_alignment: None/"left" (default), "right" or "center" (see :func:`segment_bounds`).
+        checkpoint: recompute each segment in the backward (``torch.utils.checkpoint``,
+            ``use_reentrant=False``) instead of keeping its activations. Default False.
+        backend: backend of the pack kernels (``"auto"``, ``"torch"``, ``"triton"``).
+
+    Raises:
+        TypeError / ValueError: a bad layout, sizes, alignment, or ``k2`` without ``max_n_segments``.
+
+    Example::
+
+        >>> layout = MemoryLayout(num_read=2, num_write=2, mask="causal")
+        >>> driver = SegmentDriver(layout, segment_size=4)
+        >>> step = lambda packed, info: packed * 0.5            # a stand-in backbone
+        >>> res = driver.run(step, torch.randn(2, 8), inputs_embeds=torch.randn(3, 10, 8))
+        >>> res.outputs.shape, res.memory.shape, res.bounds
+        (torch.Size([3, 10, 8]), torch.Size([3, 2, 8]), [(0, 4), (4, 8), (8, 10)])
+    """
+
+    def __init__(
+        self,
+        layout: MemoryLayout,
+        segment_size: int,
+        *,
+        max_n_segments: Optional[int] = None,
+        k2: Optional[int] = -1,
+        segment_alignment: Optional[str] = None,
+        checkpoint: bool = False,
+        backend: str = "auto",
+    ):
+        if not isinstance(layout, MemoryLayout):
+            raise TypeError(f"layout must be a rmt_kernels.MemoryLayout, got {type(layout).__name__}")
+        if layout.num_write < 1:
+            raise ValueError("layout.num_write must be > 0: the next memory is the W rows of the last hidden state")
+        if layout.num_read not in (0, layout.num_write):
+            raise ValueError(
+                f"layout.num_read must be 0 or num_write ({layout.num_write}): the memory of M = num_write "
+                f"rows is what the R block reads; got num_read={layout.num_read}"
+            )
+        if isinstance(segment_size, bool) or not isinstance(segment_size, int) or segment_size < 1:
+            raise ValueError(f"segment_size must be an int >= 1, got {segment_size!r}")
+        if segment_alignment not in ALIGNMENTS:
+            raise ValueError(f"segment_alignment must be one of {ALIGNMENTS}, got {segment_alignment!r}")
+        if k2 is not None and (isinstance(k2, bool) or not isinstance(k2, int)):
+            raise TypeError(f"k2 must be an int or None, got {type(k2).__name__}")
+        if max_n_segments is not None and (isinstance(max_n_segments, bool) or not isinstance(max_n_segments, int)):
+            raise TypeError(f"max_n_segments must be an int or None, got {type(max_n_segments).__name__}")
+        if k2 not in (-1, None) and max_n_segments is None:
+            raise ValueError(f"k2={k2} needs max_n_segments (the truncation rule is i + k2 <= max_n_segments)")
+        self.layout = layout
+        self.segment_size = segment_size
+        self.max_n_segments = max_n_segments
+        self.k2 = k2
+        self.segment_alignment = segment_alignment
+        self.checkpoint = bool(checkpoint)
+        self.backend = backend
+
+    @property
+    def num_mem_tokens(self) -> int:
+        """M, rows of the memory state (= ``layout.num_write``)."""
+        return self.layout.num_write
+
+    def segment_bounds(self, seq_len: int) -> Bounds:
+        """:func:`segment_bounds` with this driver's size and alignment."""
+        return segment_bounds(seq_len, self.segment_size, self.segment_alignment)
+
+    def memory_detached(self, index: int) -> bool:
+        """:func:`memory_detached` with this driver's ``k2`` and ``max_n_segments``."""
+        return memory_detached(index, self.k2, self.max_n_segments)
+
+    # ------------------------------------------------------------------ one segment
+
+    def _segment(self, step, info: SegmentInfo, seg, read, write, weight, out_buf, dim: int):
+        layout = self.layout
+        if weight is not None:
+            packed = _pack_from_ids(seg, weight, layout, read, write, out_buf, self.backend, False)
+        else:
+            packed = pack_segment(seg, layout, read, write, out=out_buf, backend=self.backend)
+        res = _as_step_output(step(packed, info), info, dim)
+        r, s = layout.num_read, info.segment_len
+        main = (res.logits if res.logits is not None else res.hidden)[:, r : r + s]
+        new_mem = res.hidden[:, r + s :]
+        hs = tuple(h[:, r : r + s] for h in res.hidden_states) if info.output_hidden_states else None
+        return main, hs, new_mem
+
+    # ------------------------------------------------------------------ run
+
+    def run(
+        self,
+        step: StepFn,
+        memory: Optional[Tensor] = None,
+        *,
+        input_ids: Optional[Tensor] = None,
+        embedding_weight: Optional[Tensor] = None,
+        inputs_embeds: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        write_memory: Optional[Tensor] = None,
+        bounds: Optional[Sequence[Tuple[int, int]]] = None,
+        output_hidden_states: bool = False,
+        loss_fn: Optional[LossFn] = None,
+        return_outputs: bool = True,
+    ) -> RecurrentOutput:
+        """Run ``step`` over every segment of the sequence.
+
+        Args:
+            step: the backbone, ``step(packed_embeds [B, N, d], info: SegmentInfo)`` returning the last
+                hidden state ``[B, N, d]``, ``(hidden, logits [B, N, V])`` or a :class:`StepOutput`.
+                While no autograd graph is recorded the packed buffer is reused by the next segment:
+                the step must not keep it beyond its return (outputs that alias it are copied).
+            memory: initial memory ``[M, d]`` (broadcast over the batch, e.g. the learned parameter)
+                or ``[B, M, d]``. Required unless ``write_memory`` is given and the layout has no R.
+            input_ids: ``[B, T]`` int32/int64 token ids, embedded by ``embedding_weight`` ``[V, d]``
+                inside the fused pack; or
+            inputs_embeds: ``[B, T, d]`` embeddings (exactly one of the two).
+            attention_mask: optional right-padded 0/1 ``[B, T]``; gives ``info.segment_lengths``. A
+                segment past a row's end is fully padded: its memory rows still run.
+            write_memory: optional fixed W input ``[M, d]`` or ``[B, M, d]`` for every segment (the
+                memory state then feeds only the R block). Default: the memory state feeds both.
+            bounds: explicit segment ranges (contiguous from 0, may stop before T), e.g. all but the
+                last segment of ``segment_bounds(T)`` before generation. Default: ``segment_bounds(T)``.
+            output_hidden_states: ask the step for every layer's hidden states (``info``) and return
+                their segment rows concatenated. Default False: only the last hidden state is used.
+            loss_fn: ``loss_fn(outputs_of_segment [B, S, V or d], info) -> scalar``. Under grad mode
+                the driver then runs the backward itself, each time the graph closes (the memory is
+                detached by ``k2``, or the last segment): truncated BPTT whose saved activations do
+                not grow with the number of segments. Gradients equal those of
+                ``sum(loss_fn(...)).backward()`` over the whole run. ``step`` must not close over
+                non-leaf tensors that require grad (their graph would be freed by the first backward);
+                non-leaf inputs passed here are handled.
+            return_outputs: keep and concatenate the per-segment outputs (default True).
+
+        Returns:
+            :class:`RecurrentOutput`.
+
+        Raises:
+            TypeError / ValueError: inconsistent inputs (the message names the argument), a step
+                returning wrong shapes, a mask that is not right-padded.
+        """
+        if not callable(step):
+            raise TypeError(f"step must be callable, got {type(step).__name__}")
+        layout, m = self.layout, self.layout.num_write
+        r = layout.num_read
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            if not isinstance(embedding_weight, Tensor) or embedding_weight.dim() != 2:
+                raise ValueError("input_ids needs embedding_weight, a [V, d] tensor")
+            if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+                raise ValueError("input_ids must be a [B, T] tensor")
+            check_input_ids(input_ids, embedding_weight.shape[0])
+            batch, seq_len = input_ids.shape
+            dim, dtype, device = embedding_weight.shape[1], embedding_weight.dtype, embedding_weight.device
+        else:
+            if embedding_weight is not None:
+                raise ValueError("embedding_weight is used only with input_ids")
+            if not isinstance(inputs_embeds, Tensor) or inputs_embeds.dim() != 3:
+                raise ValueError("inputs_embeds must be a [B, T, d] tensor")
+            batch, seq_len, dim = inputs_embeds.shape
+            dtype, device = inputs_embeds.dtype, inputs_embeds.device
+        if memory is None:
+            if write_memory is None or r:
+                raise ValueError("memory ([M, d] or [B, M, d]) is required")
+        else:
+            _check_memory("memory", memory, m, batch, dim, dtype, device)
+        if write_memory is not None:
+            _check_memory("write_memory", write_memory, m, batch, dim, dtype, device)
+        bounds = self.segment_bounds(seq_len) if bounds is None else _check_bounds(bounds, seq_len)
+        if not bounds:
+            raise ValueError("the sequence is empty (T = 0): nothing to run")
+        lengths = None if attention_mask is None else _lengths_from_mask(attention_mask, batch, seq_len, device)
+
+        streaming = loss_fn is not None and torch.is_grad_enabled()
+        proxies = []
+
+        def leaf(t):
+            # Non-leaf inputs requiring grad would have their graph freed by the first streamed
+            # backward: run on a detached leaf and push its accumulated gradient through at the end.
+            if streaming and t is not None and t.requires_grad and t.grad_fn is not None:
+                p = t.detach().requires_grad_()
+                proxies.append((t, p))
+                return p
+            return t
+
+        memory, write_memory = leaf(memory), leaf(write_memory)
+        inputs_embeds, embedding_weight = leaf(inputs_embeds), leaf(embedding_weight)
+
+        n_max = max(layout.seq_len(b - a) for a, b in bounds)
+        buf, reuse_ok = None, True
+        state = memory
+        outs, layer_outs = [], []
+        total, pending = None, None
+        last = len(bounds) - 1
+        for i, (t0, t1) in enumerate(bounds):
+            s = t1 - t0
+            seg_lengths = None
+            if lengths is not None:
+                seg_lengths = tuple(min(max(x - t0, 0), s) for x in lengths)
+                if all(x == s for x in seg_lengths):
+                    seg_lengths = None
+            info = SegmentInfo(
+                layout=layout, batch=batch, index=i, num_segments=len(bounds), start=t0, end=t1,
+                segment_lengths=None if seg_lengths is None else torch.tensor(seg_lengths, dtype=torch.int64, device=device),
+                segment_lengths_list=seg_lengths, output_hidden_states=bool(output_hidden_states),
+            )
+            seg = input_ids[:, t0:t1] if input_ids is not None else inputs_embeds[:, t0:t1]
+            read = state if r else None
+            write = state if write_memory is None else write_memory
+            grad_src = (read, write, embedding_weight if input_ids is not None else seg)
+            if self.checkpoint and torch.is_grad_enabled():
+                main, hs, new_mem = _checkpoint(
+                    self._segment, step, info, seg, read, write, embedding_weight, None, dim,
+                    use_reentrant=False,
+                )
+            else:
+                out_buf = None
+                if reuse_ok and not _records(*grad_src):
+                    if buf is None:
+                        buf = torch.empty(batch * n_max * dim, dtype=dtype, device=device)
+                    # The state never aliases it: outputs of a step that used it are owned below.
+                    out_buf = buf[: batch * info.seq_len * dim].view(batch, info.seq_len, dim)
+                main, hs, new_mem = self._segment(step, info, seg, read, write, embedding_weight, out_buf, dim)
+            if main.requires_grad or new_mem.requires_grad or any(h.requires_grad for h in hs or ()):
+                reuse_ok, buf = False, None  # the graph may hold the buffer: never write it again
+            elif buf is not None:
+                main, new_mem = _own(main, buf), _own(new_mem, buf)
+                hs = None if hs is None else tuple(_own(h, buf) for h in hs)
+            detach = self.memory_detached(i)
+            state = new_mem.detach() if detach else new_mem
+
+            if loss_fn is not None:
+                seg_loss = loss_fn(main, info)
+                if not isinstance(seg_loss, Tensor) or seg_loss.numel() != 1:
+                    raise ValueError("loss_fn must return a scalar tensor")
+                pending = seg_loss if pending is None else pending + seg_loss
+                if i == last or detach or not streaming:
+                    if streaming and pending.requires_grad:
+                        pending.backward()
+                    total = pending.detach() if total is None else total + pending.detach()
+                    pending = None
+                if streaming:
+                    main = main.detach()
+                    hs = None if hs is None else tuple(h.detach() for h in hs)
+            if return_outputs:
+                outs.append(main)
+            if hs is not None:
+                layer_outs.append(hs)
+
+        if proxies:
+            pairs = [(t, p.grad) for t, p in proxies if p.grad is not None]
+            if pairs:
+                torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        if streaming:
+            state = state.detach()
+        hidden_states = None
+        if output_hidden_states:
+            hidden_states = tuple(torch.cat(layer, dim=1) for layer in zip(*layer_outs))
+        return RecurrentOutput(
+            outputs=torch.cat(outs, dim=1) if return_outputs else None,
+            memory=state,
+            hidden_states=hidden_states,
+            loss=total,
+            bounds=list(bounds),
+        )
