@@ -98,7 +98,10 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
         if env and env != "auto":
             if env not in BACKENDS:
                 raise ValueError(f"{ENV_BACKEND} must be one of {BACKENDS}, got {env!r}")
-            backend = env
+            # The variable states a preference for every op; an op that has no such backend at all
+            # keeps its automatic choice (a registered backend that cannot run here still raises).
+            if env in _REGISTRY.get(op, {}):
+                backend = env
     if backend == "auto":
         order = ("triton", "cuda", "torch") if device.type == "cuda" else ("torch",)
         for name in order:
