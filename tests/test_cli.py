@@ -1,0 +1,91 @@
+"""``rmt-kernels info`` and ``rmt-kernels check`` run on a machine without a GPU."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rmt_kernels import MemoryLayout, cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    # A user's shell: no interpreter flag, no backend override (the test process sets TRITON_INTERPRET).
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RMT_KERNELS_BACKEND")}
+    return subprocess.run(
+        [sys.executable, "-m", "rmt_kernels.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT,
+        timeout=600,
+    )
+
+
+def test_info():
+    proc = run_cli("info")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for key in ("rmt_kernels", "python", "torch", "triton", "torch CUDA"):
+        assert re.search(rf"^\s*{re.escape(key)}: \S", out, re.M), f"missing version line {key!r}:\n{out}"
+    assert re.search(rf"^\s*torch: {re.escape(torch.__version__)}$", out, re.M)
+    assert re.search(r"^device cpu\b", out, re.M)
+    assert re.search(r"^\s*torch: available - ", out, re.M)
+    for backend in ("triton", "cuda"):  # available or not, each says why
+        assert re.search(rf"^\s*{backend}: (available|unavailable) - \S", out, re.M), out
+    assert re.search(r"^\s*auto: -> torch$", out, re.M)
+    assert re.search(r"^extension rmt_kernels\._C: \S", out, re.M)
+
+
+def test_check_passes_on_cpu():
+    proc = run_cli("check", "--dtypes", "float32", "bfloat16")
+    out = proc.stdout
+    assert proc.returncode == 0, f"{out}\n{proc.stderr}"
+    assert re.search(r"^device\s+backend\s+dtype\s+case\b.*\bresult$", out, re.M)
+    rows = [line for line in out.splitlines() if line.startswith("cpu ")]
+    passed = [line for line in rows if re.search(r"\bcpu\s+torch\s+(float32|bfloat16)\b.*\bpass$", line)]
+    assert len(passed) == 2 * len(cli._check_cases()), out
+    for line in passed:  # max errors are printed as numbers
+        errors = [float(x) for x in re.findall(r"\d\.\d\de[-+]\d\d", line)]
+        assert len(errors) == 2 and all(e < 0.1 for e in errors), line
+    assert "FAIL" not in out
+    for line in rows:
+        assert line.endswith("pass") or "skipped: " in line, line
+    assert "all checks passed" in out
+
+
+def test_check_exit_code_on_failure(monkeypatch, capsys):
+    # A failing row must fail the command: break the torch backend's forward for this process.
+    from rmt_kernels import backends
+    from rmt_kernels.ops.segment_attention.interface import OP
+
+    impl = backends.get_impl(OP, "torch")
+    original = impl.fwd
+
+    def wrong(*args, **kwargs):
+        out, lse = original(*args, **kwargs)
+        return out * 1.5, lse
+
+    monkeypatch.setattr(impl, "fwd", wrong)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # only the torch backend runs on CPU tensors
+    monkeypatch.setattr(cli, "_devices", lambda: [torch.device("cpu")])
+    case = ("causal R2 W2 S9", MemoryLayout(2, 2, "causal"), 9, 0, None, (2, 2))
+    monkeypatch.setattr(cli, "_check_cases", lambda: [case])
+    assert cli.main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "check(s) FAILED" in out
+
+
+def test_unknown_subcommand_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["no-such-command"])
+    assert info.value.code == 2
+
+
+def test_console_script_is_declared():
+    scripts = importlib.metadata.entry_points(group="console_scripts")
+    matches = [ep for ep in scripts if ep.name == "rmt-kernels"]
+    assert matches and matches[0].value == "rmt_kernels.cli:main"
