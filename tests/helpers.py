@@ -1,8 +1,8 @@
 """The one tolerance helper (STYLE.md convention 3).
 
-Rule (flash-attention's): a kernel's error against a high-precision reference may be at most
-``FACTOR`` times the error of the same computation done eagerly in the kernel's dtype, plus a small
-per-dtype floor. Both errors are measured against the float64 (or float32) reference. A miss fails the
+Rule (flash-attention's, defined in rmt_kernels/_tolerance.py so `rmt-kernels check` applies the same
+one): a kernel's error against a high-precision reference may be at most ``FACTOR`` times the error of
+the same computation done eagerly in the kernel's dtype, plus a small per-dtype floor. A miss fails the
 test with where the mismatches and NaNs are; nothing only warns.
 """
 
@@ -12,20 +12,7 @@ from typing import Optional
 
 import torch
 
-FACTOR = 2.0
-
-# (atol floor, rtol) per dtype: the floor absorbs the eager baseline being exactly right by luck.
-FLOORS = {
-    torch.float64: (1e-10, 1e-9),
-    torch.float32: (2e-6, 1e-5),
-    torch.float16: (2e-4, 2e-3),
-    torch.bfloat16: (2e-3, 1.6e-2),
-}
-
-
-def floor_for(dtype: torch.dtype, ref: torch.Tensor) -> float:
-    atol, rtol = FLOORS[dtype]
-    return atol + rtol * ref.abs().max().item() if ref.numel() else atol
+from rmt_kernels._tolerance import FACTOR, FLOORS, error_bound, floor_for  # noqa: F401  (the one rule)
 
 
 def _describe(name: str, diff: torch.Tensor, bound: float, actual: torch.Tensor, expected: torch.Tensor) -> str:
@@ -70,9 +57,7 @@ def assert_close(
     assert_no_nan(actual, name)
     ref = reference.detach().to(torch.float64)
     diff = (actual.detach().to(torch.float64) - ref).abs()
-    bound = floor_for(dtype, ref)
-    if baseline is not None and baseline.numel():
-        bound += FACTOR * (baseline.detach().to(torch.float64) - ref).abs().max().item()
+    bound = error_bound(ref, baseline, dtype)
     if diff.numel() and not diff.max().item() <= bound:
         raise AssertionError(_describe(name, diff, bound, actual.detach().to(torch.float64), ref))
     return diff.max().item() if diff.numel() else 0.0
