@@ -1,0 +1,354 @@
+"""Drop-in ``MemoryCell`` / ``RecurrentWrapper`` with the official RMT wrapper's API.
+
+The official wrapper (booydar/recurrent-memory-transformer, branch ``babilong-release``,
+``modeling_rmt/language_modeling.py``; SPEC §3) becomes this one by changing the import::
+
+    from rmt_kernels.integrations.rmt import MemoryCell, RecurrentWrapper
+    cell = MemoryCell(base_model, num_mem_tokens=16)
+    model = RecurrentWrapper(cell, segment_size=512, max_n_segments=8, k2=-1)
+    model.load_state_dict(torch.load("official_checkpoint.pt"), strict=True)   # same keys
+
+Same semantics: a learned memory ``[M, d]`` (``memory_cell.memory``, initialised as
+``randn * std(word embeddings)``) is fed as both the read block and the write block,
+``[memory | segment embeddings | memory]``; the backbone's last hidden state (after its final norm) at
+the write rows is the next memory; ``k2`` detaches the memory produced by segment ``i`` iff
+``i >= 1 and k2 not in (-1, None) and i + k2 <= max_n_segments``; logits of all segments are
+concatenated and the loss is the shift-by-one cross-entropy over the whole sequence, optionally
+restricted by ``labels_mask``; ``generate`` runs all but the last segment to build the memory, then
+``base_model.generate`` from ``[memory | last segment]``.
+
+What differs is how it runs:
+
+- the segment loop is :class:`rmt_kernels.recurrent.SegmentDriver` (fused packing of
+  ``[memory | tokens | memory]``, one reusable buffer when no graph is recorded);
+- the backbone's attention is the ``"rmt_kernels"`` Hugging Face implementation
+  (:mod:`rmt_kernels.integrations.hf`) with the ``causal`` layout ``R = W = M``, so right-padded
+  segments run on the kernel with ``segment_lengths`` (other padding takes its exact SDPA fallback);
+- no per-layer hidden states are kept unless ``output_hidden_states=True`` (the last hidden state is
+  taken from the backbone's output), and no KV cache is built during ``forward``.
+
+Outputs: ``loss`` (0 when no labels, as the original), ``logits`` ``[B, T, V]``, per-segment
+``logits_{i}`` (views of ``logits``), and with ``output_hidden_states`` ``hidden_states`` (one
+``[B, T, d]`` per layer, memory rows removed) and ``hidden_states_{i}``. ``output_attentions`` is
+accepted and, as in the original (which never forwards it to the backbone), returns nothing.
+``num_mem_tokens`` must be at least 1.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+
+from ..layout import MemoryLayout
+from ..recurrent import SegmentDriver, StepOutput
+from . import hf
+
+__all__ = ["MemoryCell", "RecurrentWrapper"]
+
+
+def _plain_embedding(module) -> bool:
+    """Whether ``module(ids)`` is exactly ``module.weight[ids]`` (gradient included), so the fused
+    gather-and-pack can replace it."""
+    return (
+        type(module) is torch.nn.Embedding
+        and module.padding_idx is None
+        and module.max_norm is None
+        and not module.scale_grad_by_freq
+        and not module.sparse
+    )
+
+
+class MemoryCell(torch.nn.Module):
+    """One RMT segment step around a Hugging Face causal LM, with a learned memory.
+
+    Args:
+        base_model: a ``transformers`` causal LM (``get_input_embeddings``, ``.logits`` output,
+            ``generate``). Stored as ``self.model``.
+        num_mem_tokens: M >= 1, memory rows (read block and write block).
+        attn_implementation: attention implementation the backbone is switched to (default
+            ``"rmt_kernels"``, registered on the fly); None leaves the backbone as it is (the memory
+            layout is then only used if it already runs ``"rmt_kernels"``).
+
+    Attributes:
+        memory: ``Parameter [M, d]``, ``randn * std(input embedding weight)``.
+
+    Raises:
+        TypeError: ``num_mem_tokens`` not an int; a backbone without input embeddings.
+        ValueError: ``num_mem_tokens < 1``.
+
+    Example::
+
+        >>> cell = MemoryCell(GPT2LMHeadModel(GPT2Config(n_layer=2)), num_mem_tokens=4)
+        >>> out, memory = cell(torch.randint(0, 100, (2, 16)))
+        >>> out.logits.shape, memory.shape
+        (torch.Size([2, 16, 50257]), torch.Size([2, 4, 768]))
+    """
+
+    def __init__(self, base_model, num_mem_tokens: int, attn_implementation: Optional[str] = hf.ATTN_IMPLEMENTATION):
+        super().__init__()
+        if isinstance(num_mem_tokens, bool) or not isinstance(num_mem_tokens, int):
+            raise TypeError(f"num_mem_tokens must be an int, got {type(num_mem_tokens).__name__}")
+        if num_mem_tokens < 1:
+            raise ValueError(
+                f"num_mem_tokens must be >= 1 (a memory of 0 tokens has no recurrence), got {num_mem_tokens}"
+            )
+        if not hasattr(base_model, "get_input_embeddings"):
+            raise TypeError(f"base_model must be a transformers model, got {type(base_model).__name__}")
+        self.model = base_model
+        self.create_memory(num_mem_tokens)
+        if attn_implementation is not None:
+            if attn_implementation == hf.ATTN_IMPLEMENTATION:
+                hf.register()
+            if base_model.config._attn_implementation != attn_implementation:
+                base_model.set_attn_implementation(attn_implementation)
+
+    def create_memory(self, num_mem_tokens: int) -> None:
+        """Create ``self.memory`` exactly as the original (same shape, init and RNG use)."""
+        self.num_mem_tokens = num_mem_tokens
+        embeddings = self.model.get_input_embeddings()
+        config = self.model.config
+        memory_dim = getattr(config, "n_embd", None) or config.hidden_size
+        memory_weights = torch.randn((num_mem_tokens, memory_dim)) * embeddings.weight.data.std()
+        self.register_parameter("memory", torch.nn.Parameter(memory_weights, requires_grad=True))
+        self.read_memory_position = range(num_mem_tokens)
+        self.write_memory_position = range(-num_mem_tokens, 0)
+
+    @property
+    def layout(self) -> MemoryLayout:
+        """The packed layout: ``causal`` with ``R = W = M`` (the official wrapper's attention)."""
+        return MemoryLayout(self.num_mem_tokens, self.num_mem_tokens, mask="causal")
+
+    def set_memory(self, input_shape) -> torch.Tensor:
+        """The initial memory repeated over the batch, ``[B, M, d]``."""
+        return self.memory.repeat(input_shape[0], 1, 1)
+
+    # ------------------------------------------------------------------ backbone step
+
+    def _uses_kernels(self) -> bool:
+        impl = getattr(self.model.config, "_attn_implementation", None)
+        return impl is not None and hf.AttentionInterface._global_mapping.get(impl) is hf.rmt_kernels_attention
+
+    def _step(self, attention_mask: Optional[torch.Tensor]):
+        """The driver's backbone step: HF forward on the packed embeddings, last hidden state kept."""
+        backbone = self.model.base_model
+        uses_kernels = self._uses_kernels()
+
+        def step(packed: torch.Tensor, info) -> StepOutput:
+            mask = None
+            if attention_mask is not None:
+                r = info.layout.num_read
+                mask = torch.ones(packed.shape[:2], dtype=torch.int64, device=attention_mask.device)
+                mask[:, r : r + info.segment_len] = attention_mask[:, info.start : info.end]
+            kwargs = {"rmt_layout": info.layout} if uses_kernels else {}
+            # The last hidden state comes from the backbone's own output (a hook), so the model is
+            # not asked for every layer's hidden states unless the caller wants them.
+            all_layers = info.output_hidden_states or backbone is self.model
+            captured = []
+            hook = None if all_layers else backbone.register_forward_hook(lambda _m, _a, out: captured.append(out))
+            try:
+                out = self.model(
+                    inputs_embeds=packed,
+                    attention_mask=mask,
+                    output_hidden_states=all_layers,
+                    use_cache=False,
+                    **kwargs,
+                )
+            finally:
+                if hook is not None:
+                    hook.remove()
+            logits = getattr(out, "logits", None)
+            if logits is None:
+                raise TypeError(f"{type(self.model).__name__} returned no logits: MemoryCell needs a causal LM")
+            if all_layers:
+                layers = out.hidden_states if info.output_hidden_states else None
+                return StepOutput(out.hidden_states[-1], logits, layers)
+            last = captured[-1]
+            hidden = last.last_hidden_state if hasattr(last, "last_hidden_state") else last[0]
+            return StepOutput(hidden, logits)
+
+        return step
+
+    def run_segments(self, driver: SegmentDriver, memory_state, input_ids, inputs_embeds, attention_mask,
+                     output_hidden_states: bool, bounds=None):
+        """Run ``driver`` with this cell's backbone; ids go through the fused gather when the input
+        embedding is a plain ``nn.Embedding``."""
+        memory = self.memory if memory_state is None else memory_state
+        embedding = self.model.get_input_embeddings()
+        if inputs_embeds is None and _plain_embedding(embedding):
+            source = {"input_ids": input_ids, "embedding_weight": embedding.weight}
+        else:
+            source = {"inputs_embeds": embedding(input_ids) if inputs_embeds is None else inputs_embeds}
+        return driver.run(
+            self._step(attention_mask),
+            memory,
+            bounds=bounds,
+            output_hidden_states=output_hidden_states,
+            **source,
+        )
+
+    def forward(self, input_ids=None, memory_state=None, inputs_embeds=None, attention_mask=None,
+                output_hidden_states=None, output_attentions=None, **kwargs):
+        """One segment: ``(out, new_memory_state)`` like the original ``MemoryCell.forward``.
+
+        Args:
+            input_ids: ``[B, S]`` token ids (or ``inputs_embeds [B, S, d]``).
+            memory_state: ``[B, M, d]`` memory, default the learned one.
+            attention_mask: ``[B, S]`` 0/1 (or bool) padding mask of the segment tokens.
+            output_hidden_states: also return every layer's hidden states (memory rows removed).
+
+        Returns:
+            ``(CausalLMOutputWithCrossAttentions(logits [B, S, V], hidden_states?), memory [B, M, d])``.
+        """
+        if kwargs:
+            raise TypeError(f"MemoryCell.forward got unexpected arguments {sorted(kwargs)}")
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if tokens is None:
+            raise ValueError("pass input_ids or inputs_embeds")
+        seq = tokens.shape[1]
+        driver = SegmentDriver(self.layout, max(seq, 1))
+        res = self.run_segments(driver, memory_state, input_ids, inputs_embeds, attention_mask,
+                                bool(output_hidden_states), bounds=[(0, seq)])
+        out = CausalLMOutputWithCrossAttentions(logits=res.outputs)
+        if output_hidden_states:
+            out["hidden_states"] = list(res.hidden_states)
+        return out, res.memory
+
+    def generate(self, input_ids, memory_state, attention_mask=None, **generate_kwargs):
+        """``base_model.generate`` from ``[memory | segment embeddings]`` (no write block).
+
+        Returns what ``generate`` returns for ``inputs_embeds`` (the new tokens only).
+        """
+        if memory_state is None:
+            memory_state = self.set_memory(input_ids.shape)
+        embeds = torch.cat([memory_state, self.model.get_input_embeddings()(input_ids)], dim=1)
+        mask = None
+        if attention_mask is not None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.int64, device=attention_mask.device)
+            mask[:, self.num_mem_tokens :] = attention_mask
+        return self.model.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
+
+
+class RecurrentWrapper(torch.nn.Module):
+    """Runs a :class:`MemoryCell` over a long sequence, segment by segment (official API).
+
+    Args:
+        memory_cell: the :class:`MemoryCell`.
+        segment_size: tokens per segment (>= 1).
+        max_n_segments: used by the ``k2`` rule only (it does not limit the number of segments).
+        segment_alignment: None/"left" (default), "right" or "center".
+        k2: gradient truncation (-1 or None: full backpropagation through time).
+        rmt_kwargs: other options the original accepts and stores in ``rmt_config`` (ignored here).
+
+    Raises:
+        TypeError / ValueError: bad sizes or alignment, ``k2`` without ``max_n_segments``.
+
+    Example::
+
+        >>> model = RecurrentWrapper(MemoryCell(gpt2, 4), segment_size=16, max_n_segments=4)
+        >>> out = model(input_ids, labels=input_ids, attention_mask=mask)
+        >>> out.loss.backward()
+    """
+
+    def __init__(self, memory_cell: MemoryCell, segment_size: int = None, max_n_segments: int = None,
+                 segment_alignment: Optional[str] = None, k2: Optional[int] = -1, **rmt_kwargs):
+        super().__init__()
+        if not isinstance(memory_cell, MemoryCell):
+            raise TypeError(f"memory_cell must be a rmt_kernels MemoryCell, got {type(memory_cell).__name__}")
+        self.memory_cell = memory_cell
+        self.rmt_config = dict(segment_size=segment_size, max_n_segments=max_n_segments,
+                               segment_alignment=segment_alignment, k2=k2, **rmt_kwargs)
+        self.driver = SegmentDriver(memory_cell.layout, segment_size, max_n_segments=max_n_segments, k2=k2,
+                                    segment_alignment=segment_alignment)
+
+    def forward(self, input_ids=None, labels=None, labels_mask=None, inputs_embeds=None, attention_mask=None,
+                output_attentions=None, output_hidden_states=None):
+        """Loss and logits over all segments.
+
+        Args:
+            input_ids: ``[B, T]`` token ids (or ``inputs_embeds [B, T, d]``; the original needs both).
+            labels: ``[B, T]``; the loss is ``cross_entropy(logits[:, :-1], labels[:, 1:])`` (mean,
+                ``-100`` ignored).
+            labels_mask: bool ``[B, T]``: only positions ``t`` with ``labels_mask[:, t]`` (``t < T - 1``)
+                predict ``labels[:, t + 1]``.
+            attention_mask: ``[B, T]`` 0/1 or bool padding mask.
+            output_attentions: accepted; nothing is returned for it (as the original).
+            output_hidden_states: also return every layer's hidden states.
+
+        Returns:
+            ``CausalLMOutputWithCrossAttentions`` with ``loss``, ``logits [B, T, V]``, ``logits_{i}``
+            and, when asked, ``hidden_states`` / ``hidden_states_{i}``.
+
+        Raises:
+            ValueError: neither ``input_ids`` nor ``inputs_embeds``; shapes that do not match.
+        """
+        cell = self.memory_cell
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("pass input_ids or inputs_embeds")
+        res = cell.run_segments(self.driver, None, input_ids, inputs_embeds, attention_mask,
+                                bool(output_hidden_states))
+        logits = res.outputs
+        out = CausalLMOutputWithCrossAttentions()
+        if labels is not None:
+            flat_logits = logits[..., :-1, :].reshape(-1, logits.shape[-1])
+            flat_labels = labels[..., 1:].reshape(-1)
+            if labels_mask is not None:
+                keep = labels_mask[..., :-1].reshape(-1).to(torch.bool)
+                flat_logits, flat_labels = flat_logits[keep], flat_labels[keep]
+            out["loss"] = F.cross_entropy(flat_logits, flat_labels)
+        else:
+            out["loss"] = 0
+        out["logits"] = logits
+        if output_hidden_states:
+            out["hidden_states"] = res.hidden_states
+        for i, (a, b) in enumerate(res.bounds):
+            out[f"logits_{i}"] = logits[:, a:b]
+            if output_hidden_states:
+                out[f"hidden_states_{i}"] = [h[:, a:b] for h in res.hidden_states]
+        return out
+
+    def generate(self, input_ids, attention_mask=None, **generate_kwargs):
+        """Build the memory on all but the last segment, then generate from ``[memory | last segment]``.
+
+        Args:
+            input_ids: ``[B, T]`` prompt.
+            attention_mask: ``[B, T]`` padding mask of the prompt.
+            generate_kwargs: passed to the backbone's ``generate`` (e.g. ``max_new_tokens``).
+
+        Returns:
+            The generated token ids (new tokens only, as ``generate`` gives for ``inputs_embeds``).
+        """
+        cell = self.memory_cell
+        bounds = self.driver.segment_bounds(input_ids.shape[1])
+        memory = None
+        if len(bounds) > 1:
+            with torch.no_grad():
+                memory = cell.run_segments(self.driver, None, input_ids, None, attention_mask, False,
+                                           bounds=bounds[:-1]).memory
+        a, b = bounds[-1]
+        last_mask = None if attention_mask is None else attention_mask[:, a:b]
+        return cell.generate(input_ids[:, a:b], memory, attention_mask=last_mask, **generate_kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+        """Layer-level activation checkpointing of the backbone (``transformers``' own; its
+        ``activation_checkpointing_enable`` where it exists, ``gradient_checkpointing_enable`` before).
+
+        Example::
+
+            >>> model.gradient_checkpointing_enable({"use_reentrant": False})
+        """
+        model = self.memory_cell.model
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+
+    def gradient_checkpointing_disable(self):
+        """Undo :meth:`gradient_checkpointing_enable`."""
+        model = self.memory_cell.model
+        if hasattr(model, "activation_checkpointing_disable"):
+            model.activation_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_disable()
