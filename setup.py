@@ -78,7 +78,7 @@ setup(
             "recurrent-memory-transformer-pytorch",
         ],
         "hf": ["transformers>=4.48"],
-        "bench": ["matplotlib", "tqdm"],
+        "bench": ["matplotlib", "tqdm", "transformers>=4.48"],
     },
     entry_points={"console_scripts": ["rmt-kernels=rmt_kernels.cli:main"]},
     **_cuda_extension_kwargs(),
