@@ -46,7 +46,8 @@ def _cuda_extension_kwargs() -> dict:
         name="rmt_kernels._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+        # No -std: torch's build picks the standard its headers need (C++20 for torch >= 2.10).
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 
@@ -61,7 +62,10 @@ setup(
     long_description=long_description,
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["rmt_kernels", "rmt_kernels.*"]),
+    # csrc/ ships inside the package as rmt_kernels/csrc, for the just-in-time build of the extension.
+    packages=find_packages(include=["rmt_kernels", "rmt_kernels.*"]) + ["rmt_kernels.csrc"],
+    package_dir={"rmt_kernels.csrc": "csrc"},
+    package_data={"rmt_kernels.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp", "tools/*.cpp"]},
     install_requires=[
         "torch>=2.6",
         "triton; platform_system == 'Linux'",

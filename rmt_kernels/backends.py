@@ -60,19 +60,25 @@ def triton_status(device: torch.device) -> Tuple[bool, str]:
 
 
 def cuda_status(device: torch.device) -> Tuple[bool, str]:
-    """Whether the compiled extension ``rmt_kernels._C`` can run on ``device``."""
+    """Whether the compiled extension ``rmt_kernels._C`` can run on ``device``: installed (built ahead of
+    time), or buildable just in time on first use (CUDA torch, nvcc, ninja)."""
     if torch.version.cuda is None:
         return False, "this torch is a CPU-only build; the CUDA backend needs a CUDA build of torch and nvcc"
     if device.type != "cuda":
         return False, f"the CUDA backend needs CUDA tensors, got {device.type}"
     if not torch.cuda.is_available():
         return False, "torch sees no CUDA device"
-    if importlib.util.find_spec("rmt_kernels._C") is None:
+    if importlib.util.find_spec("rmt_kernels._C") is not None:
+        return True, "extension rmt_kernels._C (built ahead of time)"
+    from .ops.cuda_build import jit_status
+
+    ok, reason = jit_status()
+    if not ok:
         return False, (
-            "the extension rmt_kernels._C is not built: RMT_KERNELS_BUILD_CUDA=1 pip install "
-            "--no-build-isolation . (or `rmt-kernels build`)"
+            f"the extension rmt_kernels._C is not built and cannot be built just in time here ({reason}); "
+            "build it with RMT_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation . or `rmt-kernels build`"
         )
-    return True, "extension rmt_kernels._C"
+    return True, f"extension rmt_kernels._C, {reason}"
 
 
 def backend_status(op: str, backend: str, device: torch.device) -> Tuple[bool, str]:
@@ -80,6 +86,8 @@ def backend_status(op: str, backend: str, device: torch.device) -> Tuple[bool, s
     impl = _REGISTRY.get(op, {}).get(backend)
     if impl is None:
         return False, f"rmt_kernels {_version()} has no {backend} implementation of {op}"
+    if backend == "cuda" and torch.version.cuda is None:
+        return cuda_status(device)  # the most basic thing missing: say that first
     if device.type not in impl.devices:
         return False, f"the {backend} backend of {op} does not run on {device.type} tensors"
     if backend == "triton":

@@ -38,6 +38,7 @@ from .torch_impl import (
     pack_fwd_torch,
     pack_ids_fwd_torch,
 )
+from . import cuda as _cuda  # noqa: F401  registers backend "cuda"; loads no extension until used
 
 OP = "pack_segment"
 OP_IDS = "pack_segment_from_ids"

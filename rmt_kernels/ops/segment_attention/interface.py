@@ -20,6 +20,7 @@ from .torch_impl import (
     segment_attention_bwd_torch,
     segment_attention_fwd_torch,
 )
+from . import cuda as _cuda  # noqa: F401  registers backend "cuda"; loads no extension until used
 
 OP = "segment_attention"
 

@@ -1,0 +1,198 @@
+"""Launchers of the CUDA segment attention (``csrc/``), and their registration as backend ``"cuda"``.
+
+The launchers allocate the outputs (``torch_impl.alloc_outputs`` for the forward, contiguous gradients
+for the backward), make sure the inputs suit the kernels' 16-byte tile loads (a unit head-dim stride,
+other strides multiples of 8 elements, 16-byte aligned data; anything else is copied, which the
+``[B, H, N, D]`` and ``[B, N, H, D]`` layouts never need), and call the ops
+``torch.ops.rmt_kernels.segment_attention_fwd_cuda`` / ``_bwd_cuda`` of the extension, loaded (or
+built just in time) on first use by :mod:`rmt_kernels.ops.cuda_build`. No autograd here: the custom
+ops of ``interface.py`` call these.
+
+Supported: float16 and bfloat16, head dims 64 and 128, every mask family, a prefix, right padding and
+grouped-query attention. Tensor cores through ``mma.sync`` (sm_80 and newer, Hopper included).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ... import backends
+from ...layout import MASK_FAMILIES, MemoryLayout
+from .. import cuda_build
+from .torch_impl import alloc_outputs
+
+OP = "segment_attention"
+DTYPES = (torch.float16, torch.bfloat16)
+HEAD_DIMS = (64, 128)
+# rmt::MaskFamily in csrc/mask_layout.cuh follows the order of MASK_FAMILIES.
+MASK_CODES = {name: code for code, name in enumerate(MASK_FAMILIES)}
+
+
+def _check(q: torch.Tensor) -> None:
+    if q.device.type != "cuda":
+        raise backends.BackendUnavailableError(f"the cuda backend of {OP} needs CUDA tensors, got {q.device}")
+    if q.dtype not in DTYPES:
+        raise TypeError(f"q has dtype {q.dtype}; the cuda backend supports {list(DTYPES)}")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"head dim D={q.shape[-1]} is not supported by the cuda backend (supported: {list(HEAD_DIMS)})")
+
+
+def _tileable(t: torch.Tensor) -> bool:
+    strides = t.stride()
+    return (
+        strides[-1] == 1
+        and all(s % 8 == 0 for s, n in zip(strides[:-1], t.shape[:-1]) if n > 1)
+        and t.data_ptr() % 16 == 0
+    )
+
+
+def _fit(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t`` as the kernels read it: itself when tileable, else a contiguous copy; dims of size 1 get
+    stride 0 (their stride is never used, but the kernels check every stride)."""
+    if t is None:
+        return None
+    if not _tileable(t):
+        t = t.contiguous()
+    if any(n == 1 and s % 8 for n, s in zip(t.shape, t.stride())):
+        t = t.as_strided(t.shape, [0 if n == 1 else s for n, s in zip(t.shape, t.stride())])
+    return t
+
+
+def _lengths(segment_lengths: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+    if segment_lengths is None:
+        return None
+    return segment_lengths.to(device=device, dtype=torch.int32).contiguous()
+
+
+def _prefix(prefix_k, prefix_v):
+    if prefix_k is None or prefix_k.shape[2] == 0:
+        return None, None
+    return _fit(prefix_k), _fit(prefix_v)
+
+
+def alloc_grads(q, k, v, prefix_k, prefix_v, want_prefix: bool):
+    """Contiguous ``(dq, dk, dv, dprefix_k, dprefix_v)`` in q's dtype (prefix ones None unless
+    ``want_prefix``): the backward writes every element."""
+    def like(t):
+        return torch.empty(t.shape, dtype=q.dtype, device=q.device)
+
+    return like(q), like(k), like(v), like(prefix_k) if want_prefix else None, like(prefix_v) if want_prefix else None
+
+
+def segment_attention_fwd_cuda(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: Optional[torch.Tensor],
+    prefix_v: Optional[torch.Tensor],
+    segment_lengths: Optional[torch.Tensor],
+    layout: MemoryLayout,
+    scale: float,
+):
+    """Forward of the cuda backend.
+
+    Args:
+        q: ``[B, H_q, N, D]`` float16/bfloat16 on a CUDA device, any strides; ``D`` in :data:`HEAD_DIMS`.
+        k, v: ``[B, H_kv, N, D]`` (``H_q % H_kv == 0``); prefix_k, prefix_v: ``[B, H_kv, P, D]`` or None.
+        segment_lengths: integer ``[B]`` in ``[0, S]`` or None; layout: the :class:`MemoryLayout`;
+        scale: softmax scale. Shapes and values are validated by the public entry point.
+
+    Returns:
+        ``(out, lse)``: ``[B, H_q, N, D]`` in q's dtype and the float32 natural log-sum-exp
+        ``[B, H_q, N]`` (layouts of ``alloc_outputs``); rows that see no key give 0 and -inf.
+
+    Raises:
+        TypeError: unsupported dtype. ValueError: unsupported head dim.
+        BackendUnavailableError: CPU tensors, or the extension is missing and cannot be built.
+
+    Example::
+
+        >>> layout = MemoryLayout(16, 16)
+        >>> q = k = v = torch.randn(1, 4, 96, 64, device="cuda", dtype=torch.bfloat16)
+        >>> out, lse = segment_attention_fwd_cuda(q, k, v, None, None, None, layout, 0.125)
+    """
+    _check(q)
+    out, lse = alloc_outputs(q)
+    b, hq, n, _ = q.shape
+    if b * hq * n == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    cuda_build.load_extension()
+    q, k, v = _fit(q), _fit(k), _fit(v)
+    prefix_k, prefix_v = _prefix(prefix_k, prefix_v)
+    torch.ops.rmt_kernels.segment_attention_fwd_cuda(
+        q, k, v, prefix_k, prefix_v, _lengths(segment_lengths, q.device), out, lse,
+        layout.num_read, layout.num_write, MASK_CODES[layout.mask], layout.prefix_visible_to == "all",
+        float(scale), cuda_build.current_stream(q.device),
+    )
+    return out, lse
+
+
+def segment_attention_bwd_cuda(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: Optional[torch.Tensor],
+    prefix_v: Optional[torch.Tensor],
+    segment_lengths: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    layout: MemoryLayout,
+    scale: float,
+    need_prefix_grad: bool,
+):
+    """Backward of the cuda backend. Deterministic: no atomics, group heads summed in a fixed order.
+
+    Args:
+        dout: ``[B, H_q, N, D]`` upstream gradient, any strides; ``out``, ``lse``: the forward's
+            outputs; the other arguments as in :func:`segment_attention_fwd_cuda`.
+        need_prefix_grad: compute the prefix gradients (a detached prefix still feeds ``dq``).
+
+    Returns:
+        ``(dq, dk, dv, dprefix_k, dprefix_v)`` contiguous, in q's dtype; the prefix gradients are None
+        without a prefix or without ``need_prefix_grad``.
+
+    Raises:
+        As :func:`segment_attention_fwd_cuda`.
+
+    Example::
+
+        >>> dq, dk, dv, _, _ = segment_attention_bwd_cuda(dout, q, k, v, None, None, None, out, lse,
+        ...                                               layout, 0.125, False)
+    """
+    _check(q)
+    b, hq, n, _ = q.shape
+    p = 0 if prefix_k is None else prefix_k.shape[2]
+    dq, dk, dv, dpk, dpv = alloc_grads(q, k, v, prefix_k, prefix_v, p > 0 and need_prefix_grad)
+    if b * hq * n == 0:
+        for t in (dq, dk, dv, dpk, dpv):
+            if t is not None:
+                t.zero_()
+        return dq, dk, dv, dpk, dpv
+    cuda_build.load_extension()
+    dout, q, k, v = _fit(dout), _fit(q), _fit(k), _fit(v)
+    prefix_k, prefix_v = _prefix(prefix_k, prefix_v)
+    torch.ops.rmt_kernels.segment_attention_bwd_cuda(
+        dout, q, k, v, prefix_k, prefix_v, _lengths(segment_lengths, q.device), out, lse,
+        dq, dk, dv, dpk, dpv,
+        layout.num_read, layout.num_write, MASK_CODES[layout.mask], layout.prefix_visible_to == "all",
+        float(scale), cuda_build.current_stream(q.device),
+    )
+    return dq, dk, dv, dpk, dpv
+
+
+backends.register(
+    OP,
+    "cuda",
+    backends.BackendImpl(
+        fwd=segment_attention_fwd_cuda,
+        bwd=segment_attention_bwd_cuda,
+        dtypes=DTYPES,
+        head_dims=HEAD_DIMS,
+        devices=("cuda",),
+    ),
+)
