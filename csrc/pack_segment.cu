@@ -1,5 +1,5 @@
-// Host launch functions of the memory-handoff kernels (no torch): copy-unit choice, grids, dispatch
-// over dtype. Compiles with nvcc alone.
+// Host launch functions of the memory-handoff kernels (no torch): argument checks, grids, dispatch
+// over dtype and copy unit (pack_copy_unit in pack_segment.cuh). Compiles with nvcc alone.
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -14,21 +14,6 @@ const char* last_error() {
 }
 
 int cdiv64(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
-
-// Whether a [*, rows, d] operand can be copied in 16-byte units: aligned base, unit column stride,
-// other strides whole units.
-bool vectorisable(const void* ptr, const int64_t* stride, int ndim, int elem_bytes) {
-  if (ptr == nullptr) return true;
-  if ((reinterpret_cast<uintptr_t>(ptr) & 15u) != 0 || stride[ndim - 1] != 1) return false;
-  for (int i = 0; i < ndim - 1; ++i) {
-    if ((stride[i] * elem_bytes) % 16 != 0) return false;
-  }
-  return true;
-}
-
-void to_units(int64_t* stride, int ndim, int per_unit) {
-  for (int i = 0; i < ndim - 1; ++i) stride[i] /= per_unit;
-}
 
 template <typename U>
 const char* launch_pack(const PackParams& p, cudaStream_t stream) {
@@ -67,22 +52,12 @@ const char* pack_segment_fwd(const PackParams& params, void* stream) {
   if (params.num_write > 0 && params.write == nullptr) return "write memory missing";
   if (params.batch == 0 || n == 0 || params.dim == 0) return nullptr;
   auto s = static_cast<cudaStream_t>(stream);
-  const int eb = params.elem_bytes;
-  const bool vec = (params.dim * eb) % 16 == 0 && vectorisable(params.out, params.out_stride, 3, eb) &&
-                   vectorisable(params.read, params.read_stride, 3, eb) &&
-                   vectorisable(params.write, params.write_stride, 3, eb) &&
-                   vectorisable(params.src, params.src_stride, 3, eb);
-  if (vec) {
-    PackParams p = params;
-    const int per_unit = 16 / eb;
-    to_units(p.out_stride, 3, per_unit);
-    to_units(p.src_stride, 3, per_unit);
-    to_units(p.read_stride, 3, per_unit);
-    to_units(p.write_stride, 3, per_unit);
-    p.dim /= per_unit;
-    return launch_pack<uint4>(p, s);
+  PackParams p = params;
+  switch (pack_copy_unit(&p)) {
+    case 16: return launch_pack<uint4>(p, s);
+    case 4: return launch_pack<uint32_t>(p, s);
+    default: return launch_pack<uint16_t>(p, s);
   }
-  return eb == 2 ? launch_pack<uint16_t>(params, s) : launch_pack<uint32_t>(params, s);
 }
 
 const char* pack_memory_grad(const MemoryGradParams& params, void* stream) {

@@ -8,6 +8,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <initializer_list>
+
 #include "pack_segment_params.h"
 
 namespace rmt {
@@ -24,6 +26,31 @@ __device__ __forceinline__ int64_t load_id(const void* ids, int is_int64, int64_
 }
 
 constexpr int kPackRowsPerCta = 8;  // one warp per packed row
+
+// Host side of a pack launch: whether every operand can be copied in 16-byte units (aligned base,
+// unit column stride, other strides and the row length whole units). If so, rewrites the strides and
+// dim of `p` in units of 16 bytes and returns 16; otherwise leaves `p` alone and returns the element
+// size (copies element by element).
+inline bool pack_vectorisable(const void* ptr, const int64_t* stride, int elem_bytes) {
+  if (ptr == nullptr) return true;
+  if ((reinterpret_cast<uintptr_t>(ptr) & 15u) != 0 || stride[2] != 1) return false;
+  return (stride[0] * elem_bytes) % 16 == 0 && (stride[1] * elem_bytes) % 16 == 0;
+}
+
+inline int pack_copy_unit(PackParams* p) {
+  const int eb = p->elem_bytes;
+  const bool vec = (static_cast<int64_t>(p->dim) * eb) % 16 == 0 && pack_vectorisable(p->out, p->out_stride, eb) &&
+                   pack_vectorisable(p->read, p->read_stride, eb) && pack_vectorisable(p->write, p->write_stride, eb) &&
+                   pack_vectorisable(p->src, p->src_stride, eb);
+  if (!vec) return eb;
+  const int per_unit = 16 / eb;
+  for (int64_t* stride : {p->out_stride, p->src_stride, p->read_stride, p->write_stride}) {
+    stride[0] /= per_unit;
+    stride[1] /= per_unit;
+  }
+  p->dim /= per_unit;
+  return 16;
+}
 
 // Grid: (cdiv(N, kPackRowsPerCta), B); block (32, kPackRowsPerCta). Warp y copies packed row
 // blockIdx.x * kPackRowsPerCta + y of batch row blockIdx.y from its one source (read memory, segment

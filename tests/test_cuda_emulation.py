@@ -1,11 +1,12 @@
-"""The CUDA attention kernels of ``csrc/``, executed on the CPU by an emulator, against the reference.
+"""The CUDA kernels of ``csrc/``, executed on the CPU by an emulator, against the reference.
 
 No GPU is needed: ``tests/cuda_emu/`` compiles the real kernel headers as host C++ with an emulated
 ``ptx_sm80.cuh`` (fibers for threads; ``ldmatrix``, ``mma.sync`` and ``cp.async`` implemented from the
-PTX ISA's fragment layouts). The public ``segment_attention(..., backend="cuda")`` then runs end to
-end on CPU tensors: the real launcher (``ops/segment_attention/cuda.py``: allocation, stride fitting,
-argument order), the kernels' tile schedule, masking, online softmax and backward, with only the
-extension call swapped for the emulator. This checks the kernels' logic and indexing; it cannot check
+PTX ISA's fragment layouts). The public ``segment_attention(..., backend="cuda")`` and
+``pack_segment*(..., backend="cuda")`` then run end to end on CPU tensors: the real launchers
+(``ops/*/cuda.py``: allocation, stride fitting, argument order), the kernels' tile schedule, masking,
+online softmax and backward, the pack copy units and reductions, with only the extension call swapped
+for the emulator (whose ctypes side fills the parameter structs as ``csrc/bindings.cpp`` does). This checks the kernels' logic and indexing; it cannot check
 the hardware's behaviour (instruction semantics, races, timing): the ``cuda``-marked tests do that on
 a GPU.
 """
@@ -25,8 +26,12 @@ import torch
 from rmt_kernels import MemoryLayout, backends
 from rmt_kernels.aot_cuda import find_nvcc
 from rmt_kernels.ops import cuda_build
+from rmt_kernels.ops.pack_segment import cuda as pack_cuda
+from rmt_kernels.ops.pack_segment import interface as pack_interface
 from rmt_kernels.ops.segment_attention import cuda as cuda_impl
 
+import test_pack_segment as pack_tests
+from test_pack_segment_cuda import check_out_buffer, run_ids_case
 from test_segment_attention_cuda import strided_lowp
 from test_segment_attention_torch import check_against_reference, make_inputs
 
@@ -73,6 +78,45 @@ def _cuda_include():
     return None
 
 
+_S3 = ctypes.c_int64 * 3
+_S2 = ctypes.c_int64 * 2
+_INT = ctypes.c_int
+
+
+class PackParams(ctypes.Structure):
+    """ctypes mirror of ``rmt::PackParams`` (csrc/pack_segment_params.h)."""
+
+    _fields_ = [
+        ("out", _PTR), ("out_stride", _S3), ("src", _PTR), ("src_stride", _S3), ("ids", _PTR), ("ids_stride", _S2),
+        ("ids_int64", _INT), ("read", _PTR), ("read_stride", _S3), ("write", _PTR), ("write_stride", _S3),
+        ("batch", _INT), ("num_read", _INT), ("segment_len", _INT), ("num_write", _INT), ("dim", _INT),
+        ("elem_bytes", _INT),
+    ]
+
+
+class MemoryGradParams(ctypes.Structure):
+    """ctypes mirror of ``rmt::MemoryGradParams``."""
+
+    _fields_ = [
+        ("grad", _PTR), ("grad_stride", _S3), ("dmem", _PTR), ("dmem_stride", _S3), ("batch", _INT), ("rows", _INT),
+        ("dim", _INT), ("start", _INT), ("start2", _INT), ("broadcast", _INT), ("dtype", _INT),
+    ]
+
+
+class EmbeddingGradParams(ctypes.Structure):
+    """ctypes mirror of ``rmt::EmbeddingGradParams``."""
+
+    _fields_ = [
+        ("grad", _PTR), ("grad_stride", _S3), ("ids", _PTR), ("ids_stride", _S2), ("ids_int64", _INT),
+        ("dweight", _PTR), ("dw_stride", _S2), ("sorted_ids", _PTR), ("order", _PTR), ("batch", _INT),
+        ("segment_len", _INT), ("dim", _INT), ("start", _INT), ("dtype", _INT),
+    ]
+
+
+_STRUCTS = {"SegmentAttentionParams": Params, "PackParams": PackParams, "MemoryGradParams": MemoryGradParams,
+            "EmbeddingGradParams": EmbeddingGradParams}
+
+
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
     """The emulator library, compiled once per module from the current csrc/ headers."""
@@ -94,12 +138,14 @@ def emulator(tmp_path_factory):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, f"emulator build failed:\n{proc.stderr[-4000:]}"
     lib = ctypes.CDLL(str(lib_path))
-    lib.rmt_emu_offset.argtypes = [ctypes.c_char_p]
+    lib.rmt_emu_offset.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
     lib.rmt_emu_offset.restype = ctypes.c_long
-    lib.rmt_emu_params_size.restype = ctypes.c_long
-    assert lib.rmt_emu_params_size() == ctypes.sizeof(Params)
-    for name, _ in Params._fields_:
-        assert lib.rmt_emu_offset(name.encode()) == getattr(Params, name).offset, name
+    lib.rmt_emu_sizeof.argtypes = [ctypes.c_char_p]
+    lib.rmt_emu_sizeof.restype = ctypes.c_long
+    for type_name, struct in _STRUCTS.items():
+        assert lib.rmt_emu_sizeof(type_name.encode()) == ctypes.sizeof(struct), type_name
+        for name, _ in struct._fields_:
+            assert lib.rmt_emu_offset(type_name.encode(), name.encode()) == getattr(struct, name).offset, (type_name, name)
     return lib
 
 
@@ -213,3 +259,93 @@ def test_emulated_cuda_kernels_strided_inputs(emulated_cuda, kind):
     if kind != "expanded":
         assert not q.is_contiguous() and not k.is_contiguous()
     check_against_reference(layout, q, k, v, pk, pv, torch.tensor([37, 9]), dout=dout, backend="cuda")
+
+
+# ------------------------------------------------------------------------------------------ pack kernels
+
+
+def _memory_strides(t):
+    """(batch, row, col) strides of a [B, rows, d] or broadcast [rows, d] memory, as bindings.cpp."""
+    return _S3(0, *t.stride()) if t.dim() == 2 else _S3(*t.stride())
+
+
+_PACK_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+
+
+@pytest.fixture
+def emulated_cuda_pack(emulator, monkeypatch):
+    """``backend="cuda"`` of pack_segment / pack_segment_from_ids runs the emulated kernels on CPU."""
+
+    def pack_fwd(out, src, ids, read, write, num_read, num_write, stream):
+        p = PackParams()
+        p.out, p.out_stride, p.src = out.data_ptr(), _S3(*out.stride()), src.data_ptr()
+        if ids is not None:
+            p.src_stride = _S3(0, *src.stride())
+            p.ids, p.ids_stride, p.ids_int64 = ids.data_ptr(), _S2(*ids.stride()), int(ids.dtype == torch.int64)
+            p.segment_len = ids.shape[1]
+        else:
+            p.src_stride, p.segment_len = _S3(*src.stride()), src.shape[1]
+        if num_read:
+            p.read, p.read_stride = read.data_ptr(), _memory_strides(read)
+        if num_write:
+            p.write, p.write_stride = write.data_ptr(), _memory_strides(write)
+        p.batch, p.num_read, p.num_write, p.dim, p.elem_bytes = out.shape[0], num_read, num_write, out.shape[2], out.element_size()
+        assert emulator.rmt_emu_pack_fwd(ctypes.byref(p)) == 0
+
+    def memory_grad(grad, dmem, start, start2, broadcast, stream):
+        p = MemoryGradParams()
+        p.grad, p.grad_stride, p.dmem, p.dmem_stride = grad.data_ptr(), _S3(*grad.stride()), dmem.data_ptr(), _memory_strides(dmem)
+        p.batch, p.rows, p.dim = grad.shape[0], dmem.shape[-2], grad.shape[2]
+        p.start, p.start2, p.broadcast, p.dtype = start, start2 if start2 >= 0 else -1, int(broadcast), _PACK_DTYPES[grad.dtype]
+        assert emulator.rmt_emu_memory_grad(ctypes.byref(p)) == 0
+
+    def embedding_grad(grad, ids, dweight, start, sorted_ids, order, stream):
+        assert (sorted_ids is None) == (order is None)
+        assert dweight.dtype == (grad.dtype if sorted_ids is not None else torch.float32)
+        p = EmbeddingGradParams()
+        p.grad, p.grad_stride = grad.data_ptr(), _S3(*grad.stride())
+        p.ids, p.ids_stride, p.ids_int64 = ids.data_ptr(), _S2(*ids.stride()), int(ids.dtype == torch.int64)
+        p.dweight, p.dw_stride = dweight.data_ptr(), _S2(*dweight.stride())
+        if sorted_ids is not None:
+            assert sorted_ids.dtype == order.dtype == torch.int64 and sorted_ids.is_contiguous() and order.is_contiguous()
+            p.sorted_ids, p.order = sorted_ids.data_ptr(), order.data_ptr()
+        p.batch, p.segment_len, p.dim, p.start, p.dtype = ids.shape[0], ids.shape[1], grad.shape[2], start, _PACK_DTYPES[grad.dtype]
+        assert emulator.rmt_emu_embedding_grad(ctypes.byref(p)) == 0
+
+    for op in (pack_cuda.OP, pack_cuda.OP_IDS):
+        monkeypatch.setattr(backends.get_impl(op, "cuda"), "devices", ("cpu", "cuda"))
+    monkeypatch.setattr(backends, "cuda_status", lambda device: (True, "CPU emulation of the CUDA kernels"))
+    monkeypatch.setattr(pack_cuda, "_check", lambda t, op: None)
+    monkeypatch.setattr(cuda_build, "load_extension", lambda verbose=False: "emulated")
+    monkeypatch.setattr(cuda_build, "current_stream", lambda device: 0)
+    monkeypatch.setattr(torch.ops.rmt_kernels, "pack_segment_fwd_cuda", pack_fwd, raising=False)
+    monkeypatch.setattr(torch.ops.rmt_kernels, "pack_segment_bwd_cuda", memory_grad, raising=False)
+    monkeypatch.setattr(torch.ops.rmt_kernels, "pack_embedding_grad_cuda", embedding_grad, raising=False)
+
+
+@pytest.mark.parametrize("batch,seg_len,dim,num_read,num_write,read_kind,write_kind,dtype,sliced", pack_tests.PACK_CASES)
+def test_emulated_cuda_pack_matches_cat(emulated_cuda_pack, nan_poison, batch, seg_len, dim, num_read, num_write,
+                                        read_kind, write_kind, dtype, sliced):
+    nan_poison(pack_interface, "alloc_packed")
+    pack_tests._run_pack_case("cpu", "cuda", batch, seg_len, dim, num_read, num_write, read_kind, write_kind, dtype,
+                              sliced)
+
+
+# (B, S, V, d, R, W, ids dtype, weight dtype, sliced, deterministic)
+EMU_IDS_CASES = [
+    pytest.param(2, 33, 7, 32, 3, 3, torch.int64, torch.float32, False, True, id="repeats-det"),
+    pytest.param(2, 33, 7, 32, 3, 3, torch.int64, torch.float32, False, False, id="repeats-atomic"),
+    pytest.param(3, 17, 50, 40, 2, 2, torch.int32, torch.bfloat16, True, True, id="int32-sliced-bf16-det"),
+    pytest.param(2, 64, 11, 300, 0, 4, torch.int64, torch.float16, True, False, id="write-only-fp16-atomic-d300"),
+]
+
+
+@pytest.mark.parametrize("batch,seg_len,vocab,dim,num_read,num_write,id_dtype,dtype,sliced,deterministic", EMU_IDS_CASES)
+def test_emulated_cuda_pack_from_ids_matches_embedding(emulated_cuda_pack, nan_poison, batch, seg_len, vocab, dim,
+                                                       num_read, num_write, id_dtype, dtype, sliced, deterministic):
+    nan_poison(pack_interface, "alloc_packed")
+    run_ids_case("cpu", batch, seg_len, vocab, dim, num_read, num_write, id_dtype, dtype, sliced, deterministic)
+
+
+def test_emulated_cuda_pack_out_buffer(emulated_cuda_pack):
+    check_out_buffer("cpu")

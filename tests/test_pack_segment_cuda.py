@@ -57,15 +57,16 @@ IDS_CASES = [
 ]
 
 
-@pytest.mark.parametrize("batch,seg_len,vocab,dim,num_read,num_write,id_dtype,dtype,sliced,deterministic", IDS_CASES)
-def test_pack_from_ids_cuda_matches_embedding(cuda_pack, batch, seg_len, vocab, dim, num_read, num_write, id_dtype,
-                                              dtype, sliced, deterministic):
+def run_ids_case(device, batch, seg_len, vocab, dim, num_read, num_write, id_dtype, dtype, sliced, deterministic):
+    """``pack_segment_from_ids(..., backend="cuda")`` on ``device`` against ``F.embedding`` + ``torch.cat``:
+    exact forward, gradients of the weight and of the memory (tied R/W) within the tolerance rule,
+    bit-identical gradients twice in the deterministic mode."""
     layout = MemoryLayout(num_read, num_write, mask="causal")
-    ids_base = torch.randint(0, vocab, (batch, 2 * seg_len + 1), dtype=id_dtype).to(DEVICE)
+    ids_base = torch.randint(0, vocab, (batch, 2 * seg_len + 1), dtype=id_dtype).to(device)
     ids = ids_base[:, 1::2] if sliced else ids_base[:, :seg_len].contiguous()
     w_base = torch.randn(vocab, dim + 3, dtype=torch.float64)
-    weight = (w_base[:, 2 : dim + 2] if sliced else w_base[:, :dim]).to(DEVICE, dtype).detach().requires_grad_()
-    memory = torch.randn(max(num_read, num_write), dim).to(DEVICE, dtype).requires_grad_()
+    weight = (w_base[:, 2 : dim + 2] if sliced else w_base[:, :dim]).to(device, dtype).detach().requires_grad_()
+    memory = torch.randn(max(num_read, num_write), dim).to(device, dtype).requires_grad_()
     read = memory if num_read else None
     write = memory if num_write else None
     previous = torch.are_deterministic_algorithms_enabled()
@@ -74,7 +75,7 @@ def test_pack_from_ids_cuda_matches_embedding(cuda_pack, batch, seg_len, vocab, 
         packed = pack_segment_from_ids(ids, weight, layout, read, write, backend="cuda")
         expected = _cat_ref(F.embedding(ids, weight), read, write, batch)
         assert torch.equal(packed, expected), "the pack is a gather and a copy: it must be exact"
-        grad = torch.randn(packed.shape, dtype=torch.float64).to(DEVICE, dtype)
+        grad = torch.randn(packed.shape, dtype=torch.float64).to(device, dtype)
         inputs = [weight, memory]
         got = torch.autograd.grad(packed, inputs, grad)
         again = torch.autograd.grad(pack_segment_from_ids(ids, weight, layout, read, write, backend="cuda"), inputs, grad)
@@ -93,14 +94,29 @@ def test_pack_from_ids_cuda_matches_embedding(cuda_pack, batch, seg_len, vocab, 
             assert torch.equal(g, h), "deterministic mode must reproduce gradients bit for bit"
 
 
-def test_pack_cuda_out_buffer(cuda_pack):
+def check_out_buffer(device):
+    """``out=``: a non-contiguous slice of a NaN buffer is filled exactly, nothing around it touched."""
     layout = MemoryLayout(3, 3, mask="causal")
-    seg, mem = torch.randn(2, 7, 16, device=DEVICE), torch.randn(3, 16, device=DEVICE)
-    big = torch.full((2, 20, 40), float("nan"), device=DEVICE)
+    seg, mem = torch.randn(2, 7, 16, device=device), torch.randn(3, 16, device=device)
+    big = torch.full((2, 20, 40), float("nan"), device=device)
     out = big[:, 2:15, 4:20]
     assert pack_segment(seg, layout, mem, mem, out=out, backend="cuda") is out
     assert torch.equal(out, _cat_ref(seg, mem, mem, 2))
     assert torch.isnan(big[:, :2]).all() and torch.isnan(big[:, 15:]).all() and torch.isnan(big[:, :, :4]).all()
+    weight, ids = torch.randn(9, 16, device=device), torch.randint(0, 9, (2, 7), device=device)
+    out2 = torch.empty(2, 13, 16, device=device)
+    assert pack_segment_from_ids(ids, weight, layout, mem, mem, out=out2, backend="cuda") is out2
+    assert torch.equal(out2, _cat_ref(F.embedding(ids, weight), mem, mem, 2))
+
+
+@pytest.mark.parametrize("batch,seg_len,vocab,dim,num_read,num_write,id_dtype,dtype,sliced,deterministic", IDS_CASES)
+def test_pack_from_ids_cuda_matches_embedding(cuda_pack, batch, seg_len, vocab, dim, num_read, num_write, id_dtype,
+                                              dtype, sliced, deterministic):
+    run_ids_case(DEVICE, batch, seg_len, vocab, dim, num_read, num_write, id_dtype, dtype, sliced, deterministic)
+
+
+def test_pack_cuda_out_buffer(cuda_pack):
+    check_out_buffer(DEVICE)
 
 
 def test_pack_cuda_offsets_beyond_int32(cuda_pack):

@@ -1,13 +1,18 @@
-// Runs the attention kernels of csrc/ on the CPU, for tests/test_cuda_emulation.py: a grid of CTAs,
-// each CTA's threads as fibers (see ptx_sm80.cuh here, which replaces the real one). The launch
-// sequence mirrors csrc/segment_attention.cu (same grids, same kernels, same order).
+// Runs the attention and pack kernels of csrc/ on the CPU, for tests/test_cuda_emulation.py: a grid
+// of CTAs, each CTA's threads as fibers (see ptx_sm80.cuh here, which replaces the real one). The
+// launch sequences mirror csrc/segment_attention.cu and csrc/pack_segment.cu (same grids, same
+// kernels, same order; the pack copy unit from the same pack_copy_unit).
 //
 // Exported (C ABI, loaded with ctypes):
-//   int rmt_emu_fwd(const rmt::SegmentAttentionParams*), int rmt_emu_bwd(...): 0, or -1 when a CTA
-//     deadlocks (threads stuck at different barriers), -2 for an unsupported dtype / head dim.
-//   long rmt_emu_offset(const char* field): offsetof in SegmentAttentionParams (-1: unknown), and
-//   long rmt_emu_params_size(): sizeof, so the test can check its ctypes mirror.
+//   int rmt_emu_fwd(const rmt::SegmentAttentionParams*), int rmt_emu_bwd(...),
+//   int rmt_emu_pack_fwd(const rmt::PackParams*), int rmt_emu_memory_grad(const rmt::MemoryGradParams*),
+//   int rmt_emu_embedding_grad(const rmt::EmbeddingGradParams*): 0, or -1 when a CTA deadlocks
+//     (threads stuck at different barriers), -2 for an unsupported dtype / head dim.
+//   long rmt_emu_offset(const char* type, const char* field) (-1: unknown) and
+//   long rmt_emu_sizeof(const char* type): offsetof / sizeof in each params struct, so the test can
+//     check its ctypes mirrors field by field.
 #include "segment_attention_bwd.cuh"
+#include "pack_segment.cuh"
 
 #include <cstddef>
 #include <cstring>
@@ -68,9 +73,10 @@ void start(Fiber& f) {
   f.groups.assign(1, {});
 }
 
-// Runs `kernel` for every CTA of `grid` with `threads` threads; false on a deadlock.
+// Runs `kernel` for every CTA of `grid` with `block` threads; false on a deadlock.
 template <typename Kernel>
-bool launch(Dim3 grid, unsigned threads, Kernel kernel) {
+bool launch(Dim3 grid, Dim3 block, Kernel kernel) {
+  const unsigned threads = block.x * block.y;
   g_fibers.resize(threads);
   g_warps.assign((threads + 31) / 32, WarpState{});
   g_body = kernel;
@@ -82,7 +88,8 @@ bool launch(Dim3 grid, unsigned threads, Kernel kernel) {
         g_cta.threads = threads;
         for (unsigned t = 0; t < threads; ++t) {
           start(g_fibers[t]);
-          g_fibers[t].thread_idx = Dim3{t, 0, 0};
+          g_fibers[t].thread_idx = Dim3{t % block.x, t / block.x, 0};
+          g_fibers[t].linear = t;
         }
         unsigned alive = threads;
         while (alive > 0) {
@@ -103,6 +110,11 @@ bool launch(Dim3 grid, unsigned threads, Kernel kernel) {
     }
   }
   return true;
+}
+
+template <typename Kernel>
+bool launch(Dim3 grid, unsigned threads, Kernel kernel) {
+  return launch(grid, Dim3{threads, 1, 1}, kernel);
 }
 
 unsigned cdivu(int a, int b) { return static_cast<unsigned>((a + b - 1) / b); }
@@ -151,34 +163,118 @@ struct Bwd {
   static int run(const rmt::SegmentAttentionParams& p) { return bwd<T, D>(p); }
 };
 
+template <typename U>
+int pack(const rmt::PackParams& p) {
+  const int n = p.num_read + p.segment_len + p.num_write;
+  const Dim3 grid{cdivu(n, rmt::kPackRowsPerCta), static_cast<unsigned>(p.batch), 1};
+  return launch(grid, Dim3{32, rmt::kPackRowsPerCta, 1}, [&] { rmt::pack_segment_fwd_kernel<U>(p); }) ? 0 : -1;
+}
+
+template <typename T>
+int memory_grad(const rmt::MemoryGradParams& p) {
+  const Dim3 grid{static_cast<unsigned>(p.rows), cdivu(p.dim, rmt::kReduceThreads),
+                  p.broadcast ? 1u : static_cast<unsigned>(p.batch)};
+  return launch(grid, rmt::kReduceThreads, [&] { rmt::pack_memory_grad_kernel<T>(p); }) ? 0 : -1;
+}
+
+template <typename T>
+int embedding_grad(const rmt::EmbeddingGradParams& p) {
+  if (p.sorted_ids != nullptr) {
+    const Dim3 grid{static_cast<unsigned>(p.batch * p.segment_len), cdivu(p.dim, rmt::kReduceThreads), 1};
+    return launch(grid, rmt::kReduceThreads, [&] { rmt::pack_embedding_grad_sorted_kernel<T>(p); }) ? 0 : -1;
+  }
+  const Dim3 grid{static_cast<unsigned>(p.segment_len), static_cast<unsigned>(p.batch), 1};
+  return launch(grid, rmt::kReduceThreads, [&] { rmt::pack_embedding_grad_atomic_kernel<T>(p); }) ? 0 : -1;
+}
+
+template <template <typename> class Op, typename P>
+int dispatch_pack_dtype(const P& p) {
+  switch (p.dtype) {
+    case rmt::PACK_FLOAT16: return Op<__half>::run(p);
+    case rmt::PACK_BFLOAT16: return Op<__nv_bfloat16>::run(p);
+    case rmt::PACK_FLOAT32: return Op<float>::run(p);
+    default: return -2;
+  }
+}
+
+template <typename T>
+struct MemoryGrad {
+  static int run(const rmt::MemoryGradParams& p) { return memory_grad<T>(p); }
+};
+template <typename T>
+struct EmbeddingGrad {
+  static int run(const rmt::EmbeddingGradParams& p) { return embedding_grad<T>(p); }
+};
+
 }  // namespace
 }  // namespace rmt_emu
 
-#define RMT_FIELD(name) {#name, offsetof(rmt::SegmentAttentionParams, name)}
+#define RMT_FIELD(type, name) {#type, #name, offsetof(rmt::type, name)}
+#define RMT_ATTN(name) RMT_FIELD(SegmentAttentionParams, name)
+#define RMT_PACK(name) RMT_FIELD(PackParams, name)
+#define RMT_MEM(name) RMT_FIELD(MemoryGradParams, name)
+#define RMT_EMB(name) RMT_FIELD(EmbeddingGradParams, name)
 
 extern "C" {
 
 int rmt_emu_fwd(const rmt::SegmentAttentionParams* p) { return rmt_emu::dispatch<rmt_emu::Fwd>(*p); }
 int rmt_emu_bwd(const rmt::SegmentAttentionParams* p) { return rmt_emu::dispatch<rmt_emu::Bwd>(*p); }
-long rmt_emu_params_size() { return static_cast<long>(sizeof(rmt::SegmentAttentionParams)); }
 
-long rmt_emu_offset(const char* field) {
+int rmt_emu_pack_fwd(const rmt::PackParams* params) {
+  const int n = params->num_read + params->segment_len + params->num_write;
+  if (params->batch == 0 || n == 0 || params->dim == 0) return 0;
+  rmt::PackParams p = *params;
+  switch (rmt::pack_copy_unit(&p)) {
+    case 16: return rmt_emu::pack<uint4>(p);
+    case 4: return rmt_emu::pack<uint32_t>(p);
+    default: return rmt_emu::pack<uint16_t>(p);
+  }
+}
+
+int rmt_emu_memory_grad(const rmt::MemoryGradParams* p) {
+  if (p->rows == 0 || p->dim == 0 || (!p->broadcast && p->batch == 0)) return 0;
+  return rmt_emu::dispatch_pack_dtype<rmt_emu::MemoryGrad>(*p);
+}
+
+int rmt_emu_embedding_grad(const rmt::EmbeddingGradParams* p) {
+  if (p->batch == 0 || p->segment_len == 0 || p->dim == 0) return 0;
+  return rmt_emu::dispatch_pack_dtype<rmt_emu::EmbeddingGrad>(*p);
+}
+
+long rmt_emu_sizeof(const char* type) {
+  if (std::strcmp(type, "SegmentAttentionParams") == 0) return static_cast<long>(sizeof(rmt::SegmentAttentionParams));
+  if (std::strcmp(type, "PackParams") == 0) return static_cast<long>(sizeof(rmt::PackParams));
+  if (std::strcmp(type, "MemoryGradParams") == 0) return static_cast<long>(sizeof(rmt::MemoryGradParams));
+  if (std::strcmp(type, "EmbeddingGradParams") == 0) return static_cast<long>(sizeof(rmt::EmbeddingGradParams));
+  return -1;
+}
+
+long rmt_emu_offset(const char* type, const char* field) {
   static const struct {
+    const char* type;
     const char* name;
     size_t offset;
   } fields[] = {
-      RMT_FIELD(q), RMT_FIELD(k), RMT_FIELD(v), RMT_FIELD(prefix_k), RMT_FIELD(prefix_v),
-      RMT_FIELD(segment_lengths), RMT_FIELD(q_stride), RMT_FIELD(k_stride), RMT_FIELD(v_stride),
-      RMT_FIELD(pk_stride), RMT_FIELD(pv_stride), RMT_FIELD(out), RMT_FIELD(lse), RMT_FIELD(out_stride),
-      RMT_FIELD(lse_stride), RMT_FIELD(dout), RMT_FIELD(dout_stride), RMT_FIELD(dq), RMT_FIELD(dk),
-      RMT_FIELD(dv), RMT_FIELD(dprefix_k), RMT_FIELD(dprefix_v), RMT_FIELD(dq_stride), RMT_FIELD(dk_stride),
-      RMT_FIELD(dv_stride), RMT_FIELD(dpk_stride), RMT_FIELD(dpv_stride), RMT_FIELD(delta),
-      RMT_FIELD(lse_log2), RMT_FIELD(batch), RMT_FIELD(heads_q), RMT_FIELD(heads_kv), RMT_FIELD(head_dim),
-      RMT_FIELD(num_read), RMT_FIELD(segment_len), RMT_FIELD(num_write), RMT_FIELD(prefix_len),
-      RMT_FIELD(mask), RMT_FIELD(prefix_all), RMT_FIELD(scale), RMT_FIELD(dtype),
+      RMT_ATTN(q), RMT_ATTN(k), RMT_ATTN(v), RMT_ATTN(prefix_k), RMT_ATTN(prefix_v), RMT_ATTN(segment_lengths),
+      RMT_ATTN(q_stride), RMT_ATTN(k_stride), RMT_ATTN(v_stride), RMT_ATTN(pk_stride), RMT_ATTN(pv_stride),
+      RMT_ATTN(out), RMT_ATTN(lse), RMT_ATTN(out_stride), RMT_ATTN(lse_stride), RMT_ATTN(dout), RMT_ATTN(dout_stride),
+      RMT_ATTN(dq), RMT_ATTN(dk), RMT_ATTN(dv), RMT_ATTN(dprefix_k), RMT_ATTN(dprefix_v), RMT_ATTN(dq_stride),
+      RMT_ATTN(dk_stride), RMT_ATTN(dv_stride), RMT_ATTN(dpk_stride), RMT_ATTN(dpv_stride), RMT_ATTN(delta),
+      RMT_ATTN(lse_log2), RMT_ATTN(batch), RMT_ATTN(heads_q), RMT_ATTN(heads_kv), RMT_ATTN(head_dim),
+      RMT_ATTN(num_read), RMT_ATTN(segment_len), RMT_ATTN(num_write), RMT_ATTN(prefix_len), RMT_ATTN(mask),
+      RMT_ATTN(prefix_all), RMT_ATTN(scale), RMT_ATTN(dtype),
+      RMT_PACK(out), RMT_PACK(out_stride), RMT_PACK(src), RMT_PACK(src_stride), RMT_PACK(ids), RMT_PACK(ids_stride),
+      RMT_PACK(ids_int64), RMT_PACK(read), RMT_PACK(read_stride), RMT_PACK(write), RMT_PACK(write_stride),
+      RMT_PACK(batch), RMT_PACK(num_read), RMT_PACK(segment_len), RMT_PACK(num_write), RMT_PACK(dim),
+      RMT_PACK(elem_bytes),
+      RMT_MEM(grad), RMT_MEM(grad_stride), RMT_MEM(dmem), RMT_MEM(dmem_stride), RMT_MEM(batch), RMT_MEM(rows),
+      RMT_MEM(dim), RMT_MEM(start), RMT_MEM(start2), RMT_MEM(broadcast), RMT_MEM(dtype),
+      RMT_EMB(grad), RMT_EMB(grad_stride), RMT_EMB(ids), RMT_EMB(ids_stride), RMT_EMB(ids_int64), RMT_EMB(dweight),
+      RMT_EMB(dw_stride), RMT_EMB(sorted_ids), RMT_EMB(order), RMT_EMB(batch), RMT_EMB(segment_len), RMT_EMB(dim),
+      RMT_EMB(start), RMT_EMB(dtype),
   };
   for (const auto& f : fields) {
-    if (std::strcmp(f.name, field) == 0) return static_cast<long>(f.offset);
+    if (std::strcmp(f.type, type) == 0 && std::strcmp(f.name, field) == 0) return static_cast<long>(f.offset);
   }
   return -1;
 }

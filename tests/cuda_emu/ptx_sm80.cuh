@@ -1,6 +1,6 @@
 // CPU emulation of csrc/ptx_sm80.cuh, for tests/test_cuda_emulation.py.
 //
-// The attention kernels of csrc/ are compiled as host C++ with this file in place of the real
+// The attention and pack kernels of csrc/ are compiled as host C++ with this file in place of the real
 // ptx_sm80.cuh (the other headers are the real ones, copied unchanged). Each CUDA thread of a CTA runs
 // as a fiber on one OS thread (x86-64 context switch below); warp-collective instructions exchange
 // their operands through per-warp slots between two warp barriers, and implement the PTX ISA
@@ -64,6 +64,7 @@ struct Fiber {
   void* sp = nullptr;
   std::vector<char> stack;
   Dim3 thread_idx{0, 0, 0};
+  unsigned linear = 0;  // x + y * blockDim.x: the warp is linear / 32
   bool done = false;
   std::vector<std::vector<Copy>> groups{1};  // committed groups, the open one last
 };
@@ -93,10 +94,10 @@ extern "C" void rmt_emu_swap(void** save_sp, void* load_sp);
 
 inline void yield() { rmt_emu_swap(&g_current->sp, g_scheduler_sp); }
 
-inline unsigned lane() { return g_current->thread_idx.x & 31u; }
+inline unsigned lane() { return g_current->linear & 31u; }
 
 inline void sync_warp() {
-  WarpState& w = g_warps[g_current->thread_idx.x >> 5];
+  WarpState& w = g_warps[g_current->linear >> 5];
   const unsigned gen = w.gen;
   ++g_cta.progress;
   if (++w.count == 32) {
@@ -118,17 +119,17 @@ inline void sync_cta() {
   while (g_cta.gen == gen) yield();
 }
 
-inline WarpState& warp() { return g_warps[g_current->thread_idx.x >> 5]; }
+inline WarpState& warp() { return g_warps[g_current->linear >> 5]; }
 
 inline float half_bits_to_float(uint16_t bits, bool bf16) {
   if (bf16) {
-    __nv_bfloat16 h;
-    std::memcpy(&h, &bits, 2);
-    return __bfloat162float(h);
+    __nv_bfloat16_raw raw;
+    raw.x = bits;
+    return __bfloat162float(__nv_bfloat16(raw));
   }
-  __half h;
-  std::memcpy(&h, &bits, 2);
-  return __half2float(h);
+  __half_raw raw;
+  raw.x = bits;
+  return __half2float(__half(raw));
 }
 
 inline void ldmatrix(uint32_t (&r)[4], uint32_t addr, bool trans) {
@@ -219,6 +220,13 @@ inline void wait_groups(int n) {
 template <typename T>
 T __shfl_xor_sync(unsigned, T value, int mask) {
   return rmt_emu::shfl_xor(value, mask);
+}
+
+// One OS thread runs every fiber, and fibers switch only at barriers: a read-modify-write is atomic.
+inline float atomicAdd(float* address, float value) {
+  const float old = *address;
+  *address = old + value;
+  return old;
 }
 
 namespace rmt {
