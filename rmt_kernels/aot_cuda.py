@@ -33,7 +33,13 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-NVCC_FLAGS = ("-std=c++17", "-O3", "--use_fast_math", "-Xcompiler", "-fPIC")
+# The flags of the real builds: torch's cpp_extension adds the -D__CUDA_NO_* defines and
+# --expt-relaxed-constexpr to every nvcc call; rmt_kernels adds -O3 --use_fast_math.
+NVCC_FLAGS = (
+    "-std=c++17", "-O3", "--use_fast_math", "-Xcompiler", "-fPIC",
+    "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr",
+)
 DEFAULT_ARCHS = ("80", "90a")
 
 _TYPE_NAMES = {"__half": "fp16", "__nv_bfloat16": "bf16", "f": "fp32", "uint4": "16B", "t": "u16", "j": "u32"}
