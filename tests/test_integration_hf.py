@@ -14,7 +14,7 @@ import uuid
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", minversion="5")
 
 from rmt_kernels import MemoryLayout  # noqa: E402
 from rmt_kernels.integrations import hf  # noqa: E402
@@ -310,19 +310,29 @@ def test_registered_after_build(monkeypatch):
 
 
 def test_mask_function_passes_2d_mask_or_defers_to_sdpa_mask():
+    import inspect
+
     from transformers.masking_utils import causal_mask_function, sdpa_mask, sliding_window_causal_mask_function
 
+    # transformers < 5.2x names the queries by cache_position, later releases by q_length / q_offset.
+    by_cache_position = "cache_position" in inspect.signature(sdpa_mask).parameters
+
+    def queries(q_length, q_offset=0):
+        if by_cache_position:
+            return {"cache_position": torch.arange(q_offset, q_offset + q_length)}
+        return {"q_length": q_length, "q_offset": q_offset}
+
     m = torch.ones(2, 6, dtype=torch.bool)
-    assert hf.rmt_kernels_mask(2, 6, 6, attention_mask=m) is None
+    assert hf.rmt_kernels_mask(2, kv_length=6, attention_mask=m, **queries(6)) is None
     m[1, 4:] = False
-    assert torch.equal(hf.rmt_kernels_mask(2, 6, 6, attention_mask=m), m)
+    assert torch.equal(hf.rmt_kernels_mask(2, kv_length=6, attention_mask=m, **queries(6)), m)
     # A cache offset (decoding) or a non-standard mask function: the dense mask sdpa would get.
-    dec = hf.rmt_kernels_mask(2, 1, 6, q_offset=5, attention_mask=m, allow_is_causal_skip=True)
-    assert torch.equal(dec, sdpa_mask(2, 1, 6, q_offset=5, attention_mask=m))
+    dec = hf.rmt_kernels_mask(2, kv_length=6, attention_mask=m, allow_is_causal_skip=True, **queries(1, 5))
+    assert torch.equal(dec, sdpa_mask(2, kv_length=6, attention_mask=m, **queries(1, 5)))
     win = sliding_window_causal_mask_function(2)
-    got = hf.rmt_kernels_mask(2, 6, 6, mask_function=win, attention_mask=m)
-    assert torch.equal(got, sdpa_mask(2, 6, 6, mask_function=win, attention_mask=m))
-    assert hf.rmt_kernels_mask(2, 6, 6, mask_function=causal_mask_function) is None
+    got = hf.rmt_kernels_mask(2, kv_length=6, mask_function=win, attention_mask=m, **queries(6))
+    assert torch.equal(got, sdpa_mask(2, kv_length=6, mask_function=win, attention_mask=m, **queries(6)))
+    assert hf.rmt_kernels_mask(2, kv_length=6, mask_function=causal_mask_function, **queries(6)) is None
 
 
 def test_bad_arguments():

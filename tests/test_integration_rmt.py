@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", minversion="5")
 
 from helpers import assert_close  # noqa: E402
 from rmt_kernels.integrations import hf, rmt  # noqa: E402

@@ -35,7 +35,7 @@ Other fallbacks, all to ``transformers``' own SDPA attention with the same mask 
   memory layout. With a layout set these raise ``ValueError`` instead, since the layout could not be
   honoured.
 
-``transformers`` range verified by the tests: 5.24 (see the README).
+Needs ``transformers >= 5`` (importing this module raises ImportError on 4.x); verified with 5.24.
 """
 
 from __future__ import annotations
@@ -46,24 +46,32 @@ from collections.abc import Mapping
 from typing import Optional, Tuple
 
 import torch
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import (
-    AttentionMaskInterface,
-    bidirectional_mask_function,
-    causal_mask_function,
-    sdpa_mask,
-)
-from transformers.modeling_utils import AttentionInterface
+import transformers
 
-from ..layout import MemoryLayout
-from ..ops.segment_attention.interface import segment_attention
+if int(transformers.__version__.split(".")[0]) < 5:
+    raise ImportError(
+        f"rmt_kernels.integrations.hf needs transformers >= 5 (found {transformers.__version__}): in 4.x "
+        "several models (GPT-2, BERT) build their masks themselves and bypass the attention/mask interfaces. "
+        "pip install 'transformers>=5'"
+    )
+
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
+from transformers import masking_utils  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask  # noqa: E402
+from transformers.modeling_utils import AttentionInterface  # noqa: E402
+
+from ..layout import MemoryLayout  # noqa: E402
+from ..ops.segment_attention.interface import segment_attention  # noqa: E402
 
 ATTN_IMPLEMENTATION = "rmt_kernels"
 LAYOUT_KWARG = "rmt_layout"
 CONFIG_ATTR = "rmt_layout"
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_STANDARD_MASK_FUNCTIONS = (causal_mask_function, bidirectional_mask_function)
+# Looked up by name: a release without it sends bidirectional masks down the exact sdpa_mask path.
+_STANDARD_MASK_FUNCTIONS = tuple(
+    f for f in (causal_mask_function, getattr(masking_utils, "bidirectional_mask_function", None)) if f is not None
+)
 
 
 # --------------------------------------------------------------------------- registration
@@ -144,12 +152,13 @@ def set_memory_layout(model_or_config, layout) -> None:
 
 def rmt_kernels_mask(
     batch_size: int,
-    q_length: int,
-    kv_length: int,
+    q_length: Optional[int] = None,
+    kv_length: Optional[int] = None,
     q_offset: int = 0,
     kv_offset: int = 0,
     mask_function=causal_mask_function,
     attention_mask: Optional[torch.Tensor] = None,
+    cache_position: Optional[torch.Tensor] = None,
     **kwargs,
 ):
     """``AttentionMaskInterface`` entry: pass the 2-D padding mask through instead of a 4-D mask.
@@ -158,7 +167,12 @@ def rmt_kernels_mask(
     returns ``None`` when nothing is padded, else the bool ``[B, kv_length]`` padding mask. Anything
     else (a cache offset, sliding windows, packed sequences, a custom overlay) gets the dense mask of
     ``transformers.masking_utils.sdpa_mask`` (or its ``None``), which the attention hands to SDPA.
+    Releases before 5.2x describe the queries by ``cache_position`` instead of ``q_length``/``q_offset``.
     """
+    if cache_position is not None:
+        q_length = cache_position.shape[0]
+        if q_length and int(cache_position[0]) != 0:
+            q_offset = -1  # a cache offset: not plain
     plain = (
         mask_function in _STANDARD_MASK_FUNCTIONS
         and isinstance(q_offset, int)
@@ -172,15 +186,14 @@ def rmt_kernels_mask(
         if attention_mask is None or bool(attention_mask.all()):
             return None
         return attention_mask.to(torch.bool)
+    if cache_position is not None:
+        return sdpa_mask(
+            batch_size=batch_size, cache_position=cache_position, kv_length=kv_length, kv_offset=kv_offset,
+            mask_function=mask_function, attention_mask=attention_mask, **kwargs,
+        )
     return sdpa_mask(
-        batch_size=batch_size,
-        q_length=q_length,
-        kv_length=kv_length,
-        q_offset=q_offset,
-        kv_offset=kv_offset,
-        mask_function=mask_function,
-        attention_mask=attention_mask,
-        **kwargs,
+        batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+        mask_function=mask_function, attention_mask=attention_mask, **kwargs,
     )
 
 
