@@ -45,8 +45,9 @@ class OracleCell(torch.nn.Module):
     def _mask(self, attention_mask, n):
         if attention_mask is None:
             return None
+        m = self.num_mem_tokens
         mask = torch.ones(attention_mask.shape[0], n, dtype=torch.int64)
-        mask[:, M : M + attention_mask.shape[1]] = attention_mask
+        mask[:, m : m + attention_mask.shape[1]] = attention_mask
         return mask
 
     def forward(self, input_ids, memory, attention_mask=None, inputs_embeds=None):
@@ -55,8 +56,9 @@ class OracleCell(torch.nn.Module):
         x = self._embed(input_ids, inputs_embeds, memory, True)
         out = self.model(inputs_embeds=x, attention_mask=self._mask(attention_mask, x.shape[1]),
                          output_hidden_states=True)
-        hidden = [h[:, M:-M] for h in out.hidden_states]
-        return out.logits[:, M:-M], hidden, out.hidden_states[-1][:, -M:]
+        m = self.num_mem_tokens
+        hidden = [h[:, m:-m] for h in out.hidden_states]
+        return out.logits[:, m:-m], hidden, out.hidden_states[-1][:, -m:]
 
     def generate(self, input_ids, memory, attention_mask=None, **kw):
         if memory is None:
