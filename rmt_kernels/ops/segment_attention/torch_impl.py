@@ -30,11 +30,32 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def empty_bnhd(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised ``[B, H, N, D]`` tensor stored as ``[B, N, H, D]``: the layout of every output
+    and gradient of this op (a model's projections are ``[B, N, H * D]``, so gradients in this layout
+    flow back through their ``view``/``transpose`` without copies)."""
+    b, h, n, d = shape
+    return torch.empty((b, n, h, d), dtype=dtype, device=device).transpose(1, 2)
+
+
+def is_bnhd(t: torch.Tensor) -> bool:
+    return t.transpose(1, 2).is_contiguous()
+
+
+def as_bnhd(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when it is stored as ``[B, N, H, D]``, else a copy that is."""
+    if is_bnhd(t):
+        return t
+    out = empty_bnhd(t.shape, t.dtype, t.device)
+    out.copy_(t)
+    return out
+
+
 def alloc_outputs(q: torch.Tensor):
     """Output ``[B, H_q, N, D]`` (stored as ``[B, N, H_q, D]``, as the kernels write it) and
     log-sum-exp ``[B, H_q, N]`` (stored ``[B, N, H_q]``). Every backend and the fake use this."""
     b, h, n, d = q.shape
-    out = torch.empty((b, n, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+    out = empty_bnhd(q.shape, q.dtype, q.device)
     lse = torch.empty((b, n, h), dtype=lse_dtype(q.dtype), device=q.device).transpose(1, 2)
     return out, lse
 
@@ -146,11 +167,11 @@ class _Accumulator:
         covered = self.covered.setdefault((b0, b1), [])
         if self.buf is None:
             whole = (b0, b1, start, end) == (0, self.like.shape[0], 0, self.like.shape[2])
-            if whole and grad.dtype == self.dtype and grad.shape == self.like.shape:
+            if whole and grad.dtype == self.dtype and grad.shape == self.like.shape and is_bnhd(grad):
                 self.buf = grad
                 covered.append((start, end))
                 return
-            self.buf = torch.empty(self.like.shape, dtype=self.dtype, device=self.like.device)
+            self.buf = empty_bnhd(self.like.shape, self.dtype, self.like.device)
         pos = start
         for c0, c1 in _union(covered):
             c0, c1 = max(c0, start), min(c1, end)
@@ -166,7 +187,7 @@ class _Accumulator:
 
     def finish(self, runs, dtype: torch.dtype) -> torch.Tensor:
         if self.buf is None:
-            return torch.zeros(self.like.shape, dtype=dtype, device=self.like.device)
+            return empty_bnhd(self.like.shape, dtype, self.like.device).zero_()
         length = self.buf.shape[2]
         for b0, b1, _ in runs:
             pos = 0
