@@ -21,6 +21,7 @@ from .torch_impl import (
     segment_attention_fwd_torch,
 )
 from . import cuda as _cuda  # noqa: F401  registers backend "cuda"; loads no extension until used
+from . import triton_launch as _triton_launch  # noqa: F401  registers "triton"; imports triton on first launch
 
 OP = "segment_attention"
 

@@ -1,0 +1,407 @@
+"""Launchers of the Triton segment attention, and its registration as backend ``"triton"``.
+
+The launchers allocate outputs (``torch_impl.alloc_outputs`` for the forward), check what the kernels
+need of their inputs, pass every stride, pick the grid and the configuration, and run the kernels of
+``triton_fwd.py`` / ``triton_bwd.py``. They do no autograd (that is ``interface.py``'s custom op).
+
+Importing this module does not import triton: the kernel modules are imported on the first launch,
+so ``import rmt_kernels`` works without triton and without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ... import backends
+from ...layout import MemoryLayout
+from . import torch_impl
+
+OP = "segment_attention"
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HEAD_DIMS = (16, 32, 64, 96, 128, 256)
+
+# In-tile offsets (row index times row stride) are 32-bit in the kernels; a tensor whose row or
+# column stride could overflow them is copied to a contiguous layout first (never the case for
+# [B, H, N, D] or [B, N, H, D] layouts of realistic sizes).
+_MAX_TILE_STRIDE = (2**31 - 1) // 256
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _kernels():
+    """The kernel modules, imported on first use (they import triton)."""
+    from . import triton_bwd, triton_fwd
+
+    return triton_fwd, triton_bwd
+
+
+def _check_device(t: torch.Tensor) -> None:
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and _interpreting():
+        return
+    reason = backends.triton_status(t.device)[1]
+    raise backends.BackendUnavailableError(f"the triton backend of {OP} cannot run on {t.device}: {reason}")
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k, prefix_v) -> None:
+    if q.dtype not in DTYPES:
+        raise TypeError(f"q has dtype {q.dtype}; the triton backend supports {list(DTYPES)}")
+    for name, t in (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        if t is not None and t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(
+            f"head dim D={q.shape[-1]} is not supported by the triton backend (supported: {list(HEAD_DIMS)})"
+        )
+    _check_device(q)
+
+
+def _fit(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t`` itself unless its row/column strides overflow 32-bit in-tile offsets."""
+    if t is None or max(abs(t.stride(-2)), abs(t.stride(-1))) <= _MAX_TILE_STRIDE:
+        return t
+    return t.contiguous()
+
+
+def _strides(t: Optional[torch.Tensor], like: torch.Tensor, ndim: int = 4) -> Tuple[int, ...]:
+    return tuple((t if t is not None else like).stride())[:ndim]
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of the products: for float32, IEEE unless torch allows TF32
+    (``torch.set_float32_matmul_precision``); 16-bit products ignore it (Triton's default)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _block_d(head_dim: int) -> int:
+    return 1 << max(4, (head_dim - 1).bit_length())
+
+
+def _lengths(segment_lengths: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+    if segment_lengths is None:
+        return None
+    return segment_lengths.to(device=device, dtype=torch.int32).contiguous()
+
+
+def _arch(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+_TUNED: Dict[tuple, object] = {}
+
+
+def _select(kernel, configs_fn, key_args, q: torch.Tensor, config: Optional[dict], fixed: bool):
+    """``(kernel or autotuner, meta-parameters to pass)``.
+
+    The plain kernel with one config under the interpreter, when ``config`` is given, when ``fixed``
+    (the trace path needs known block sizes), or in deterministic mode
+    (``torch.are_deterministic_algorithms_enabled()``: a timing-based choice could differ between
+    processes, and with it the order of the floating-point sums); an autotuner over the configs for
+    this GPU otherwise (autotuning needs a GPU driver). No kernel uses atomics in any mode.
+    """
+    import triton
+
+    d, dtype = q.shape[-1], q.dtype
+    arch = None if _interpreting() or q.device.type != "cuda" else _arch(q.device)
+    if config is not None or arch is None or fixed or torch.are_deterministic_algorithms_enabled():
+        cfg = dict(config if config is not None else configs_fn(d, dtype, arch)[0])
+        warps_stages = {"num_warps": cfg.pop("num_warps", 4), "num_stages": cfg.pop("num_stages", 1)}
+        if arch is not None:
+            cfg.update(warps_stages)
+        return kernel, cfg
+    cache_key = (kernel, arch, d, dtype)
+    tuned = _TUNED.get(cache_key)
+    if tuned is None:
+        configs = [
+            triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
+                          num_warps=c["num_warps"], num_stages=c["num_stages"])
+            for c in configs_fn(d, dtype, arch)
+        ]
+        tuned = _TUNED[cache_key] = triton.autotune(configs=configs, key=list(key_args))(kernel)
+    return tuned, {}
+
+
+def _common_meta(q: torch.Tensor, layout: MemoryLayout, fwd_mod) -> dict:
+    d = q.shape[-1]
+    return dict(
+        MASK=fwd_mod.MASK_CODES[layout.mask],
+        PREFIX_ALL=layout.prefix_visible_to == "all",
+        BLOCK_D=_block_d(d),
+        EVEN_D=_block_d(d) == d,
+        DOT_PREC=_dot_precision(q.dtype),
+        # tl.dot on bfloat16 is wrong in the interpreter: products run in float32 there.
+        UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+    )
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _tune_bucket(n: int) -> int:
+    """Autotuning key: the key length rounded up to a power of two, so that segments of similar
+    length share a tuned config."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+# Autotuning keys (kernel argument names); tensor dtypes are part of every key.
+_TUNE_KEY = ("TUNE_N", "MASK", "PREFIX_ALL", "HAS_PREFIX", "HAS_LENGTHS")
+_TUNE_KEY_DKDV = ("TUNE_N", "MASK", "PREFIX_ALL", "IS_PREFIX", "HAS_LENGTHS")
+
+
+def tile_counts(layout: MemoryLayout, segment_len: int, block_m: int, block_n: int, prefix_len: int = 0,
+                segment_lengths=None) -> Dict[str, int]:
+    """Key tiles the forward (and the dQ kernel) visits with ``(block_m, block_n)`` tiles, summed over
+    query blocks and batch rows of one head, from :meth:`MemoryLayout.classify_tiles`.
+
+    Returns ``{"visited": ..., "unmasked": ..., "dense": ...}``: tiles holding a visible pair (the only
+    ones loaded), those of them taken without element masks (fully visible and not a bounds tail),
+    and the tiles a dense kernel would load. Raises as ``classify_tiles``.
+
+    Example::
+
+        >>> tile_counts(MemoryLayout(0, 0, "causal"), 1024, 128, 64)
+        {'visited': 72, 'unmasked': 56, 'dense': 128}
+    """
+    from ...layout import TILE_EMPTY, TILE_FULL
+
+    tiles = layout.classify_tiles(segment_len, block_m, block_n, prefix_len, segment_lengths)
+    rows = tiles.packed.shape[0] * tiles.packed.shape[1]
+    counts = {"visited": 0, "unmasked": 0, "dense": 0}
+    for classes, keys in ((tiles.prefix, prefix_len), (tiles.packed, layout.seq_len(segment_len))):
+        whole = torch.ones(classes.shape[-1], dtype=torch.bool)
+        if keys % block_n:
+            whole[-1] = False  # the bounds tail takes the masked path
+        counts["visited"] += int((classes != TILE_EMPTY).sum())
+        counts["unmasked"] += int(((classes == TILE_FULL) & whole).sum())
+        counts["dense"] += rows * classes.shape[-1]
+    return counts
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def segment_attention_fwd_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: Optional[torch.Tensor],
+    prefix_v: Optional[torch.Tensor],
+    segment_lengths: Optional[torch.Tensor],
+    layout: MemoryLayout,
+    scale: float,
+    *,
+    config: Optional[dict] = None,
+    trace: bool = False,
+):
+    """Forward of the triton backend.
+
+    Args:
+        q: ``[B, H_q, N, D]`` float16/bfloat16/float32, any strides; ``D`` in :data:`HEAD_DIMS`.
+        k, v: ``[B, H_kv, N, D]`` (``H_q % H_kv == 0``); prefix_k, prefix_v: ``[B, H_kv, P, D]`` or None.
+        segment_lengths: integer ``[B]`` in ``[0, S]`` or None; layout: the :class:`MemoryLayout`;
+        scale: softmax scale. Shapes and values are validated by the public entry point.
+        config: fixed meta-parameters (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``) instead
+            of autotuning; the interpreter always runs one config.
+        trace: debug path: also return an int32 tensor ``[B, H_q, cdiv(N, BLOCK_M), cdiv(P, BLOCK_N) +
+            cdiv(N, BLOCK_N)]`` holding, per query block and key tile (prefix tiles first), 2 for a
+            tile taken unmasked, 1 for a masked one, 0 for a tile never loaded.
+
+    Returns:
+        ``(out, lse)``: ``[B, H_q, N, D]`` in q's dtype and the float32 natural log-sum-exp
+        ``[B, H_q, N]`` (layouts of ``alloc_outputs``); ``(out, lse, trace)`` with ``trace``.
+
+    Raises:
+        TypeError: unsupported or mismatched dtypes. ValueError: unsupported head dim.
+        BackendUnavailableError: CPU tensors without ``TRITON_INTERPRET=1``.
+
+    Example::
+
+        >>> layout = MemoryLayout(4, 4)
+        >>> q = k = v = torch.randn(1, 2, 40, 64, device="cuda", dtype=torch.bfloat16)
+        >>> out, lse = segment_attention_fwd_triton(q, k, v, None, None, None, layout, 0.125)
+    """
+    _check_inputs(q, k, v, prefix_k, prefix_v)
+    fwd_mod, _ = _kernels()
+    b, hq, n, d = q.shape
+    s = layout.segment_len(n)
+    p = 0 if prefix_k is None else prefix_k.shape[2]
+    out, lse = torch_impl.alloc_outputs(q)
+    q, k, v, prefix_k, prefix_v = (_fit(t) for t in (q, k, v, prefix_k, prefix_v))
+    lengths = _lengths(segment_lengths, q.device)
+    kernel, meta = _select(fwd_mod._segment_attention_fwd_kernel, fwd_mod.fwd_configs, _TUNE_KEY, q, config, trace)
+    trace_buf = None
+    if trace:
+        bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
+        trace_buf = torch.zeros((b, hq, _cdiv(n, bm), _cdiv(p, bn) + _cdiv(n, bn)), dtype=torch.int32, device=q.device)
+    if b * hq * n == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return (out, lse, trace_buf) if trace else (out, lse)
+    dummy = q
+    kernel[lambda m: (_cdiv(n, m["BLOCK_M"]), hq, b)](
+        q, k, v,
+        prefix_k if p else dummy, prefix_v if p else dummy,
+        out, lse,
+        lengths if lengths is not None else dummy,
+        trace_buf if trace_buf is not None else dummy,
+        *q.stride(), *k.stride(), *v.stride(),
+        *_strides(prefix_k if p else None, q), *_strides(prefix_v if p else None, q),
+        *out.stride(), *lse.stride(),
+        n, layout.num_read, s, p, d, hq // k.shape[1], scale * fwd_mod.LOG2E, _tune_bucket(n + p),
+        HAS_PREFIX=p > 0,
+        HAS_LENGTHS=lengths is not None,
+        TRACE=trace,
+        **_common_meta(q, layout, fwd_mod),
+        **meta,
+    )
+    return (out, lse, trace_buf) if trace else (out, lse)
+
+
+# --------------------------------------------------------------------------- backward
+
+
+def _bwd_buffers(q: torch.Tensor, k: torch.Tensor, prefix_k: Optional[torch.Tensor]):
+    """``(dq, dk, dv, dprefix_k, dprefix_v, delta)``: contiguous gradients in q's dtype (prefix ones
+    None without ``prefix_k``) and the float32 ``delta [B, H_q, N]``; every element is written by the
+    kernels."""
+    opts = dict(dtype=q.dtype, device=q.device)
+    dpk = torch.empty(prefix_k.shape, **opts) if prefix_k is not None else None
+    dpv = torch.empty(prefix_k.shape, **opts) if prefix_k is not None else None
+    delta = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    return torch.empty(q.shape, **opts), torch.empty(k.shape, **opts), torch.empty(k.shape, **opts), dpk, dpv, delta
+
+
+def segment_attention_bwd_triton(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: Optional[torch.Tensor],
+    prefix_v: Optional[torch.Tensor],
+    segment_lengths: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    layout: MemoryLayout,
+    scale: float,
+    need_prefix_grad: bool,
+    *,
+    config: Optional[dict] = None,
+    trace: bool = False,
+):
+    """Backward of the triton backend. Deterministic: no atomics, group sums in a fixed order.
+
+    Args:
+        dout: ``[B, H_q, N, D]`` upstream gradient, any strides; ``out``, ``lse``: the forward's
+            outputs; the other arguments as in :func:`segment_attention_fwd_triton`.
+        need_prefix_grad: compute the prefix gradients (launches the prefix key blocks).
+        config: ``{"dq": {...}, "dkdv": {...}}`` fixed meta-parameters per kernel (either may be
+            left out) instead of autotuning.
+        trace: debug path: also return ``{"dq": ..., "dkdv": ..., "dkdv_prefix": ...}``: the dQ
+            kernel's tile codes laid out like the forward trace, and the dK/dV kernels' codes
+            ``[B, H_kv, key blocks, cdiv(N, BLOCK_M)]`` (query tiles per key block).
+
+    Returns:
+        ``(dq, dk, dv, dprefix_k, dprefix_v)`` contiguous, in q's dtype; the prefix gradients are None
+        without a prefix or without ``need_prefix_grad``.
+
+    Raises:
+        As :func:`segment_attention_fwd_triton`.
+
+    Example::
+
+        >>> dq, dk, dv, _, _ = segment_attention_bwd_triton(dout, q, k, v, None, None, None, out, lse,
+        ...                                                  layout, 0.125, False)
+    """
+    _check_inputs(q, k, v, prefix_k, prefix_v)
+    fwd_mod, bwd_mod = _kernels()
+    b, hq, n, d = q.shape
+    hkv = k.shape[1]
+    s = layout.segment_len(n)
+    p = 0 if prefix_k is None else prefix_k.shape[2]
+    want_prefix = p > 0 and need_prefix_grad
+    dq, dk, dv, dpk, dpv, delta = _bwd_buffers(q, k, prefix_k if want_prefix else None)
+    if b * hq * n == 0:
+        for t in (dq, dk, dv, dpk, dpv):
+            if t is not None:
+                t.zero_()
+        return dq, dk, dv, dpk, dpv
+    dout, q, k, v, prefix_k, prefix_v, out = (_fit(t) for t in (dout, q, k, v, prefix_k, prefix_v, out))
+    lengths = _lengths(segment_lengths, q.device)
+    config = config or {}
+    common = _common_meta(q, layout, fwd_mod)
+    dummy = q
+    seg = lengths if lengths is not None else dummy
+    traces = {}
+
+    pre_m = bwd_mod.PREPROCESS_BLOCK_M
+    bwd_mod._bwd_preprocess_kernel[(_cdiv(n, pre_m), hq, b)](
+        out, dout, delta, *out.stride(), *dout.stride(), *delta.stride(), n, d,
+        BLOCK_M=pre_m, BLOCK_D=common["BLOCK_D"], EVEN_D=common["EVEN_D"],
+    )
+
+    kernel, meta = _select(bwd_mod._bwd_dkdv_kernel, bwd_mod.dkdv_configs, _TUNE_KEY_DKDV, q, config.get("dkdv"), trace)
+    key_sets = [("dkdv", k, v, dk, dv, n, False)]
+    if want_prefix:
+        key_sets.append(("dkdv_prefix", prefix_k, prefix_v, dpk, dpv, p, True))
+    for name, kk, vv, gk, gv, keys, is_prefix in key_sets:
+        trace_buf = None
+        if trace:
+            trace_buf = torch.zeros((b, hkv, _cdiv(keys, meta["BLOCK_N"]), _cdiv(n, meta["BLOCK_M"])),
+                                    dtype=torch.int32, device=q.device)
+            traces[name] = trace_buf
+        kernel[lambda m, keys=keys: (_cdiv(keys, m["BLOCK_N"]), hkv, b)](
+            q, kk, vv, dout, lse, delta, gk, gv, seg, trace_buf if trace_buf is not None else dummy,
+            *q.stride(), *kk.stride(), *vv.stride(), *dout.stride(), *lse.stride(), *delta.stride(),
+            *gk.stride(), *gv.stride(),
+            n, layout.num_read, s, keys, d, hq // hkv, scale * fwd_mod.LOG2E, scale, _tune_bucket(n + p),
+            IS_PREFIX=is_prefix,
+            HAS_LENGTHS=lengths is not None,
+            TRACE=trace,
+            **common,
+            **meta,
+        )
+
+    kernel, meta = _select(bwd_mod._bwd_dq_kernel, bwd_mod.dq_configs, _TUNE_KEY, q, config.get("dq"), trace)
+    trace_buf = None
+    if trace:
+        bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
+        trace_buf = traces["dq"] = torch.zeros((b, hq, _cdiv(n, bm), _cdiv(p, bn) + _cdiv(n, bn)),
+                                               dtype=torch.int32, device=q.device)
+    kernel[lambda m: (_cdiv(n, m["BLOCK_M"]), hq, b)](
+        q, k, v, prefix_k if p else dummy, prefix_v if p else dummy, dout, lse, delta, dq, seg,
+        trace_buf if trace_buf is not None else dummy,
+        *q.stride(), *k.stride(), *v.stride(),
+        *_strides(prefix_k if p else None, q), *_strides(prefix_v if p else None, q),
+        *dout.stride(), *lse.stride(), *delta.stride(), *dq.stride(),
+        n, layout.num_read, s, p, d, hq // hkv, scale * fwd_mod.LOG2E, scale, _tune_bucket(n + p),
+        HAS_PREFIX=p > 0,
+        HAS_LENGTHS=lengths is not None,
+        TRACE=trace,
+        **common,
+        **meta,
+    )
+    grads = (dq, dk, dv, dpk, dpv)
+    return (*grads, traces) if trace else grads
+
+
+backends.register(
+    OP,
+    "triton",
+    backends.BackendImpl(
+        fwd=segment_attention_fwd_triton,
+        bwd=segment_attention_bwd_triton,
+        dtypes=DTYPES,
+        head_dims=HEAD_DIMS,
+        devices=("cpu", "cuda"),
+    ),
+)
