@@ -299,9 +299,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"only head dims {list(QUICK_HEAD_DIMS)} and {list(QUICK_DTYPES)}")
     parser.add_argument("--workers", type=int, default=None, help="parallel compiles (default: CPU count)")
+    parser.add_argument("--cuda", action="store_true",
+                        help="compile the CUDA C++ kernels of csrc/ with nvcc instead (sm_80 and sm_90a)")
 
 
 def run(args) -> int:
+    if args.cuda:
+        from .aot_cuda import main as cuda_main
+
+        return cuda_main(args.arch, args.json)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("error: rmt-kernels aot compiles real kernels: unset TRITON_INTERPRET", file=sys.stderr)
         return 2
