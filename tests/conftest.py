@@ -25,6 +25,13 @@ import torch
 if "TRITON_INTERPRET" not in os.environ and torch.version.cuda is None and torch.version.hip is None:
     os.environ["TRITON_INTERPRET"] = "1"
 
+# torch.compile tests must trace this checkout's fake kernels: inductor's on-disk caches do not key on
+# a custom op's fake implementation, so a cache left by an older checkout can replay stale strides.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="rmt_kernels_inductor_")
+
 import pytest  # noqa: E402
 
 

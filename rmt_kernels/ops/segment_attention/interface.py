@@ -17,6 +17,8 @@ from ..._checks import check_attention_inputs
 from ...layout import MemoryLayout
 from .torch_impl import (
     alloc_outputs,
+    as_bnhd,
+    empty_bnhd,
     segment_attention_bwd_torch,
     segment_attention_fwd_torch,
 )
@@ -91,13 +93,13 @@ def segment_attention_bwd_op(
         dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, layout, scale, need_prefix_grad
     )
     empty = q.new_empty(0)
-    # custom ops may not return None, nor alias their inputs.
+    # Custom ops may not return None, nor alias their inputs; gradients come in the outputs' layout.
     return (
-        dq.contiguous(),
-        dk.contiguous(),
-        dv.contiguous(),
-        empty if dpk is None else dpk.contiguous(),
-        empty.clone() if dpv is None else dpv.contiguous(),
+        as_bnhd(dq),
+        as_bnhd(dk),
+        as_bnhd(dv),
+        empty if dpk is None else as_bnhd(dpk),
+        empty.clone() if dpv is None else as_bnhd(dpv),
     )
 
 
@@ -106,11 +108,11 @@ def _(dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, num_read, nu
       prefix_visible_to, scale, backend, need_prefix_grad):
     with_prefix = prefix_k is not None and need_prefix_grad
     return (
-        torch.empty_like(q, memory_format=torch.contiguous_format),
-        torch.empty_like(k, memory_format=torch.contiguous_format),
-        torch.empty_like(v, memory_format=torch.contiguous_format),
-        torch.empty_like(prefix_k, memory_format=torch.contiguous_format) if with_prefix else q.new_empty(0),
-        torch.empty_like(prefix_v, memory_format=torch.contiguous_format) if with_prefix else q.new_empty(0),
+        empty_bnhd(q.shape, q.dtype, q.device),
+        empty_bnhd(k.shape, k.dtype, k.device),
+        empty_bnhd(v.shape, v.dtype, v.device),
+        empty_bnhd(prefix_k.shape, q.dtype, q.device) if with_prefix else q.new_empty(0),
+        empty_bnhd(prefix_v.shape, q.dtype, q.device) if with_prefix else q.new_empty(0),
     )
 
 

@@ -271,14 +271,16 @@ def segment_attention_fwd_triton(
 
 
 def _bwd_buffers(q: torch.Tensor, k: torch.Tensor, prefix_k: Optional[torch.Tensor]):
-    """``(dq, dk, dv, dprefix_k, dprefix_v, delta)``: contiguous gradients in q's dtype (prefix ones
-    None without ``prefix_k``) and the float32 ``delta [B, H_q, N]``; every element is written by the
-    kernels."""
-    opts = dict(dtype=q.dtype, device=q.device)
-    dpk = torch.empty(prefix_k.shape, **opts) if prefix_k is not None else None
-    dpv = torch.empty(prefix_k.shape, **opts) if prefix_k is not None else None
+    """``(dq, dk, dv, dprefix_k, dprefix_v, delta)``: gradients in q's dtype stored ``[B, N, H, D]``
+    like the outputs (``torch_impl.empty_bnhd``; prefix ones None without ``prefix_k``) and the float32
+    ``delta [B, H_q, N]``; every element is written by the kernels."""
+    def grad(shape):
+        return torch_impl.empty_bnhd(shape, q.dtype, q.device)
+
+    dpk = grad(prefix_k.shape) if prefix_k is not None else None
+    dpv = grad(prefix_k.shape) if prefix_k is not None else None
     delta = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    return torch.empty(q.shape, **opts), torch.empty(k.shape, **opts), torch.empty(k.shape, **opts), dpk, dpv, delta
+    return grad(q.shape), grad(k.shape), grad(k.shape), dpk, dpv, delta
 
 
 def segment_attention_bwd_triton(
