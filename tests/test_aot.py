@@ -113,7 +113,7 @@ def test_spill_or_shared_overflow_fails(monkeypatch, capsys):
 
     monkeypatch.setattr(aot, "run_aot", fake_run)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    args = argparse.Namespace(arch=[90], json=None, quick=True, workers=1)
+    args = argparse.Namespace(arch=[90], json=None, quick=True, workers=1, cuda=False)
     assert aot.run(args) == 1
     out = capsys.readouterr()
     assert "SPILL" in out.out and "SHARED OVER LIMIT" in out.out and "2 FAILED" in out.err
