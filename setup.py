@@ -80,6 +80,7 @@ setup(
             "hypothesis",
             "transformers>=5.3,<6",
             "recurrent-memory-transformer-pytorch",
+            "matplotlib",  # tests/test_bench.py writes the benchmark plot
         ],
         "hf": ["transformers>=5.3,<6"],
         "bench": ["matplotlib", "tqdm", "transformers>=5.3,<6"],
