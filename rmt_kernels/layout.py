@@ -41,6 +41,9 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 
 MASK_FAMILIES = ("causal", "memory_bidirectional", "full")
+# Integer code of each family as the Triton and CUDA kernels receive it (csrc/mask_layout.cuh's
+# rmt::MaskFamily follows the same order).
+MASK_CODES = {name: code for code, name in enumerate(MASK_FAMILIES)}
 PREFIX_VISIBILITY = ("segment", "all")
 
 # Row classes of the packed buffer.

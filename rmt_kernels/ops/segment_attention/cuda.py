@@ -19,15 +19,13 @@ from typing import Optional
 import torch
 
 from ... import backends
-from ...layout import MASK_FAMILIES, MemoryLayout
+from ...layout import MASK_CODES, MemoryLayout
 from .. import cuda_build
-from .torch_impl import alloc_outputs
+from .torch_impl import alloc_outputs, empty_bnhd, kernel_lengths
 
 OP = "segment_attention"
 DTYPES = (torch.float16, torch.bfloat16)
 HEAD_DIMS = (64, 128)
-# rmt::MaskFamily in csrc/mask_layout.cuh follows the order of MASK_FAMILIES.
-MASK_CODES = {name: code for code, name in enumerate(MASK_FAMILIES)}
 
 
 def _check(q: torch.Tensor) -> None:
@@ -60,12 +58,6 @@ def _fit(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t
 
 
-def _lengths(segment_lengths: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
-    if segment_lengths is None:
-        return None
-    return segment_lengths.to(device=device, dtype=torch.int32).contiguous()
-
-
 def _prefix(prefix_k, prefix_v):
     if prefix_k is None or prefix_k.shape[2] == 0:
         return None, None
@@ -73,10 +65,10 @@ def _prefix(prefix_k, prefix_v):
 
 
 def alloc_grads(q, k, v, prefix_k, prefix_v, want_prefix: bool):
-    """Contiguous ``(dq, dk, dv, dprefix_k, dprefix_v)`` in q's dtype (prefix ones None unless
-    ``want_prefix``): the backward writes every element."""
+    """``(dq, dk, dv, dprefix_k, dprefix_v)`` in q's dtype stored ``[B, N, H, D]`` like the outputs
+    (prefix ones None unless ``want_prefix``): the backward writes every element."""
     def like(t):
-        return torch.empty(t.shape, dtype=q.dtype, device=q.device)
+        return empty_bnhd(t.shape, q.dtype, q.device)
 
     return like(q), like(k), like(v), like(prefix_k) if want_prefix else None, like(prefix_v) if want_prefix else None
 
@@ -124,7 +116,7 @@ def segment_attention_fwd_cuda(
     q, k, v = _fit(q), _fit(k), _fit(v)
     prefix_k, prefix_v = _prefix(prefix_k, prefix_v)
     torch.ops.rmt_kernels.segment_attention_fwd_cuda(
-        q, k, v, prefix_k, prefix_v, _lengths(segment_lengths, q.device), out, lse,
+        q, k, v, prefix_k, prefix_v, kernel_lengths(segment_lengths, q.device), out, lse,
         layout.num_read, layout.num_write, MASK_CODES[layout.mask], layout.prefix_visible_to == "all",
         float(scale), cuda_build.current_stream(q.device),
     )
@@ -177,7 +169,7 @@ def segment_attention_bwd_cuda(
     dout, q, k, v = _fit(dout), _fit(q), _fit(k), _fit(v)
     prefix_k, prefix_v = _prefix(prefix_k, prefix_v)
     torch.ops.rmt_kernels.segment_attention_bwd_cuda(
-        dout, q, k, v, prefix_k, prefix_v, _lengths(segment_lengths, q.device), out, lse,
+        dout, q, k, v, prefix_k, prefix_v, kernel_lengths(segment_lengths, q.device), out, lse,
         dq, dk, dv, dpk, dpv,
         layout.num_read, layout.num_write, MASK_CODES[layout.mask], layout.prefix_visible_to == "all",
         float(scale), cuda_build.current_stream(q.device),

@@ -51,6 +51,13 @@ def as_bnhd(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def kernel_lengths(segment_lengths: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+    """``segment_lengths`` as the Triton and CUDA kernels read it: contiguous int32 on ``device``."""
+    if segment_lengths is None:
+        return None
+    return segment_lengths.to(device=device, dtype=torch.int32).contiguous()
+
+
 def alloc_outputs(q: torch.Tensor):
     """Output ``[B, H_q, N, D]`` (stored as ``[B, N, H_q, D]``, as the kernels write it) and
     log-sum-exp ``[B, H_q, N]`` (stored ``[B, N, H_q]``). Every backend and the fake use this."""

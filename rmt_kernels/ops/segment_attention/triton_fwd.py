@@ -38,8 +38,6 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 _LN2 = tl.constexpr(LN2)
 
-# Mask family codes passed as the MASK constexpr.
-MASK_CODES = {"causal": 0, "memory_bidirectional": 1, "full": 2}
 
 # Tile codes written by the TRACE debug path (tests compare them with MemoryLayout.classify_tiles).
 TRACE_MASKED = tl.constexpr(1)
@@ -47,7 +45,7 @@ TRACE_FULL = tl.constexpr(2)
 
 
 @triton.jit
-def _key_end(rows, R, S, N, MASK: tl.constexpr):
+def _key_end(rows, R, S, N, MASK: tl.constexpr):  # MASK: layout.MASK_CODES
     """Packed keys ``j < key_end`` are in reach of row ``rows`` (before padding): MemoryLayout.key_end."""
     if MASK == 0:
         end = rows + 1

@@ -16,7 +16,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ... import backends
-from ...layout import MemoryLayout
+from ...layout import MASK_CODES, MemoryLayout
 from . import torch_impl
 
 OP = "segment_attention"
@@ -85,12 +85,6 @@ def _block_d(head_dim: int) -> int:
     return 1 << max(4, (head_dim - 1).bit_length())
 
 
-def _lengths(segment_lengths: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
-    if segment_lengths is None:
-        return None
-    return segment_lengths.to(device=device, dtype=torch.int32).contiguous()
-
-
 def _arch(device: torch.device) -> int:
     major, minor = torch.cuda.get_device_capability(device)
     return major * 10 + minor
@@ -133,7 +127,7 @@ def _select(kernel, configs_fn, key_args, q: torch.Tensor, config: Optional[dict
 def _common_meta(q: torch.Tensor, layout: MemoryLayout, fwd_mod) -> dict:
     d = q.shape[-1]
     return dict(
-        MASK=fwd_mod.MASK_CODES[layout.mask],
+        MASK=MASK_CODES[layout.mask],
         PREFIX_ALL=layout.prefix_visible_to == "all",
         BLOCK_D=_block_d(d),
         EVEN_D=_block_d(d) == d,
@@ -237,7 +231,7 @@ def segment_attention_fwd_triton(
     p = 0 if prefix_k is None else prefix_k.shape[2]
     out, lse = torch_impl.alloc_outputs(q)
     q, k, v, prefix_k, prefix_v = (_fit(t) for t in (q, k, v, prefix_k, prefix_v))
-    lengths = _lengths(segment_lengths, q.device)
+    lengths = torch_impl.kernel_lengths(segment_lengths, q.device)
     kernel, meta = _select(fwd_mod._segment_attention_fwd_kernel, fwd_mod.fwd_configs, _TUNE_KEY, q, config, trace)
     trace_buf = None
     if trace:
@@ -338,7 +332,7 @@ def segment_attention_bwd_triton(
                 t.zero_()
         return dq, dk, dv, dpk, dpv
     dout, q, k, v, prefix_k, prefix_v, out = (_fit(t) for t in (dout, q, k, v, prefix_k, prefix_v, out))
-    lengths = _lengths(segment_lengths, q.device)
+    lengths = torch_impl.kernel_lengths(segment_lengths, q.device)
     config = config or {}
     common = _common_meta(q, layout, fwd_mod)
     dummy = q
