@@ -12,7 +12,7 @@ no program writes cannot pass by luck.
 
 from __future__ import annotations
 
-import math
+import functools
 import os
 import subprocess
 import sys
@@ -22,11 +22,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from rmt_kernels import MemoryLayout, backends, segment_attention, segment_attention_ref  # noqa: E402
+from rmt_kernels import MemoryLayout, backends, segment_attention  # noqa: E402
 from rmt_kernels.layout import TILE_FULL, TILE_PARTIAL  # noqa: E402
 from rmt_kernels.ops.segment_attention import interface, torch_impl, triton_launch  # noqa: E402
 
-from helpers import assert_close  # noqa: E402
+from test_segment_attention_torch import check_against_reference as _check_against_reference  # noqa: E402
 
 MB = "memory_bidirectional"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -62,52 +62,9 @@ def make_inputs(device, b, heads, n, d, p, dtype=torch.float32, prefix_grad=True
     return q, k, v, pk, pv
 
 
-def check_against_reference(layout, q, k, v, prefix_k=None, prefix_v=None, lengths=None, scale=None, dout=None):
-    """``segment_attention(..., backend="triton")`` on exactly these tensors against the float64
-    reference: output, log-sum-exp, and the gradient of every input that requires grad."""
-    named = {"q": q, "k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v}
-    wrt = [name for name, t in named.items() if t is not None and t.requires_grad]
-    kw = dict(segment_lengths=lengths, scale=scale)
-
-    out = segment_attention(q, k, v, layout, prefix_k=prefix_k, prefix_v=prefix_v, backend="triton", **kw)
-    assert out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
-    if dout is None:
-        dout = torch.randn(out.shape, dtype=out.dtype, device=out.device)
-    grads = torch.autograd.grad(out, [named[n] for n in wrt], dout) if wrt else []
-
-    def copies(convert):
-        return {n: None if t is None else convert(t.detach()).requires_grad_(n in wrt) for n, t in named.items()}
-
-    def reference(inputs, upcast, grad_out):
-        o, lse = segment_attention_ref(
-            inputs["q"], inputs["k"], inputs["v"], layout, prefix_k=inputs["prefix_k"],
-            prefix_v=inputs["prefix_v"], upcast=upcast, return_lse=True, **kw,
-        )
-        g = torch.autograd.grad(o, [inputs[n] for n in wrt], grad_out) if wrt else []
-        return o, lse, g
-
-    ref_out, ref_lse, ref_grads = reference(copies(lambda t: t.double()), True, dout.double())
-    base_out, base_lse, base_grads = reference(copies(lambda t: t.clone()), False, dout)
-
-    assert_close(out, ref_out, base_out, name="out")
-    for name, g, rg, bg in zip(wrt, grads, ref_grads, base_grads):
-        assert g.shape == named[name].shape and g.dtype == named[name].dtype, name
-        assert_close(g, rg, bg, name=f"d{name}")
-
-    with torch.no_grad():
-        s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-        pk, pv = (prefix_k, prefix_v) if prefix_k is not None and prefix_k.shape[2] else (None, None)
-        out2, lse = interface.segment_attention_fwd_op(
-            q, k, v, pk, pv, lengths, layout.num_read, layout.num_write, layout.mask,
-            layout.prefix_visible_to, s, "triton",
-        )
-    assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
-    assert torch.equal(out2, out.detach())
-    finite = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), finite), "rows with no visible key must have lse -inf"
-    assert torch.isneginf(lse[~finite]).all()
-    assert_close(lse[finite], ref_lse[finite], base_lse[finite], name="lse", dtype=q.dtype)
-    return out, grads
+# The torch suite's check (output, log-sum-exp from the custom op, every gradient, all through the
+# tolerance helper), run on the triton backend.
+check_against_reference = functools.partial(_check_against_reference, backend="triton")
 
 
 # --------------------------------------------------------------------------------------- edge cases
