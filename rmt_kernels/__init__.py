@@ -6,7 +6,7 @@ queries a GPU.
 
 __version__ = "0.1.0"
 
-from .backends import BackendUnavailableError
+from .errors import BackendUnavailableError
 from .layout import MemoryLayout, attention_flops
 from .ops.pack_segment.interface import pack_segment, pack_segment_from_ids, unpack_segment
 from .ops.segment_attention.interface import segment_attention

@@ -1,19 +1,23 @@
-"""Argument checks shared by the reference and every backend's public entry point.
+"""Argument checks of every op, in one place: segment attention, the memory handoff (pack from
+embeddings or token ids, ``out=`` buffers) and the backend's dtype/head-dim support.
 
-Each failure names the argument and what was expected; nothing is silently broadcast or cast.
+Public entry points call these once per call; the recurrent driver calls them once per run and then
+the ops' validated entries. Each failure names the argument and what was expected; nothing is
+silently broadcast or cast.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from .layout import MemoryLayout
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ID_DTYPES = (torch.int32, torch.int64)
 
 
 @dataclass(frozen=True)
@@ -140,3 +144,145 @@ def check_attention_inputs(
         if not math.isfinite(scale):
             raise ValueError(f"scale must be finite, got {scale}")
     return AttentionShape(b, hq, hkv, n, s, p, d, scale)
+
+
+# --------------------------------------------------------------------------- backend support
+
+
+def check_kernel_support(q: torch.Tensor, dtypes, head_dims, backend: str) -> None:
+    """``q``'s dtype and head dim are among what the ``backend`` launchers support (launchers called
+    directly, outside the public entry points, check with this)."""
+    if q.dtype not in dtypes:
+        raise TypeError(f"q has dtype {q.dtype}; the {backend} backend supports {list(dtypes)}")
+    d = q.shape[-1]
+    if d == 0 or (head_dims is not None and d not in head_dims):
+        supported = "any >= 1" if head_dims is None else sorted(head_dims)
+        raise ValueError(f"head dim D={d} is not supported by the {backend} backend (supported: {supported})")
+
+
+def check_backend_dtype(op: str, backend: str, dtype: torch.dtype, dtypes) -> None:
+    if dtype not in dtypes:
+        raise TypeError(f"dtype {dtype} is not supported by the {backend} backend of {op} (supported: {list(dtypes)})")
+
+
+# --------------------------------------------------------------------------- memory handoff
+
+
+def check_layout(layout) -> None:
+    if not isinstance(layout, MemoryLayout):
+        raise TypeError(f"layout must be a rmt_kernels.MemoryLayout, got {type(layout).__name__}")
+
+
+def check_memories(layout, read_memory, write_memory, batch: int, dim: int, dtype, device):
+    """Validate both memories against the layout; returns ``(read, write, tied)`` (write None if tied)."""
+    tied = read_memory is not None and read_memory is write_memory
+    for name, mem, rows, block in (
+        ("read_memory", read_memory, layout.num_read, "num_read"),
+        ("write_memory", write_memory, layout.num_write, "num_write"),
+    ):
+        if mem is None:
+            if rows:
+                raise ValueError(
+                    f"layout has {block}={rows}: {name} ([B, {rows}, d] or [{rows}, d]) is required"
+                )
+            continue
+        if not isinstance(mem, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mem).__name__}")
+        if rows == 0:
+            raise ValueError(f"{name} was given but layout has {block}=0 (no such block); pass None")
+        if mem.dim() == 2:
+            expected = (rows, dim)
+        elif mem.dim() == 3:
+            expected = (batch, rows, dim)
+        else:
+            raise ValueError(f"{name} must be [B, {rows}, d] or [{rows}, d], got shape {tuple(mem.shape)}")
+        if tuple(mem.shape) != expected:
+            raise ValueError(
+                f"{name} must have shape {list(expected)} (B={batch}, {block}={rows}, d={dim}), "
+                f"got {list(mem.shape)}"
+            )
+        if mem.dtype != dtype:
+            raise TypeError(f"{name} has dtype {mem.dtype} but the packed buffer is {dtype}; they must match")
+        if mem.device != device:
+            raise ValueError(f"{name} is on {mem.device} but the segment is on {device}; they must match")
+    return read_memory, (None if tied else write_memory), tied
+
+
+def _extent(t: torch.Tensor) -> Tuple[int, int]:
+    start = t.data_ptr()
+    last = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) if t.numel() else -1
+    return start, start + (last + 1) * t.element_size()
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors share any byte of storage (the reusable-buffer and ``out=`` checks)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    (a0, a1), (b0, b1) = _extent(a), _extent(b)
+    return a0 < b1 and b0 < a1
+
+
+def check_out(out, shape, dtype, device, inputs) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out must have shape {list(shape)} = [B, R + S + W, d], got {list(out.shape)}")
+    if out.dtype != dtype:
+        raise TypeError(f"out has dtype {out.dtype}; expected {dtype}")
+    if out.device != device:
+        raise ValueError(f"out is on {out.device}; expected {device}")
+    present = [t for t in inputs if t is not None]
+    if out.requires_grad or (torch.is_grad_enabled() and any(t.requires_grad for t in present)):
+        raise ValueError(
+            "out= is not differentiable: an input (or out) requires grad while grad mode is on. "
+            "Call without out= for a differentiable result, or run under torch.no_grad()"
+        )
+    if not _is_compiling():
+        for t in present:
+            if overlaps(out, t):
+                raise ValueError("out overlaps one of the inputs; pass a separate buffer")
+
+
+def check_segment(segment) -> None:
+    if not isinstance(segment, torch.Tensor):
+        raise TypeError(f"segment must be a torch.Tensor, got {type(segment).__name__}")
+    if segment.dim() != 3:
+        raise ValueError(f"segment must be 3-D [B, S, d], got shape {tuple(segment.shape)}")
+
+
+def check_embedding_weight(embedding_weight) -> None:
+    if not isinstance(embedding_weight, torch.Tensor):
+        raise TypeError(f"embedding_weight must be a torch.Tensor, got {type(embedding_weight).__name__}")
+    if embedding_weight.dim() != 2:
+        raise ValueError(f"embedding_weight must be 2-D [V, d], got shape {tuple(embedding_weight.shape)}")
+
+
+def check_ids_tensor(input_ids, embedding_weight) -> None:
+    """``input_ids`` is a ``[B, S]`` tensor on the embedding's device (its dtype and range:
+    :func:`check_input_ids`)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be 2-D [B, S], got shape {tuple(input_ids.shape)}")
+    if input_ids.device != embedding_weight.device:
+        raise ValueError(f"input_ids is on {input_ids.device} but embedding_weight is on {embedding_weight.device}")
+
+
+def check_input_ids(input_ids, num_weights: int, name: str = "input_ids") -> None:
+    """Validate token ids: an int32/int64 tensor with values in ``[0, num_weights)``.
+
+    The range check reads the values (a device sync on GPU); it is skipped under ``torch.compile``.
+    """
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dtype not in ID_DTYPES:
+        raise TypeError(f"{name} must be int32 or int64, got {input_ids.dtype}")
+    if input_ids.numel() and not _is_compiling():
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= num_weights:
+            raise ValueError(
+                f"{name} must lie in [0, {num_weights}) (the embedding has {num_weights} rows), "
+                f"got values in [{lo}, {hi}]"
+            )

@@ -1,47 +1,72 @@
 """Backend resolution, in one place.
 
-``"auto" | "torch" | "triton" | "cuda"``. ``RMT_KERNELS_BACKEND`` decides what ``"auto"`` means; an
-explicit ``backend=`` argument wins over it. Each op registers the backends it implements with
-:func:`register`; asking for a backend that cannot run raises :class:`BackendUnavailableError` with the
-reason and how to get it. Nothing here imports triton or the compiled extension at module import.
+``"auto" | "torch" | "triton" | "cuda"``. Each op's ``interface.py`` builds its backend table from
+imports one can read (``{"torch": BackendImpl(fwd=torch_impl..., ...), "triton": ...}``) and hands it
+to :func:`register_op`; this module only decides which entry of such a table a call gets.
+``RMT_KERNELS_BACKEND`` decides what ``"auto"`` means; an explicit ``backend=`` argument wins over it.
+Asking for a backend that cannot run raises :class:`BackendUnavailableError` with the reason and how to
+get it. This module imports no build code, no triton and no extension.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from .errors import BackendUnavailableError
+
+__all__ = [
+    "BACKENDS", "ENV_BACKEND", "BackendImpl", "BackendUnavailableError", "register_op", "table",
+    "get_impl", "triton_status", "backend_status", "resolve_backend",
+]
+
 BACKENDS = ("auto", "torch", "triton", "cuda")
 ENV_BACKEND = "RMT_KERNELS_BACKEND"
 
-
-class BackendUnavailableError(RuntimeError):
-    """The requested backend cannot run here; the message says why and how to get it."""
+Status = Callable[[torch.device], Tuple[bool, str]]
 
 
 @dataclass
 class BackendImpl:
-    """One op's implementation on one backend."""
+    """One op's implementation on one backend.
+
+    ``fwd``/``bwd``: the launchers; ``dtypes``/``head_dims`` (None: any): what they support;
+    ``devices``: device types they run on; ``status``: ``device -> (available, reason)`` for what the
+    backend needs beyond the device type (triton installed, the extension built); None: nothing.
+    """
 
     fwd: Callable
     bwd: Callable
     dtypes: Tuple[torch.dtype, ...]
-    head_dims: Optional[Tuple[int, ...]] = None  # None: any
+    head_dims: Optional[Tuple[int, ...]] = None
     devices: Tuple[str, ...] = ("cpu", "cuda")
-    extra: Dict[str, object] = field(default_factory=dict)
+    status: Optional[Status] = None
 
 
 _REGISTRY: Dict[str, Dict[str, BackendImpl]] = {}
 
 
-def register(op: str, backend: str, impl: BackendImpl) -> None:
-    if backend not in BACKENDS[1:]:
-        raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {backend!r}")
-    _REGISTRY.setdefault(op, {})[backend] = impl
+def register_op(op: str, backend_table: Dict[str, BackendImpl]) -> Dict[str, BackendImpl]:
+    """Make ``op``'s backend table known to resolution (``rmt-kernels info`` lists it); returns the
+    same dict, which the op's custom ops index directly."""
+    for name in backend_table:
+        if name not in BACKENDS[1:]:
+            raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {name!r}")
+    _REGISTRY[op] = backend_table
+    return backend_table
+
+
+def table(op: str) -> Dict[str, BackendImpl]:
+    """The backend table of ``op`` (KeyError for an op that registered none)."""
+    return _REGISTRY[op]
+
+
+def get_impl(op: str, backend: str) -> BackendImpl:
+    return _REGISTRY[op][backend]
 
 
 def triton_status(device: torch.device) -> Tuple[bool, str]:
@@ -59,41 +84,17 @@ def triton_status(device: torch.device) -> Tuple[bool, str]:
     return True, f"Triton on {torch.cuda.get_device_name(device)}"
 
 
-def cuda_status(device: torch.device) -> Tuple[bool, str]:
-    """Whether the compiled extension ``rmt_kernels._C`` can run on ``device``: installed (built ahead of
-    time), or buildable just in time on first use (CUDA torch, nvcc, ninja)."""
-    if torch.version.cuda is None:
-        return False, "this torch is a CPU-only build; the CUDA backend needs a CUDA build of torch and nvcc"
-    if device.type != "cuda":
-        return False, f"the CUDA backend needs CUDA tensors, got {device.type}"
-    if not torch.cuda.is_available():
-        return False, "torch sees no CUDA device"
-    if importlib.util.find_spec("rmt_kernels._C") is not None:
-        return True, "extension rmt_kernels._C (built ahead of time)"
-    from .ops.cuda_build import jit_status
-
-    ok, reason = jit_status()
-    if not ok:
-        return False, (
-            f"the extension rmt_kernels._C is not built and cannot be built just in time here ({reason}); "
-            "build it with RMT_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation . or `rmt-kernels build`"
-        )
-    return True, f"extension rmt_kernels._C, {reason}"
-
-
 def backend_status(op: str, backend: str, device: torch.device) -> Tuple[bool, str]:
     """``(available, reason)`` of one concrete backend for ``op`` on ``device``."""
     impl = _REGISTRY.get(op, {}).get(backend)
     if impl is None:
-        return False, f"rmt_kernels {_version()} has no {backend} implementation of {op}"
-    if backend == "cuda" and torch.version.cuda is None:
-        return cuda_status(device)  # the most basic thing missing: say that first
+        return False, f"rmt_kernels has no {backend} implementation of {op}"
+    if backend == "cuda" and impl.status is not None and torch.version.cuda is None:
+        return impl.status(device)  # the most basic thing missing: say that first
     if device.type not in impl.devices:
         return False, f"the {backend} backend of {op} does not run on {device.type} tensors"
-    if backend == "triton":
-        return triton_status(device)
-    if backend == "cuda":
-        return cuda_status(device)
+    if impl.status is not None:
+        return impl.status(device)
     return True, "pure PyTorch"
 
 
@@ -101,6 +102,7 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     """Turn ``backend`` (possibly "auto") into a concrete backend that can run, or raise."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    ops = _REGISTRY.get(op, {})
     if backend == "auto":
         env = os.environ.get(ENV_BACKEND, "").strip()
         if env and env != "auto":
@@ -108,7 +110,7 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
                 raise ValueError(f"{ENV_BACKEND} must be one of {BACKENDS}, got {env!r}")
             # The variable states a preference for every op; an op that has no such backend at all
             # keeps its automatic choice (a registered backend that cannot run here still raises).
-            if env in _REGISTRY.get(op, {}):
+            if env in ops:
                 backend = env
     if backend == "auto":
         order = ("triton", "cuda", "torch") if device.type == "cuda" else ("torch",)
@@ -120,13 +122,3 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     if not ok:
         raise BackendUnavailableError(f"backend {backend!r} is unavailable for {op} on {device}: {reason}")
     return backend
-
-
-def get_impl(op: str, backend: str) -> BackendImpl:
-    return _REGISTRY[op][backend]
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__

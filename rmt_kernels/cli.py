@@ -17,8 +17,8 @@ import torch
 
 _MODULE_COMMANDS = {
     "bench": ("rmt_kernels.bench.cli", "run the benchmark suites against the peers"),
-    "aot": ("rmt_kernels.aot", "compile every kernel for a GPU target without a GPU and report resources"),
-    "build": ("rmt_kernels.ops.cuda_build", "build the CUDA extension rmt_kernels._C just in time"),
+    "aot": ("rmt_kernels.tools.aot_triton", "compile every kernel for a GPU target without a GPU and report resources"),
+    "build": ("rmt_kernels.tools.build", "build the CUDA extension rmt_kernels._C just in time"),
 }
 
 
@@ -66,7 +66,9 @@ def cmd_info(args) -> int:
             print(f"  {'auto':>7}: -> {backends.resolve_backend(OP, 'auto', dev)}")
         except backends.BackendUnavailableError as exc:
             print(f"  {'auto':>7}: {exc}")
-    ok, reason = backends.cuda_status(torch.device("cuda"))
+    from . import _extension
+
+    ok, reason = _extension.cuda_status(torch.device("cuda"))
     print(f"\nextension rmt_kernels._C: {'ready' if ok else reason}")
     return 0
 

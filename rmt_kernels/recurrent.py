@@ -38,7 +38,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .layout import MemoryLayout
-from .ops.pack_segment.interface import _overlaps, _pack_from_ids, check_input_ids, pack_segment
+from . import _checks
+from .ops.pack_segment.interface import pack_segment, pack_segment_from_ids, pack_validated
 
 ALIGNMENTS = (None, "left", "right", "center")
 
@@ -285,7 +286,7 @@ def _records(*tensors) -> bool:
 
 def _own(t: Optional[Tensor], buf: Optional[Tensor]) -> Optional[Tensor]:
     """``t``, copied if it aliases the reusable buffer (which the next segment overwrites)."""
-    if t is not None and buf is not None and _overlaps(t, buf):
+    if t is not None and buf is not None and _checks.overlaps(t, buf):
         return t.clone()
     return t
 
@@ -377,7 +378,7 @@ class SegmentDriver:
     def _segment(self, step, info: SegmentInfo, seg, read, write, weight, out_buf, dim: int):
         layout = self.layout
         if weight is not None:
-            packed = _pack_from_ids(seg, weight, layout, read, write, out_buf, self.backend, False)
+            packed = pack_segment_from_ids(seg, weight, layout, read, write, out=out_buf, backend=self.backend)
         else:
             packed = pack_segment(seg, layout, read, write, out=out_buf, backend=self.backend)
         res = _as_step_output(step(packed, info), info, dim)
@@ -451,7 +452,7 @@ class SegmentDriver:
                 raise ValueError("input_ids needs embedding_weight, a [V, d] tensor")
             if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
                 raise ValueError("input_ids must be a [B, T] tensor")
-            check_input_ids(input_ids, embedding_weight.shape[0])
+            _checks.check_input_ids(input_ids, embedding_weight.shape[0])
             batch, seq_len = input_ids.shape
             dim, dtype, device = embedding_weight.shape[1], embedding_weight.dtype, embedding_weight.device
         else:

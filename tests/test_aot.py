@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from rmt_kernels import aot  # noqa: E402
+from rmt_kernels.tools import aot_triton as aot  # noqa: E402
 
 KERNELS = ("segment_attention_fwd", "segment_attention_bwd_dkdv", "segment_attention_bwd_dq")
 

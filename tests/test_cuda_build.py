@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from rmt_kernels import BackendUnavailableError, MemoryLayout, pack_segment, segment_attention
-from rmt_kernels import aot_cuda, backends, cli
+from rmt_kernels import _extension as cuda_build
+from rmt_kernels import backends, cli
 from rmt_kernels.layout import TILE_EMPTY
-from rmt_kernels.ops import cuda_build
+from rmt_kernels.tools import aot_cuda
 from rmt_kernels.ops.pack_segment import cuda as pack_cuda
 from rmt_kernels.ops.segment_attention import cuda as attn_cuda
 

@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from rmt_kernels import MemoryLayout, backends
-from rmt_kernels.aot_cuda import find_nvcc
-from rmt_kernels.ops import cuda_build
+from rmt_kernels.tools.aot_cuda import find_nvcc
+from rmt_kernels import _extension as cuda_build
 from rmt_kernels.ops.pack_segment import cuda as pack_cuda
 from rmt_kernels.ops.pack_segment import interface as pack_interface
 from rmt_kernels.ops.segment_attention import cuda as cuda_impl

@@ -11,7 +11,7 @@ import torch
 
 import rmt_kernels
 from rmt_kernels import BackendUnavailableError, MemoryLayout, segment_attention, segment_attention_ref
-from rmt_kernels import backends
+from rmt_kernels import _extension, backends
 from rmt_kernels.ops.segment_attention.interface import OP
 
 LAYOUT = MemoryLayout(2, 2, "memory_bidirectional")
@@ -232,7 +232,7 @@ def test_backend_the_op_lacks(monkeypatch, backend):
 def test_cuda_status_on_cpu_only_torch():
     if torch.version.cuda is not None:
         pytest.skip("this torch is a CUDA build")
-    ok, reason = backends.cuda_status(torch.device("cuda"))
+    ok, reason = _extension.cuda_status(torch.device("cuda"))
     assert not ok and "CPU-only" in reason
 
 

@@ -1,9 +1,9 @@
 """Launchers of the CUDA memory-handoff kernels (``csrc/pack_segment.cu``), and their registration as
 backend ``"cuda"`` of ``pack_segment`` and ``pack_segment_from_ids``.
 
-Same contract as ``torch_impl`` / ``triton_pack``: validated inputs, outputs allocated here (or the
+Same contract as ``torch_impl`` / ``triton_launch``: validated inputs, outputs allocated here (or the
 caller's ``out``), no autograd. The extension is loaded (or built just in time) on the first launch by
-:mod:`rmt_kernels.ops.cuda_build`; importing this module loads nothing.
+:mod:`rmt_kernels._extension`; importing this module loads nothing.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Optional
 
 import torch
 
-from ... import backends
-from .. import cuda_build
-from .torch_impl import accum_dtype
+from ... import _extension
+from ...errors import BackendUnavailableError
+from .._alloc import accum_dtype
 
 OP = "pack_segment"
 OP_IDS = "pack_segment_from_ids"
@@ -23,7 +23,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def _check(t: torch.Tensor, op: str) -> None:
     if t.device.type != "cuda":
-        raise backends.BackendUnavailableError(f"the cuda backend of {op} needs CUDA tensors, got {t.device}")
+        raise BackendUnavailableError(f"the cuda backend of {op} needs CUDA tensors, got {t.device}")
     if t.dtype not in DTYPES:
         raise TypeError(f"dtype {t.dtype} is not supported by the cuda backend of {op} (supported: {list(DTYPES)})")
 
@@ -33,10 +33,10 @@ def _pack(out, src, ids, read, write, num_read, num_write, tied):
         write = read
     if out.numel() == 0:
         return out
-    cuda_build.load_extension()
+    _extension.load_extension()
     torch.ops.rmt_kernels.pack_segment_fwd_cuda(
         out, src, ids, read if num_read else None, write if num_write else None, num_read, num_write,
-        cuda_build.current_stream(out.device),
+        _extension.current_stream(out.device),
     )
     return out
 
@@ -83,8 +83,8 @@ def memory_grad_cuda(grad: torch.Tensor, start: int, start2: int, rows: int, bro
         return dmem
     if batch == 0:
         return dmem.zero_()
-    cuda_build.load_extension()
-    torch.ops.rmt_kernels.pack_segment_bwd_cuda(grad, dmem, start, start2, broadcast, cuda_build.current_stream(grad.device))
+    _extension.load_extension()
+    torch.ops.rmt_kernels.pack_segment_bwd_cuda(grad, dmem, start, start2, broadcast, _extension.current_stream(grad.device))
     return dmem
 
 
@@ -100,24 +100,18 @@ def embedding_grad_cuda(
     batch, seg_len = input_ids.shape
     dim = grad.shape[2]
     empty = batch * seg_len == 0 or dim == 0
-    stream = cuda_build.current_stream(grad.device)
+    stream = _extension.current_stream(grad.device)
     if deterministic:
         dw = torch.zeros((num_weights, dim), dtype=grad.dtype, device=grad.device)
         if empty:
             return dw
-        cuda_build.load_extension()
+        _extension.load_extension()
         sorted_ids, order = torch.sort(input_ids.reshape(-1).to(torch.int64), stable=True)
         torch.ops.rmt_kernels.pack_embedding_grad_cuda(grad, input_ids, dw, start, sorted_ids, order, stream)
         return dw
     dw = torch.zeros((num_weights, dim), dtype=accum_dtype(grad.dtype), device=grad.device)
     if not empty:
-        cuda_build.load_extension()
+        _extension.load_extension()
         torch.ops.rmt_kernels.pack_embedding_grad_cuda(grad, input_ids, dw, start, None, None, stream)
     return dw if dw.dtype == grad.dtype else dw.to(grad.dtype)
 
-
-_DEVICES = ("cuda",)
-backends.register(OP, "cuda", backends.BackendImpl(
-    fwd=pack_fwd_cuda, bwd=memory_grad_cuda, dtypes=DTYPES, devices=_DEVICES))
-backends.register(OP_IDS, "cuda", backends.BackendImpl(
-    fwd=pack_ids_fwd_cuda, bwd=embedding_grad_cuda, dtypes=DTYPES, devices=_DEVICES))

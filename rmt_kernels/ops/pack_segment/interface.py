@@ -23,52 +23,47 @@ detected: it is read once per slot and its gradient, the sum of both slots, come
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ... import backends
-from ..._checks import _is_compiling
+from ... import _checks, _extension, backends
 from ...layout import MemoryLayout
-from .torch_impl import (
-    alloc_packed,
-    embedding_grad_torch,
-    memory_grad_torch,
-    pack_fwd_torch,
-    pack_ids_fwd_torch,
-)
-from . import cuda as _cuda  # noqa: F401  registers backend "cuda"; loads no extension until used
+from .._alloc import alloc_packed
+from . import cuda, torch_impl, triton_launch
 
 OP = "pack_segment"
 OP_IDS = "pack_segment_from_ids"
 
-_TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_ID_DTYPES = (torch.int32, torch.int64)
-
-
-def _triton(name: str):
-    """A launcher of ``triton_pack`` imported on first call (importing rmt_kernels never imports triton)."""
-
-    def launch(*args):
-        from . import triton_pack
-
-        return getattr(triton_pack, name)(*args)
-
-    launch.__name__ = name
-    return launch
-
-
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TORCH_DEVICES = ("cpu", "cuda", "mps", "xpu")
-backends.register(OP, "torch", backends.BackendImpl(
-    fwd=pack_fwd_torch, bwd=memory_grad_torch, dtypes=_TORCH_DTYPES, devices=_TORCH_DEVICES))
-backends.register(OP, "triton", backends.BackendImpl(
-    fwd=_triton("pack_fwd_triton"), bwd=_triton("memory_grad_triton"), dtypes=_TRITON_DTYPES))
-backends.register(OP_IDS, "torch", backends.BackendImpl(
-    fwd=pack_ids_fwd_torch, bwd=embedding_grad_torch, dtypes=_TORCH_DTYPES, devices=_TORCH_DEVICES))
-backends.register(OP_IDS, "triton", backends.BackendImpl(
-    fwd=_triton("pack_ids_fwd_triton"), bwd=_triton("embedding_grad_triton"), dtypes=_TRITON_DTYPES))
+
+# The backends of both ops: each entry names its launchers (``fwd`` packs, ``bwd`` is the reduction
+# behind the backward: a memory's gradient, the embedding weight's). Importing triton_launch and cuda
+# imports neither triton nor the extension; they load on the first launch.
+BACKEND_TABLE = backends.register_op(OP, {
+    "torch": backends.BackendImpl(
+        fwd=torch_impl.pack_fwd_torch, bwd=torch_impl.memory_grad_torch,
+        dtypes=_FLOAT_DTYPES + (torch.float64,), devices=_TORCH_DEVICES),
+    "triton": backends.BackendImpl(
+        fwd=triton_launch.pack_fwd_triton, bwd=triton_launch.memory_grad_triton,
+        dtypes=_FLOAT_DTYPES, status=backends.triton_status),
+    "cuda": backends.BackendImpl(
+        fwd=cuda.pack_fwd_cuda, bwd=cuda.memory_grad_cuda,
+        dtypes=cuda.DTYPES, devices=("cuda",), status=_extension.cuda_status),
+})
+BACKEND_TABLE_IDS = backends.register_op(OP_IDS, {
+    "torch": backends.BackendImpl(
+        fwd=torch_impl.pack_ids_fwd_torch, bwd=torch_impl.embedding_grad_torch,
+        dtypes=_FLOAT_DTYPES + (torch.float64,), devices=_TORCH_DEVICES),
+    "triton": backends.BackendImpl(
+        fwd=triton_launch.pack_ids_fwd_triton, bwd=triton_launch.embedding_grad_triton,
+        dtypes=_FLOAT_DTYPES, status=backends.triton_status),
+    "cuda": backends.BackendImpl(
+        fwd=cuda.pack_ids_fwd_cuda, bwd=cuda.embedding_grad_cuda,
+        dtypes=cuda.DTYPES, devices=("cuda",), status=_extension.cuda_status),
+})
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -86,7 +81,7 @@ def pack_segment_fwd_op(
 ) -> Tensor:
     b, s, d = segment.shape
     out = alloc_packed(b, num_read + s + num_write, d, segment.dtype, segment.device)
-    backends.get_impl(OP, backend).fwd(segment, read, write, num_read, num_write, tied, out)
+    BACKEND_TABLE[backend].fwd(segment, read, write, num_read, num_write, tied, out)
     return out
 
 
@@ -107,7 +102,7 @@ def pack_segment_out_op(
     tied: bool,
     backend: str,
 ) -> None:
-    backends.get_impl(OP, backend).fwd(segment, read, write, num_read, num_write, tied, out)
+    BACKEND_TABLE[backend].fwd(segment, read, write, num_read, num_write, tied, out)
 
 
 @pack_segment_out_op.register_fake
@@ -128,7 +123,7 @@ def pack_segment_from_ids_fwd_op(
 ) -> Tensor:
     b, s = input_ids.shape
     out = alloc_packed(b, num_read + s + num_write, weight.shape[1], weight.dtype, weight.device)
-    backends.get_impl(OP_IDS, backend).fwd(input_ids, weight, read, write, num_read, num_write, tied, out)
+    BACKEND_TABLE_IDS[backend].fwd(input_ids, weight, read, write, num_read, num_write, tied, out)
     return out
 
 
@@ -150,7 +145,7 @@ def pack_segment_from_ids_out_op(
     tied: bool,
     backend: str,
 ) -> None:
-    backends.get_impl(OP_IDS, backend).fwd(input_ids, weight, read, write, num_read, num_write, tied, out)
+    BACKEND_TABLE_IDS[backend].fwd(input_ids, weight, read, write, num_read, num_write, tied, out)
 
 
 @pack_segment_from_ids_out_op.register_fake
@@ -160,7 +155,7 @@ def _(input_ids, weight, read, write, out, num_read, num_write, tied, backend):
 
 @torch.library.custom_op("rmt_kernels::pack_memory_grad", mutates_args=())
 def pack_memory_grad_op(grad: Tensor, start: int, start2: int, rows: int, broadcast: bool, backend: str) -> Tensor:
-    return backends.get_impl(OP, backend).bwd(grad, start, start2, rows, broadcast)
+    return BACKEND_TABLE[backend].bwd(grad, start, start2, rows, broadcast)
 
 
 @pack_memory_grad_op.register_fake
@@ -173,7 +168,7 @@ def _(grad, start, start2, rows, broadcast, backend):
 def pack_embedding_grad_op(
     grad: Tensor, input_ids: Tensor, num_weights: int, start: int, deterministic: bool, backend: str
 ) -> Tensor:
-    return backends.get_impl(OP_IDS, backend).bwd(grad, input_ids, num_weights, start, deterministic)
+    return BACKEND_TABLE_IDS[backend].bwd(grad, input_ids, num_weights, start, deterministic)
 
 
 @pack_embedding_grad_op.register_fake
@@ -190,24 +185,36 @@ def _memory_grad(grad: Tensor, start: int, start2: int, rows: int, broadcast: bo
     return pack_memory_grad_op(grad, start, start2, rows, broadcast, backend)
 
 
-def _geometry(segment_len: int, read, write, num_read, num_write, tied, backend) -> tuple:
-    return (
+class _Geometry(NamedTuple):
+    """What the backward of a pack needs to know (saved on ``ctx``)."""
+
+    num_read: int
+    segment_len: int
+    num_write: int
+    tied: bool
+    backend: str
+    read_broadcast: bool  # an [R, d] memory: its gradient sums over the batch
+    write_broadcast: bool
+
+
+def _geometry(segment_len: int, read, write, num_read, num_write, tied, backend) -> _Geometry:
+    return _Geometry(
         num_read, segment_len, num_write, tied, backend,
         read is not None and read.dim() == 2, write is not None and write.dim() == 2,
     )
 
 
-def _memory_grads(geom: tuple, grad: Tensor, need_read: bool, need_write: bool):
-    r, s, w, tied, backend, read_bcast, write_bcast = geom
+def _memory_grads(geom: _Geometry, grad: Tensor, need_read: bool, need_write: bool):
+    r, s = geom.num_read, geom.segment_len
     d_read = d_write = None
-    if tied:
+    if geom.tied:
         if need_read:
-            d_read = _memory_grad(grad, 0, r + s, r, read_bcast, backend)
+            d_read = _memory_grad(grad, 0, r + s, r, geom.read_broadcast, geom.backend)
         return d_read, None
     if need_read:
-        d_read = _memory_grad(grad, 0, -1, r, read_bcast, backend)
+        d_read = _memory_grad(grad, 0, -1, r, geom.read_broadcast, geom.backend)
     if need_write:
-        d_write = _memory_grad(grad, r + s, -1, w, write_bcast, backend)
+        d_write = _memory_grad(grad, r + s, -1, geom.num_write, geom.write_broadcast, geom.backend)
     return d_read, d_write
 
 
@@ -217,7 +224,7 @@ def _pack_setup(ctx, inputs, output):
 
 
 def _pack_backward(ctx, grad):
-    r, s = ctx.geom[0], ctx.geom[1]
+    r, s = ctx.geom.num_read, ctx.geom.segment_len
     d_seg = grad[:, r : r + s] if ctx.needs_input_grad[0] else None
     d_read, d_write = _memory_grads(ctx.geom, grad, ctx.needs_input_grad[1], ctx.needs_input_grad[2])
     return d_seg, d_read, d_write, None, None, None, None
@@ -238,7 +245,9 @@ def _pack_ids_backward(ctx, grad):
     d_weight = None
     if ctx.needs_input_grad[1]:
         deterministic = torch.are_deterministic_algorithms_enabled()
-        d_weight = pack_embedding_grad_op(grad, input_ids, ctx.num_weights, ctx.geom[0], deterministic, ctx.geom[4])
+        d_weight = pack_embedding_grad_op(
+            grad, input_ids, ctx.num_weights, ctx.geom.num_read, deterministic, ctx.geom.backend
+        )
     d_read, d_write = _memory_grads(ctx.geom, grad, ctx.needs_input_grad[2], ctx.needs_input_grad[3])
     return None, d_weight, d_read, d_write, None, None, None, None
 
@@ -246,93 +255,6 @@ def _pack_ids_backward(ctx, grad):
 torch.library.register_autograd(
     "rmt_kernels::pack_segment_from_ids_fwd", _pack_ids_backward, setup_context=_pack_ids_setup
 )
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _check_layout(layout) -> None:
-    if not isinstance(layout, MemoryLayout):
-        raise TypeError(f"layout must be a rmt_kernels.MemoryLayout, got {type(layout).__name__}")
-
-
-def _check_memories(layout, read_memory, write_memory, batch: int, dim: int, dtype, device):
-    """Validate both memories against the layout; returns ``(read, write, tied)`` (write None if tied)."""
-    tied = read_memory is not None and read_memory is write_memory
-    for name, mem, rows, block in (
-        ("read_memory", read_memory, layout.num_read, "num_read"),
-        ("write_memory", write_memory, layout.num_write, "num_write"),
-    ):
-        if mem is None:
-            if rows:
-                raise ValueError(
-                    f"layout has {block}={rows}: {name} ([B, {rows}, d] or [{rows}, d]) is required"
-                )
-            continue
-        if not isinstance(mem, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mem).__name__}")
-        if rows == 0:
-            raise ValueError(f"{name} was given but layout has {block}=0 (no such block); pass None")
-        if mem.dim() == 2:
-            expected = (rows, dim)
-        elif mem.dim() == 3:
-            expected = (batch, rows, dim)
-        else:
-            raise ValueError(f"{name} must be [B, {rows}, d] or [{rows}, d], got shape {tuple(mem.shape)}")
-        if tuple(mem.shape) != expected:
-            raise ValueError(
-                f"{name} must have shape {list(expected)} (B={batch}, {block}={rows}, d={dim}), "
-                f"got {list(mem.shape)}"
-            )
-        if mem.dtype != dtype:
-            raise TypeError(f"{name} has dtype {mem.dtype} but the packed buffer is {dtype}; they must match")
-        if mem.device != device:
-            raise ValueError(f"{name} is on {mem.device} but the segment is on {device}; they must match")
-    return read_memory, (None if tied else write_memory), tied
-
-
-def _extent(t: Tensor) -> Tuple[int, int]:
-    start = t.data_ptr()
-    last = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) if t.numel() else -1
-    return start, start + (last + 1) * t.element_size()
-
-
-def _overlaps(a: Tensor, b: Tensor) -> bool:
-    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
-        return False
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return False
-    (a0, a1), (b0, b1) = _extent(a), _extent(b)
-    return a0 < b1 and b0 < a1
-
-
-def _check_out(out, shape, dtype, device, inputs) -> None:
-    if not isinstance(out, Tensor):
-        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
-    if tuple(out.shape) != tuple(shape):
-        raise ValueError(f"out must have shape {list(shape)} = [B, R + S + W, d], got {list(out.shape)}")
-    if out.dtype != dtype:
-        raise TypeError(f"out has dtype {out.dtype}; expected {dtype}")
-    if out.device != device:
-        raise ValueError(f"out is on {out.device}; expected {device}")
-    present = [t for t in inputs if t is not None]
-    if out.requires_grad or (torch.is_grad_enabled() and any(t.requires_grad for t in present)):
-        raise ValueError(
-            "out= is not differentiable: an input (or out) requires grad while grad mode is on. "
-            "Call without out= for a differentiable result, or run under torch.no_grad()"
-        )
-    if not _is_compiling():
-        for t in present:
-            if _overlaps(out, t):
-                raise ValueError("out overlaps one of the inputs; pass a separate buffer")
-
-
-def _resolve(op: str, backend: str, like: Tensor, dtype: torch.dtype) -> str:
-    name = backends.resolve_backend(op, backend, like.device)
-    impl = backends.get_impl(op, name)
-    if dtype not in impl.dtypes:
-        raise TypeError(f"dtype {dtype} is not supported by the {name} backend of {op} (supported: {list(impl.dtypes)})")
-    return name
 
 
 # --------------------------------------------------------------------------- public
@@ -382,38 +304,14 @@ def pack_segment(
         >>> pack_segment(x, layout, memory, memory).shape
         torch.Size([2, 18, 32])
     """
-    if not isinstance(segment, Tensor):
-        raise TypeError(f"segment must be a torch.Tensor, got {type(segment).__name__}")
-    _check_layout(layout)
-    if segment.dim() != 3:
-        raise ValueError(f"segment must be 3-D [B, S, d], got shape {tuple(segment.shape)}")
-    name = _resolve(OP, backend, segment, segment.dtype)
+    _checks.check_segment(segment)
+    _checks.check_layout(layout)
+    name = _resolve(OP, backend, segment.device, segment.dtype)
     b, s, d = segment.shape
-    read, write, tied = _check_memories(layout, read_memory, write_memory, b, d, segment.dtype, segment.device)
-    r, w = layout.num_read, layout.num_write
+    read, write, tied = _checks.check_memories(layout, read_memory, write_memory, b, d, segment.dtype, segment.device)
     if out is not None:
-        _check_out(out, (b, r + s + w, d), segment.dtype, segment.device, (segment, read, write))
-        pack_segment_out_op(segment, read, write, out, r, w, tied, name)
-        return out
-    return pack_segment_fwd_op(segment, read, write, r, w, tied, name)
-
-
-def check_input_ids(input_ids, num_weights: int, name: str = "input_ids") -> None:
-    """Validate token ids: an int32/int64 tensor with values in ``[0, num_weights)``.
-
-    The range check reads the values (a device sync on GPU); it is skipped under ``torch.compile``.
-    """
-    if not isinstance(input_ids, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(input_ids).__name__}")
-    if input_ids.dtype not in _ID_DTYPES:
-        raise TypeError(f"{name} must be int32 or int64, got {input_ids.dtype}")
-    if input_ids.numel() and not _is_compiling():
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= num_weights:
-            raise ValueError(
-                f"{name} must lie in [0, {num_weights}) (the embedding has {num_weights} rows), "
-                f"got values in [{lo}, {hi}]"
-            )
+        _checks.check_out(out, (b, layout.seq_len(s), d), segment.dtype, segment.device, (segment, read, write))
+    return pack_validated(segment, None, layout, read, write, tied, out, name)
 
 
 def pack_segment_from_ids(
@@ -455,38 +353,54 @@ def pack_segment_from_ids(
         >>> pack_segment_from_ids(ids, emb.weight, layout, memory, memory).shape
         torch.Size([2, 18, 32])
     """
-    return _pack_from_ids(input_ids, embedding_weight, layout, read_memory, write_memory, out, backend, True)
-
-
-def _pack_from_ids(input_ids, embedding_weight, layout, read_memory, write_memory, out, backend, check_ids):
-    """:func:`pack_segment_from_ids`; ``check_ids=False`` skips the id range check (a caller that
-    validated the whole sequence once)."""
-    if not isinstance(embedding_weight, Tensor):
-        raise TypeError(f"embedding_weight must be a torch.Tensor, got {type(embedding_weight).__name__}")
-    if embedding_weight.dim() != 2:
-        raise ValueError(f"embedding_weight must be 2-D [V, d], got shape {tuple(embedding_weight.shape)}")
-    _check_layout(layout)
-    if not isinstance(input_ids, Tensor):
-        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be 2-D [B, S], got shape {tuple(input_ids.shape)}")
-    if input_ids.device != embedding_weight.device:
-        raise ValueError(f"input_ids is on {input_ids.device} but embedding_weight is on {embedding_weight.device}")
-    if check_ids:
-        check_input_ids(input_ids, embedding_weight.shape[0])
-    elif input_ids.dtype not in _ID_DTYPES:
-        raise TypeError(f"input_ids must be int32 or int64, got {input_ids.dtype}")
+    _checks.check_embedding_weight(embedding_weight)
+    _checks.check_layout(layout)
+    _checks.check_ids_tensor(input_ids, embedding_weight)
+    _checks.check_input_ids(input_ids, embedding_weight.shape[0])
     dtype, device = embedding_weight.dtype, embedding_weight.device
-    name = _resolve(OP_IDS, backend, embedding_weight, dtype)
+    name = _resolve(OP_IDS, backend, device, dtype)
     b, s = input_ids.shape
     d = embedding_weight.shape[1]
-    read, write, tied = _check_memories(layout, read_memory, write_memory, b, d, dtype, device)
-    r, w = layout.num_read, layout.num_write
+    read, write, tied = _checks.check_memories(layout, read_memory, write_memory, b, d, dtype, device)
     if out is not None:
-        _check_out(out, (b, r + s + w, d), dtype, device, (embedding_weight, read, write))
-        pack_segment_from_ids_out_op(input_ids, embedding_weight, read, write, out, r, w, tied, name)
+        _checks.check_out(out, (b, layout.seq_len(s), d), dtype, device, (embedding_weight, read, write))
+    return pack_validated(input_ids, embedding_weight, layout, read, write, tied, out, name)
+
+
+def pack_validated(
+    segment: Tensor,
+    embedding_weight: Optional[Tensor],
+    layout: MemoryLayout,
+    read: Optional[Tensor],
+    write: Optional[Tensor],
+    tied: bool,
+    out: Optional[Tensor],
+    backend: str,
+) -> Tensor:
+    """The entry behind :func:`pack_segment` and :func:`pack_segment_from_ids` for arguments already
+    checked by ``_checks`` (the recurrent driver checks once per run, then calls this per segment).
+
+    ``segment`` is ``[B, S, d]`` embeddings, or ``[B, S]`` token ids when ``embedding_weight`` is
+    given; ``write`` is None when ``tied`` (the read memory fills both blocks); ``backend`` is a
+    resolved backend name; ``out`` an optional buffer that passed ``_checks.check_out``.
+    """
+    r, w = layout.num_read, layout.num_write
+    if embedding_weight is None:
+        if out is not None:
+            pack_segment_out_op(segment, read, write, out, r, w, tied, backend)
+            return out
+        return pack_segment_fwd_op(segment, read, write, r, w, tied, backend)
+    if out is not None:
+        pack_segment_from_ids_out_op(segment, embedding_weight, read, write, out, r, w, tied, backend)
         return out
-    return pack_segment_from_ids_fwd_op(input_ids, embedding_weight, read, write, r, w, tied, name)
+    return pack_segment_from_ids_fwd_op(segment, embedding_weight, read, write, r, w, tied, backend)
+
+
+def _resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    name = backends.resolve_backend(op, backend, device)
+    table = BACKEND_TABLE if op == OP else BACKEND_TABLE_IDS
+    _checks.check_backend_dtype(op, name, dtype, table[name].dtypes)
+    return name
 
 
 def unpack_segment(hidden: Tensor, layout: MemoryLayout) -> Tuple[Tensor, Tensor, Tensor]:
@@ -507,7 +421,7 @@ def unpack_segment(hidden: Tensor, layout: MemoryLayout) -> Tuple[Tensor, Tensor
     """
     if not isinstance(hidden, Tensor):
         raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
-    _check_layout(layout)
+    _checks.check_layout(layout)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be 3-D [B, N, d], got shape {tuple(hidden.shape)}")
     n = hidden.shape[1]

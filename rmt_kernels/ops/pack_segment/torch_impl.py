@@ -1,6 +1,6 @@
 """The ``torch`` backend of the memory handoff: stock copies, the fallback on every device.
 
-Launchers take validated inputs and a preallocated ``out`` (see :func:`alloc_packed`); they never
+Launchers take validated inputs and a preallocated ``out`` (``ops._alloc.alloc_packed``); they never
 record autograd (the interface calls them from inside custom ops).
 """
 
@@ -11,15 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-
-def alloc_packed(batch: int, seq_len: int, dim: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """The packed buffer ``[B, N, d]``, contiguous. Every backend and the fake impls use this."""
-    return torch.empty((batch, seq_len, dim), dtype=dtype, device=device)
-
-
-def accum_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Reductions (batch-summed memory gradients, repeated ids) accumulate in this dtype."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .._alloc import accum_dtype
 
 
 def _fill_memory(out, read, write, num_read: int, num_write: int, tied: bool) -> None:

@@ -1,11 +1,10 @@
 """Launchers of the CUDA segment attention (``csrc/``), and their registration as backend ``"cuda"``.
 
-The launchers allocate the outputs (``torch_impl.alloc_outputs`` for the forward, contiguous gradients
-for the backward), make sure the inputs suit the kernels' 16-byte tile loads (a unit head-dim stride,
+The launchers allocate the outputs and gradients (``ops._alloc``: stored ``[B, N, H, D]``), make sure the inputs suit the kernels' 16-byte tile loads (a unit head-dim stride,
 other strides multiples of 8 elements, 16-byte aligned data; anything else is copied, which the
 ``[B, H, N, D]`` and ``[B, N, H, D]`` layouts never need), and call the ops
 ``torch.ops.rmt_kernels.segment_attention_fwd_cuda`` / ``_bwd_cuda`` of the extension, loaded (or
-built just in time) on first use by :mod:`rmt_kernels.ops.cuda_build`. No autograd here: the custom
+built just in time) on first use by :mod:`rmt_kernels._extension`. No autograd here: the custom
 ops of ``interface.py`` call these.
 
 Supported: float16 and bfloat16, head dims 64 and 128, every mask family, a prefix, right padding and
@@ -18,10 +17,10 @@ from typing import Optional
 
 import torch
 
-from ... import backends
+from ... import _extension
+from ...errors import BackendUnavailableError
 from ...layout import MASK_CODES, MemoryLayout
-from .. import cuda_build
-from .torch_impl import alloc_outputs, empty_bnhd, kernel_lengths
+from .._alloc import alloc_grads, alloc_outputs, empty_attention_outputs, is_empty, kernel_lengths, zero_grads
 
 OP = "segment_attention"
 DTYPES = (torch.float16, torch.bfloat16)
@@ -30,7 +29,7 @@ HEAD_DIMS = (64, 128)
 
 def _check(q: torch.Tensor) -> None:
     if q.device.type != "cuda":
-        raise backends.BackendUnavailableError(f"the cuda backend of {OP} needs CUDA tensors, got {q.device}")
+        raise BackendUnavailableError(f"the cuda backend of {OP} needs CUDA tensors, got {q.device}")
     if q.dtype not in DTYPES:
         raise TypeError(f"q has dtype {q.dtype}; the cuda backend supports {list(DTYPES)}")
     if q.shape[-1] not in HEAD_DIMS:
@@ -64,15 +63,6 @@ def _prefix(prefix_k, prefix_v):
     return _fit(prefix_k), _fit(prefix_v)
 
 
-def alloc_grads(q, k, v, prefix_k, prefix_v, want_prefix: bool):
-    """``(dq, dk, dv, dprefix_k, dprefix_v)`` in q's dtype stored ``[B, N, H, D]`` like the outputs
-    (prefix ones None unless ``want_prefix``): the backward writes every element."""
-    def like(t):
-        return empty_bnhd(t.shape, q.dtype, q.device)
-
-    return like(q), like(k), like(v), like(prefix_k) if want_prefix else None, like(prefix_v) if want_prefix else None
-
-
 def segment_attention_fwd_cuda(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -93,7 +83,7 @@ def segment_attention_fwd_cuda(
 
     Returns:
         ``(out, lse)``: ``[B, H_q, N, D]`` in q's dtype and the float32 natural log-sum-exp
-        ``[B, H_q, N]`` (layouts of ``alloc_outputs``); rows that see no key give 0 and -inf.
+        ``[B, H_q, N]`` (layouts of ``ops._alloc.alloc_outputs``); rows that see no key give 0 and -inf.
 
     Raises:
         TypeError: unsupported dtype. ValueError: unsupported head dim.
@@ -107,18 +97,15 @@ def segment_attention_fwd_cuda(
     """
     _check(q)
     out, lse = alloc_outputs(q)
-    b, hq, n, _ = q.shape
-    if b * hq * n == 0:
-        out.zero_()
-        lse.fill_(float("-inf"))
-        return out, lse
-    cuda_build.load_extension()
+    if is_empty(q):
+        return empty_attention_outputs(out, lse)
+    _extension.load_extension()
     q, k, v = _fit(q), _fit(k), _fit(v)
     prefix_k, prefix_v = _prefix(prefix_k, prefix_v)
     torch.ops.rmt_kernels.segment_attention_fwd_cuda(
         q, k, v, prefix_k, prefix_v, kernel_lengths(segment_lengths, q.device), out, lse,
         layout.num_read, layout.num_write, MASK_CODES[layout.mask], layout.prefix_visible_to == "all",
-        float(scale), cuda_build.current_stream(q.device),
+        float(scale), _extension.current_stream(q.device),
     )
     return out, lse
 
@@ -145,7 +132,7 @@ def segment_attention_bwd_cuda(
         need_prefix_grad: compute the prefix gradients (a detached prefix still feeds ``dq``).
 
     Returns:
-        ``(dq, dk, dv, dprefix_k, dprefix_v)`` contiguous, in q's dtype; the prefix gradients are None
+        ``(dq, dk, dv, dprefix_k, dprefix_v)`` stored ``[B, N, H, D]``, in q's dtype; the prefix gradients are None
         without a prefix or without ``need_prefix_grad``.
 
     Raises:
@@ -157,34 +144,18 @@ def segment_attention_bwd_cuda(
         ...                                               layout, 0.125, False)
     """
     _check(q)
-    b, hq, n, _ = q.shape
     p = 0 if prefix_k is None else prefix_k.shape[2]
-    dq, dk, dv, dpk, dpv = alloc_grads(q, k, v, prefix_k, prefix_v, p > 0 and need_prefix_grad)
-    if b * hq * n == 0:
-        for t in (dq, dk, dv, dpk, dpv):
-            if t is not None:
-                t.zero_()
-        return dq, dk, dv, dpk, dpv
-    cuda_build.load_extension()
+    dq, dk, dv, dpk, dpv = alloc_grads(q, k, prefix_k if p > 0 and need_prefix_grad else None)
+    if is_empty(q):
+        return zero_grads(dq, dk, dv, dpk, dpv)
+    _extension.load_extension()
     dout, q, k, v = _fit(dout), _fit(q), _fit(k), _fit(v)
     prefix_k, prefix_v = _prefix(prefix_k, prefix_v)
     torch.ops.rmt_kernels.segment_attention_bwd_cuda(
         dout, q, k, v, prefix_k, prefix_v, kernel_lengths(segment_lengths, q.device), out, lse,
         dq, dk, dv, dpk, dpv,
         layout.num_read, layout.num_write, MASK_CODES[layout.mask], layout.prefix_visible_to == "all",
-        float(scale), cuda_build.current_stream(q.device),
+        float(scale), _extension.current_stream(q.device),
     )
     return dq, dk, dv, dpk, dpv
 
-
-backends.register(
-    OP,
-    "cuda",
-    backends.BackendImpl(
-        fwd=segment_attention_fwd_cuda,
-        bwd=segment_attention_bwd_cuda,
-        dtypes=DTYPES,
-        head_dims=HEAD_DIMS,
-        devices=("cuda",),
-    ),
-)

@@ -12,31 +12,40 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ... import backends
+from ... import _extension, backends
 from ..._checks import check_attention_inputs
 from ...layout import MemoryLayout
-from .torch_impl import (
-    alloc_outputs,
-    as_bnhd,
-    empty_bnhd,
-    segment_attention_bwd_torch,
-    segment_attention_fwd_torch,
-)
-from . import cuda as _cuda  # noqa: F401  registers backend "cuda"; loads no extension until used
-from . import triton_launch as _triton_launch  # noqa: F401  registers "triton"; imports triton on first launch
+from .._alloc import alloc_outputs, as_bnhd, empty_bnhd
+from . import cuda, torch_impl, triton_launch
 
 OP = "segment_attention"
 
-backends.register(
-    OP,
-    "torch",
-    backends.BackendImpl(
-        fwd=segment_attention_fwd_torch,
-        bwd=segment_attention_bwd_torch,
+# The backends of this op: each entry names its launchers. Importing triton_launch and cuda imports
+# neither triton nor the extension; they load on the first launch.
+BACKEND_TABLE = backends.register_op(OP, {
+    "torch": backends.BackendImpl(
+        fwd=torch_impl.segment_attention_fwd_torch,
+        bwd=torch_impl.segment_attention_bwd_torch,
         dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
         devices=("cpu", "cuda", "mps", "xpu"),
     ),
-)
+    "triton": backends.BackendImpl(
+        fwd=triton_launch.segment_attention_fwd_triton,
+        bwd=triton_launch.segment_attention_bwd_triton,
+        dtypes=triton_launch.DTYPES,
+        head_dims=triton_launch.HEAD_DIMS,
+        devices=("cpu", "cuda"),
+        status=backends.triton_status,
+    ),
+    "cuda": backends.BackendImpl(
+        fwd=cuda.segment_attention_fwd_cuda,
+        bwd=cuda.segment_attention_bwd_cuda,
+        dtypes=cuda.DTYPES,
+        head_dims=cuda.HEAD_DIMS,
+        devices=("cuda",),
+        status=_extension.cuda_status,
+    ),
+})
 
 
 def _layout(num_read, num_write, mask, prefix_visible_to) -> MemoryLayout:
@@ -59,7 +68,7 @@ def segment_attention_fwd_op(
     backend: str,
 ) -> Tuple[Tensor, Tensor]:
     layout = _layout(num_read, num_write, mask, prefix_visible_to)
-    fwd = backends.get_impl(OP, backend).fwd
+    fwd = BACKEND_TABLE[backend].fwd
     return fwd(q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale)
 
 
@@ -88,7 +97,7 @@ def segment_attention_bwd_op(
     need_prefix_grad: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     layout = _layout(num_read, num_write, mask, prefix_visible_to)
-    bwd = backends.get_impl(OP, backend).bwd
+    bwd = BACKEND_TABLE[backend].bwd
     dq, dk, dv, dpk, dpv = bwd(
         dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, layout, scale, need_prefix_grad
     )
@@ -190,7 +199,7 @@ def segment_attention(
     if not isinstance(q, Tensor):
         raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
     name = backends.resolve_backend(OP, backend, q.device)
-    impl = backends.get_impl(OP, name)
+    impl = BACKEND_TABLE[name]
     shape = check_attention_inputs(
         q, k, v, layout, segment_lengths, prefix_k, prefix_v, scale,
         dtypes=impl.dtypes, head_dims=impl.head_dims, backend=name,

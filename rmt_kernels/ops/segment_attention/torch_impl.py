@@ -21,50 +21,10 @@ from typing import Optional
 import torch
 
 from ...layout import MemoryLayout
+from .._alloc import accum_dtype, alloc_outputs, empty_bnhd, is_bnhd
 
 _cpu_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _cpu_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-
-
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def empty_bnhd(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """An uninitialised ``[B, H, N, D]`` tensor stored as ``[B, N, H, D]``: the layout of every output
-    and gradient of this op (a model's projections are ``[B, N, H * D]``, so gradients in this layout
-    flow back through their ``view``/``transpose`` without copies)."""
-    b, h, n, d = shape
-    return torch.empty((b, n, h, d), dtype=dtype, device=device).transpose(1, 2)
-
-
-def is_bnhd(t: torch.Tensor) -> bool:
-    return t.transpose(1, 2).is_contiguous()
-
-
-def as_bnhd(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when it is stored as ``[B, N, H, D]``, else a copy that is."""
-    if is_bnhd(t):
-        return t
-    out = empty_bnhd(t.shape, t.dtype, t.device)
-    out.copy_(t)
-    return out
-
-
-def kernel_lengths(segment_lengths: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
-    """``segment_lengths`` as the Triton and CUDA kernels read it: contiguous int32 on ``device``."""
-    if segment_lengths is None:
-        return None
-    return segment_lengths.to(device=device, dtype=torch.int32).contiguous()
-
-
-def alloc_outputs(q: torch.Tensor):
-    """Output ``[B, H_q, N, D]`` (stored as ``[B, N, H_q, D]``, as the kernels write it) and
-    log-sum-exp ``[B, H_q, N]`` (stored ``[B, N, H_q]``). Every backend and the fake use this."""
-    b, h, n, d = q.shape
-    out = empty_bnhd(q.shape, q.dtype, q.device)
-    lse = torch.empty((b, n, h), dtype=lse_dtype(q.dtype), device=q.device).transpose(1, 2)
-    return out, lse
 
 
 # --------------------------------------------------------------------------- one block
@@ -73,7 +33,7 @@ def alloc_outputs(q: torch.Tensor):
 def _math_block_fwd(q, k, v, causal: bool, scale: float):
     b, hq, m, d = q.shape
     hkv, kn = k.shape[1], k.shape[2]
-    cdt = lse_dtype(q.dtype)
+    cdt = accum_dtype(q.dtype)
     qf = q.to(cdt).reshape(b, hkv, hq // hkv, m, d)
     s = torch.matmul(qf, k.to(cdt).transpose(-1, -2)[:, :, None]) * scale  # [B, Hkv, G, M, K]
     if causal:
@@ -87,7 +47,7 @@ def _math_block_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
     b, hq, m, d = q.shape
     hkv, kn = k.shape[1], k.shape[2]
     g = hq // hkv
-    cdt = lse_dtype(q.dtype)
+    cdt = accum_dtype(q.dtype)
     qf = q.to(cdt).reshape(b, hkv, g, m, d)
     kf, vf = k.to(cdt)[:, :, None], v.to(cdt)[:, :, None]
     dof = do.to(cdt).reshape(b, hkv, g, m, d)
@@ -280,7 +240,7 @@ def segment_attention_bwd_torch(
         if len(blocks) == 1 and _is_whole(blocks[0], n):
             return (*_block_bwd(dout, q, k, v, out, lse, blocks[0].causal, scale), None, None)
 
-    acc = lse_dtype(q.dtype)
+    acc = accum_dtype(q.dtype)
     dq, dk, dv = _Accumulator(q, acc), _Accumulator(k, acc), _Accumulator(v, acc)
     want_prefix = p > 0 and need_prefix_grad
     dpk = _Accumulator(prefix_k, acc) if want_prefix else None

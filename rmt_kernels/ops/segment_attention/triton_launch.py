@@ -1,6 +1,6 @@
 """Launchers of the Triton segment attention, and its registration as backend ``"triton"``.
 
-The launchers allocate outputs (``torch_impl.alloc_outputs`` for the forward), check what the kernels
+The launchers allocate outputs and gradients (``ops._alloc``), check what the kernels
 need of their inputs, pass every stride, pick the grid and the configuration, and run the kernels of
 ``triton_fwd.py`` / ``triton_bwd.py``. They do no autograd (that is ``interface.py``'s custom op).
 
@@ -16,8 +16,16 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ... import backends
+from ...errors import BackendUnavailableError
 from ...layout import MASK_CODES, MemoryLayout
-from . import torch_impl
+from .._alloc import (
+    alloc_grads,
+    alloc_outputs,
+    empty_attention_outputs,
+    is_empty,
+    kernel_lengths,
+    zero_grads,
+)
 
 OP = "segment_attention"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -46,7 +54,7 @@ def _check_device(t: torch.Tensor) -> None:
     if t.device.type == "cpu" and _interpreting():
         return
     reason = backends.triton_status(t.device)[1]
-    raise backends.BackendUnavailableError(f"the triton backend of {OP} cannot run on {t.device}: {reason}")
+    raise BackendUnavailableError(f"the triton backend of {OP} cannot run on {t.device}: {reason}")
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k, prefix_v) -> None:
@@ -212,7 +220,7 @@ def segment_attention_fwd_triton(
 
     Returns:
         ``(out, lse)``: ``[B, H_q, N, D]`` in q's dtype and the float32 natural log-sum-exp
-        ``[B, H_q, N]`` (layouts of ``alloc_outputs``); ``(out, lse, trace)`` with ``trace``.
+        ``[B, H_q, N]`` (layouts of ``ops._alloc.alloc_outputs``); ``(out, lse, trace)`` with ``trace``.
 
     Raises:
         TypeError: unsupported or mismatched dtypes. ValueError: unsupported head dim.
@@ -229,17 +237,16 @@ def segment_attention_fwd_triton(
     b, hq, n, d = q.shape
     s = layout.segment_len(n)
     p = 0 if prefix_k is None else prefix_k.shape[2]
-    out, lse = torch_impl.alloc_outputs(q)
+    out, lse = alloc_outputs(q)
     q, k, v, prefix_k, prefix_v = (_fit(t) for t in (q, k, v, prefix_k, prefix_v))
-    lengths = torch_impl.kernel_lengths(segment_lengths, q.device)
+    lengths = kernel_lengths(segment_lengths, q.device)
     kernel, meta = _select(fwd_mod._segment_attention_fwd_kernel, fwd_mod.fwd_configs, _TUNE_KEY, q, config, trace)
     trace_buf = None
     if trace:
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
         trace_buf = torch.zeros((b, hq, _cdiv(n, bm), _cdiv(p, bn) + _cdiv(n, bn)), dtype=torch.int32, device=q.device)
-    if b * hq * n == 0:
-        out.zero_()
-        lse.fill_(float("-inf"))
+    if is_empty(q):
+        out, lse = empty_attention_outputs(out, lse)
         return (out, lse, trace_buf) if trace else (out, lse)
     dummy = q
     kernel[lambda m: (_cdiv(n, m["BLOCK_M"]), hq, b)](
@@ -262,19 +269,6 @@ def segment_attention_fwd_triton(
 
 
 # --------------------------------------------------------------------------- backward
-
-
-def _bwd_buffers(q: torch.Tensor, k: torch.Tensor, prefix_k: Optional[torch.Tensor]):
-    """``(dq, dk, dv, dprefix_k, dprefix_v, delta)``: gradients in q's dtype stored ``[B, N, H, D]``
-    like the outputs (``torch_impl.empty_bnhd``; prefix ones None without ``prefix_k``) and the float32
-    ``delta [B, H_q, N]``; every element is written by the kernels."""
-    def grad(shape):
-        return torch_impl.empty_bnhd(shape, q.dtype, q.device)
-
-    dpk = grad(prefix_k.shape) if prefix_k is not None else None
-    dpv = grad(prefix_k.shape) if prefix_k is not None else None
-    delta = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    return grad(q.shape), grad(k.shape), grad(k.shape), dpk, dpv, delta
 
 
 def segment_attention_bwd_triton(
@@ -307,7 +301,7 @@ def segment_attention_bwd_triton(
             ``[B, H_kv, key blocks, cdiv(N, BLOCK_M)]`` (query tiles per key block).
 
     Returns:
-        ``(dq, dk, dv, dprefix_k, dprefix_v)`` contiguous, in q's dtype; the prefix gradients are None
+        ``(dq, dk, dv, dprefix_k, dprefix_v)`` stored ``[B, N, H, D]``, in q's dtype; the prefix gradients are None
         without a prefix or without ``need_prefix_grad``.
 
     Raises:
@@ -325,14 +319,12 @@ def segment_attention_bwd_triton(
     s = layout.segment_len(n)
     p = 0 if prefix_k is None else prefix_k.shape[2]
     want_prefix = p > 0 and need_prefix_grad
-    dq, dk, dv, dpk, dpv, delta = _bwd_buffers(q, k, prefix_k if want_prefix else None)
-    if b * hq * n == 0:
-        for t in (dq, dk, dv, dpk, dpv):
-            if t is not None:
-                t.zero_()
-        return dq, dk, dv, dpk, dpv
+    dq, dk, dv, dpk, dpv = alloc_grads(q, k, prefix_k if want_prefix else None)
+    if is_empty(q):
+        return zero_grads(dq, dk, dv, dpk, dpv)
+    delta = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)  # rowsum(dO * O), every row written
     dout, q, k, v, prefix_k, prefix_v, out = (_fit(t) for t in (dout, q, k, v, prefix_k, prefix_v, out))
-    lengths = torch_impl.kernel_lengths(segment_lengths, q.device)
+    lengths = kernel_lengths(segment_lengths, q.device)
     config = config or {}
     common = _common_meta(q, layout, fwd_mod)
     dummy = q
@@ -389,15 +381,3 @@ def segment_attention_bwd_triton(
     grads = (dq, dk, dv, dpk, dpv)
     return (*grads, traces) if trace else grads
 
-
-backends.register(
-    OP,
-    "triton",
-    backends.BackendImpl(
-        fwd=segment_attention_fwd_triton,
-        bwd=segment_attention_bwd_triton,
-        dtypes=DTYPES,
-        head_dims=HEAD_DIMS,
-        devices=("cpu", "cuda"),
-    ),
-)

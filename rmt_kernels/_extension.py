@@ -1,4 +1,4 @@
-"""Build and load the CUDA extension ``rmt_kernels._C`` (the ``cuda`` backend), and ``rmt-kernels build``.
+"""Load (or build just in time) the CUDA extension ``rmt_kernels._C`` of the ``cuda`` backend.
 
 Two ways to get the extension:
 
@@ -14,25 +14,24 @@ Architectures: ``RMT_KERNELS_CUDA_ARCHS`` (e.g. ``"8.0;9.0a"``) if set, else tor
 (``TORCH_CUDA_ARCH_LIST``, else the visible GPUs). Parallel compile jobs: ``MAX_JOBS``, else
 ``RMT_KERNELS_MAX_JOBS``, else 2.
 
-Nothing here is imported by ``import rmt_kernels``, and nothing is compiled before it is asked for.
+Nothing is compiled before it is asked for. The ``rmt-kernels build`` command is
+:mod:`rmt_kernels.tools.build`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
 import importlib.util
 import os
 import re
-import sys
 import threading
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
 import torch
 
-from ..backends import BackendUnavailableError
+from .errors import BackendUnavailableError
 
 ENV_CACHE_DIR = "RMT_KERNELS_CACHE_DIR"
 ENV_ARCHS = "RMT_KERNELS_CUDA_ARCHS"
@@ -48,7 +47,7 @@ _load_lock = threading.Lock()
 def csrc_dir() -> Path:
     """The ``csrc/`` sources: shipped inside an installed package (``rmt_kernels/csrc``) or, from a
     source checkout, next to the package. Raises FileNotFoundError when neither exists."""
-    package = Path(__file__).resolve().parents[1]
+    package = Path(__file__).resolve().parent
     for candidate in (package / "csrc", package.parent / "csrc"):
         if (candidate / "bindings.cpp").is_file():
             return candidate
@@ -223,29 +222,21 @@ def current_stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-# --------------------------------------------------------------------------- rmt-kernels build
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        "Build the CUDA extension rmt_kernels._C just in time into the cache directory (what the first "
-        "use of backend='cuda' would do), or report the ahead-of-time build if one is installed."
-    )
-    parser.add_argument("--archs", default=None,
-                        help="CUDA architectures, e.g. '8.0;9.0a' (default: RMT_KERNELS_CUDA_ARCHS, else torch's choice)")
-    parser.add_argument("--cache-dir", default=None, help=f"build directory (default: {ENV_CACHE_DIR} or ~/.cache/rmt_kernels/...)")
-    parser.add_argument("--verbose", action="store_true", help="show the compiler commands")
-
-
-def run(args) -> int:
+def cuda_status(device: torch.device) -> Tuple[bool, str]:
+    """Whether the extension ``rmt_kernels._C`` can run on ``device``: installed (built ahead of
+    time), or buildable just in time on first use (CUDA torch, nvcc, ninja)."""
+    if torch.version.cuda is None:
+        return False, "this torch is a CPU-only build; the CUDA backend needs a CUDA build of torch and nvcc"
+    if device.type != "cuda":
+        return False, f"the CUDA backend needs CUDA tensors, got {device.type}"
+    if not torch.cuda.is_available():
+        return False, "torch sees no CUDA device"
     if aot_available():
-        print(f"{AOT_MODULE} is installed (built ahead of time): {importlib.util.find_spec(AOT_MODULE).origin}")
-        return 0
-    try:
-        archs = parse_archs(args.archs) if args.archs else None
-        path = build(archs=archs, verbose=args.verbose, directory=Path(args.cache_dir) if args.cache_dir else None)
-    except (BackendUnavailableError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"built {AOT_MODULE} just in time: {path}")
-    return 0
+        return True, "extension rmt_kernels._C (built ahead of time)"
+    ok, reason = jit_status()
+    if not ok:
+        return False, (
+            f"the extension rmt_kernels._C is not built and cannot be built just in time here ({reason}); "
+            "build it with RMT_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation . or `rmt-kernels build`"
+        )
+    return True, f"extension rmt_kernels._C, {reason}"

@@ -89,7 +89,7 @@ class Result:
 
 def _kernel_table():
     """name -> (jit function, configs function or None, fixed constexprs)."""
-    from .ops.segment_attention import triton_bwd, triton_fwd
+    from ..ops.segment_attention import triton_bwd, triton_fwd
 
     flags = dict(MASK=1, PREFIX_ALL=False, HAS_LENGTHS=True, UPCAST=False, TRACE=False)
     return {
@@ -137,8 +137,8 @@ def _torch_dtype(name: str):
 
 def jobs_for(arch: int, quick: bool) -> List[Job]:
     """Every (kernel, dtype, head dim, config) the launchers can run on ``arch``."""
-    from .ops.segment_attention import triton_bwd
-    from .ops.segment_attention.triton_launch import HEAD_DIMS
+    from ..ops.segment_attention import triton_bwd
+    from ..ops.segment_attention.triton_launch import HEAD_DIMS
 
     head_dims = QUICK_HEAD_DIMS if quick else HEAD_DIMS
     dtypes = QUICK_DTYPES if quick else DTYPES
@@ -217,7 +217,7 @@ def compile_job(job: Job) -> Result:
 
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")  # triton 3.9's notice, per compile
 
-    from .ops.segment_attention.triton_launch import _block_d, _dot_precision
+    from ..ops.segment_attention.triton_launch import _block_d, _dot_precision
 
     fn, _, flags = _kernel_table()[job.kernel]
     cfg = dict(job.config)

@@ -46,7 +46,7 @@ _TYPE_NAMES = {"__half": "fp16", "__nv_bfloat16": "bf16", "f": "fp32", "uint4": 
 
 
 def csrc_dir() -> Path:
-    from .ops.cuda_build import csrc_dir as find
+    from .._extension import csrc_dir as find
 
     return find()
 

@@ -1,0 +1,170 @@
+"""Launchers of the Triton memory-handoff kernels (``triton_fwd.py``, ``triton_bwd.py``).
+
+Same contract as ``torch_impl`` and ``cuda``: validated inputs, outputs allocated here (or the
+caller's ``out``), no autograd. Importing this module does not import triton: the kernel modules are
+imported on the first launch, so ``import rmt_kernels`` works without triton and without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .._alloc import accum_dtype
+
+# Elements of one tile: 16 KiB of float32 / 8 KiB of 16-bit data per load, enough in flight per
+# program to cover memory latency without spilling.
+_TILE_ELEMS = 4096
+_MAX_BLOCK_D = 512
+_NUM_WARPS = 4
+
+
+def _block_d(dim: int) -> int:
+    """Power-of-two chunk of ``d``: the largest one up to ``_MAX_BLOCK_D`` that divides ``d`` (no
+    masked tail lanes, e.g. 256 for d=768), else the next power of two (masked tail)."""
+    for cand in (512, 256, 128, 64):
+        if cand <= _MAX_BLOCK_D and dim % cand == 0:
+            return cand
+    return min(_next_pow2(max(dim, 1)), _MAX_BLOCK_D)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _block_rows(rows: int, batch: int, block_d: int, device: torch.device) -> int:
+    """Rows per program: as many as fill one tile, fewer when that would leave the GPU's SMs idle
+    (small batches at short lengths)."""
+    br = max(1, _TILE_ELEMS // block_d)
+    if device.type == "cuda":
+        target = 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        while br > 1 and _cdiv(rows, br) * batch < target:
+            br //= 2
+    return br
+
+
+def _strides3(t: torch.Tensor):
+    """``(stride_b, stride_n, stride_d)`` of a ``[B, n, d]`` or broadcast ``[n, d]`` tensor."""
+    if t.dim() == 2:
+        return 0, t.stride(0), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _kernels():
+    """The kernel modules, imported on first use (they import triton)."""
+    from . import triton_bwd, triton_fwd
+
+    return triton_fwd, triton_bwd
+
+
+def _launch_pack(out, seg_src, ids, read, write, num_read, num_write, tied, segment_len, from_ids):
+    batch, n, dim = out.shape
+    if out.numel() == 0:
+        return out
+    if tied:
+        write = read
+    has_read, has_write = num_read > 0, num_write > 0
+    # Absent sources are never dereferenced (HAS_READ/HAS_WRITE are compile-time off); pass `out` as
+    # a placeholder pointer with zero strides.
+    read_t = read if has_read else out
+    write_t = write if has_write else out
+    sr = _strides3(read) if has_read else (0, 0, 0)
+    sw = _strides3(write) if has_write else (0, 0, 0)
+    if from_ids:
+        ss = (0, seg_src.stride(0), seg_src.stride(1))
+        si = (ids.stride(0), ids.stride(1))
+        ids_t = ids
+    else:
+        ss = _strides3(seg_src)
+        si = (0, 0)
+        ids_t = out
+    block_d = _block_d(dim)
+    block_rows = _block_rows(n, batch, block_d, out.device)
+    grid = (_cdiv(n, block_rows), batch)
+    _kernels()[0]._pack_segment_fwd_kernel[grid](
+        out, seg_src, ids_t, read_t, write_t,
+        num_read, segment_len, num_write, dim,
+        *out.stride(), *ss, *si, *sr, *sw,
+        FROM_IDS=from_ids, HAS_READ=has_read, HAS_WRITE=has_write,
+        BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=_NUM_WARPS,
+    )
+    return out
+
+
+def pack_fwd_triton(segment, read, write, num_read, num_write, tied, out):
+    """Triton launcher of ``pack_segment``: fills ``out`` ``[B, N, d]`` (inputs validated)."""
+    return _launch_pack(out, segment, None, read, write, num_read, num_write, tied, segment.shape[1], False)
+
+
+def pack_ids_fwd_triton(input_ids, weight, read, write, num_read, num_write, tied, out):
+    """Triton launcher of ``pack_segment_from_ids``: the segment rows are gathered from ``weight``."""
+    return _launch_pack(out, weight, input_ids, read, write, num_read, num_write, tied, input_ids.shape[1], True)
+
+
+def memory_grad_triton(grad, start, start2, rows, broadcast):
+    """Triton launcher of the memory gradient (the contract of ``torch_impl.memory_grad_torch``)."""
+    batch, _, dim = grad.shape
+    shape = (rows, dim) if broadcast else (batch, rows, dim)
+    dmem = torch.empty(shape, dtype=grad.dtype, device=grad.device)
+    if dmem.numel() == 0:
+        return dmem.zero_()
+    block_d = min(_block_d(dim), 128)
+    block_rows = max(1, min(_next_pow2(rows), _TILE_ELEMS // block_d // 4))
+    grid = (_cdiv(rows, block_rows), _cdiv(dim, block_d), 1 if broadcast else batch)
+    so = (0, *dmem.stride()) if broadcast else dmem.stride()
+    _kernels()[1]._pack_memory_grad_kernel[grid](
+        dmem, grad, batch, rows, dim, start, max(start2, 0),
+        *grad.stride(), *so,
+        TWO_SLOTS=start2 >= 0, REDUCE_BATCH=broadcast,
+        BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=_NUM_WARPS,
+    )
+    return dmem
+
+
+def embedding_grad_triton(grad, input_ids, num_weights, start, deterministic):
+    """Triton launcher of the embedding-weight gradient ``[V, d]`` (grad's dtype).
+
+    ``deterministic``: sort the ids and sum each id's rows in token order (one writer per row);
+    otherwise float32 atomics. Either way the accumulation is float32.
+    """
+    batch, seg_len = input_ids.shape
+    dim = grad.shape[2]
+    if deterministic:
+        dw = torch.zeros((num_weights, dim), dtype=grad.dtype, device=grad.device)
+        total = batch * seg_len
+        if total == 0 or dim == 0:
+            return dw
+        sorted_ids, order = torch.sort(input_ids.reshape(-1), stable=True)
+        block_d = min(_block_d(dim), 256)
+        grid = (total, _cdiv(dim, block_d))
+        _kernels()[1]._embedding_grad_sorted_kernel[grid](
+            dw, grad, sorted_ids, order,
+            total, seg_len, dim, start,
+            *grad.stride(), *dw.stride(),
+            # One warp: 8 elements per thread along d, i.e. 16-byte accesses for 16-bit dtypes.
+            BLOCK_D=block_d, num_warps=1,
+        )
+        return dw
+    acc = accum_dtype(grad.dtype)
+    dw = torch.zeros((num_weights, dim), dtype=acc, device=grad.device)
+    if batch * seg_len and dim:
+        block_d = _block_d(dim)
+        block_t = max(1, min(_next_pow2(seg_len), _TILE_ELEMS // block_d))
+        _kernels()[1]._embedding_grad_atomic_kernel[(_cdiv(seg_len, block_t), batch)](
+            dw, grad, input_ids,
+            seg_len, dim, start,
+            *grad.stride(), *input_ids.stride(), *dw.stride(),
+            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=_NUM_WARPS,
+        )
+    return dw if dw.dtype == grad.dtype else dw.to(grad.dtype)

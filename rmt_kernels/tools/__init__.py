@@ -1,0 +1,1 @@
+"""One module per ``rmt-kernels`` command (``cli.py`` only parses arguments and dispatches)."""
