@@ -1,15 +1,23 @@
-"""The pure-PyTorch reference: SPEC.md in code.
+"""The pure-PyTorch references of every op: SPEC.md in code.
 
-Tests and benchmarks import it; nobody copies it. It builds the dense mask from
-:class:`~rmt_kernels.layout.MemoryLayout` and computes attention in float32 (float64 for float64 inputs),
-which is slow and O(N^2) in memory by design.
+- :func:`segment_attention_ref`: attention with the dense mask of
+  :class:`~rmt_kernels.layout.MemoryLayout`, in float32 (float64 for float64 inputs); slow and O(N^2)
+  in memory by design;
+- :func:`pack_segment_ref`, :func:`pack_segment_from_ids_ref`: the handoff as ``torch.cat`` (and
+  ``F.embedding``);
+- :func:`segment_split_ref`, :func:`recurrent_ref`: the official RMT wrapper's segmentation and its
+  unrolled loop (SPEC §3), what :class:`~rmt_kernels.recurrent.SegmentDriver` must equal.
+
+Tests and benchmarks import these; nobody copies them.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ._checks import check_attention_inputs
 from .layout import MemoryLayout
@@ -83,3 +91,111 @@ def segment_attention_ref(
         return out
     lse = torch.where(has_key, row_max + torch.log(safe), torch.full_like(denom, float("-inf")))
     return out, lse.squeeze(-1).to(torch.float64 if cdt == torch.float64 else torch.float32)
+
+
+# --------------------------------------------------------------------------- memory handoff
+
+
+def pack_segment_ref(
+    segment: torch.Tensor,
+    layout: MemoryLayout,
+    read_memory: Optional[torch.Tensor] = None,
+    write_memory: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``torch.cat([read_memory, segment, write_memory], dim=1)`` with ``[M, d]`` memories broadcast
+    over the batch: what :func:`~rmt_kernels.pack_segment` computes (memories present iff the layout
+    has the block). Differentiable through autograd's own ``cat``/``expand``.
+
+    Example::
+
+        >>> mem = torch.randn(2, 8)
+        >>> pack_segment_ref(torch.randn(3, 5, 8), MemoryLayout(2, 2), mem, mem).shape
+        torch.Size([3, 9, 8])
+    """
+    batch = segment.shape[0]
+    parts = []
+    if layout.num_read:
+        parts.append(read_memory.expand(batch, *read_memory.shape[-2:]))
+    parts.append(segment)
+    if layout.num_write:
+        parts.append(write_memory.expand(batch, *write_memory.shape[-2:]))
+    return torch.cat(parts, dim=1)
+
+
+def pack_segment_from_ids_ref(
+    input_ids: torch.Tensor,
+    embedding_weight: torch.Tensor,
+    layout: MemoryLayout,
+    read_memory: Optional[torch.Tensor] = None,
+    write_memory: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """:func:`pack_segment_ref` of ``F.embedding(input_ids, embedding_weight)``."""
+    return pack_segment_ref(F.embedding(input_ids, embedding_weight), layout, read_memory, write_memory)
+
+
+# --------------------------------------------------------------------------- the recurrent loop
+
+
+def segment_split_ref(x: torch.Tensor, segment_size: int, alignment: Optional[str] = None) -> List[torch.Tensor]:
+    """The official wrapper's ``split_tensor`` along dim 1: ``None``/``"left"`` segments of
+    ``segment_size`` from the start (the last one shorter), ``"right"`` from the end (the first one
+    shorter), ``"center"`` ``torch.chunk`` into ``ceil(T / segment_size)`` chunks."""
+    if alignment in ("left", None):
+        edges = list(range(0, x.shape[1], segment_size)) + [x.shape[1]]
+    elif alignment == "right":
+        edges = (list(range(x.shape[1], 0, -segment_size)) + [0])[::-1]
+    else:
+        return list(torch.chunk(x, math.ceil(x.shape[1] / segment_size), dim=1))
+    return [x[:, a:b] for a, b in zip(edges, edges[1:])]
+
+
+def recurrent_ref(
+    backbone: Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor, Sequence[torch.Tensor]]],
+    memory: Optional[torch.Tensor],
+    inputs_embeds: torch.Tensor,
+    layout: MemoryLayout,
+    segment_size: int,
+    *,
+    k2: Optional[int] = -1,
+    max_n_segments: Optional[int] = None,
+    segment_alignment: Optional[str] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    write_memory: Optional[torch.Tensor] = None,
+):
+    """The official RMT loop, unrolled with ``torch.cat`` and dense masks (SPEC §3).
+
+    For each segment of ``segment_split_ref(inputs_embeds)``: pack ``[memory | x | memory]`` (or
+    ``[x | write_memory]`` without an R block, or a fixed ``write_memory`` W input), call
+    ``backbone(packed [B, N, d], mask [B, N, N] bool)`` (the layout's dense mask with the segment's
+    key padding from the right-padded 0/1 ``attention_mask [B, T]``), which returns ``(hidden
+    [B, N, d], outputs [B, N, V], layer_states)``; keep the segment rows of ``outputs`` and of every
+    layer state; the next memory is ``hidden``'s W rows, detached when ``i >= 1 and k2 not in (-1,
+    None) and i + k2 <= max_n_segments``.
+
+    Args:
+        memory: ``[M, d]`` (repeated over the batch) or ``[B, M, d]``; None only without an R block
+            and with ``write_memory``.
+
+    Returns:
+        ``(outputs [B, T, V], memory [B, M, d], layer_states)``: the segment rows concatenated, the
+        last memory, and one ``[B, T, d]`` tensor per layer state.
+    """
+    batch = inputs_embeds.shape[0]
+    r, w = layout.num_read, layout.num_write
+    segments = segment_split_ref(inputs_embeds, segment_size, segment_alignment)
+    masks = segment_split_ref(attention_mask, segment_size, segment_alignment) if attention_mask is not None else None
+    mem = memory.expand(batch, w, -1) if memory is not None and memory.dim() == 2 else memory
+    outs, states = [], []
+    for i, x in enumerate(segments):
+        s = x.shape[1]
+        w_in = mem if write_memory is None else write_memory.expand(batch, w, -1)
+        packed = pack_segment_ref(x, layout, mem, w_in)
+        lengths = masks[i].sum(1) if masks is not None else None
+        dense = layout.dense_mask(s, 0, lengths).expand(batch, -1, -1).to(packed.device)
+        hidden, out, layer_states = backbone(packed, dense)
+        outs.append(out[:, r : r + s])
+        states.append([h[:, r : r + s] for h in layer_states])
+        mem = hidden[:, r + s :]
+        if i >= 1 and k2 not in (-1, None) and i + k2 <= max_n_segments:
+            mem = mem.detach()
+    return torch.cat(outs, dim=1), mem, tuple(torch.cat(layer, 1) for layer in zip(*states))

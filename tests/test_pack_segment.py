@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from rmt_kernels import MemoryLayout, backends, pack_segment, pack_segment_from_ids, unpack_segment
 from rmt_kernels.ops.pack_segment import interface
-from tests.helpers import assert_close
+from tests.helpers import PACK_CASES, assert_close, cat_ref, leaf, make_memory, run_pack_case, up
 
 BACKENDS = [pytest.param("torch", id="torch"), pytest.param("triton", id="triton")]
 
@@ -28,85 +28,6 @@ def _poison_alloc(monkeypatch) -> None:
     monkeypatch.setattr(interface, "alloc_packed", lambda *a: alloc(*a).fill_(float("nan")))
 
 
-def _leaf(t: torch.Tensor) -> torch.Tensor:
-    """A leaf requiring grad with ``t``'s strides (sliced inputs stay non-contiguous)."""
-    return t.detach().requires_grad_()
-
-
-def _make_memory(kind: str, batch: int, rows: int, dim: int, dtype, device, sliced: bool):
-    """kind: "bcast" ([rows, d]), "batched" ([B, rows, d]), "none"."""
-    if kind == "none":
-        return None
-    if kind == "bcast":
-        base = torch.randn(rows + 3, dim + 5, dtype=torch.float64, device=device)
-        t = base[1 : rows + 1, 2 : dim + 2] if sliced else base[:rows, :dim].contiguous()
-    else:
-        base = torch.randn(batch, rows + 2, dim + 4, dtype=torch.float64, device=device)
-        t = base[:, 1 : rows + 1, 3 : dim + 3] if sliced else base[:, :rows, :dim].contiguous()
-    return _leaf(t.to(dtype))
-
-
-def _make_segment(batch, seg_len, dim, dtype, device, sliced: bool):
-    if sliced:  # [B, S, d] read out of a [S+, B, d+] buffer: every stride differs from the packed one
-        base = torch.randn(seg_len + 4, batch, dim + 6, dtype=torch.float64, device=device)
-        t = base[2 : seg_len + 2, :, 1 : dim + 1].transpose(0, 1)
-    else:
-        t = torch.randn(batch, seg_len, dim, dtype=torch.float64, device=device)
-    return _leaf(t.to(dtype))
-
-
-def _cat_ref(seg_rows, read, write, batch):
-    parts = []
-    if read is not None:
-        parts.append(read.expand(batch, *read.shape[-2:]))
-    parts.append(seg_rows)
-    if write is not None:
-        parts.append(write.expand(batch, *write.shape[-2:]))
-    return torch.cat(parts, dim=1)
-
-
-def _up(t):
-    return None if t is None else _leaf(t.detach().to(torch.float64))
-
-
-# (B, S, d, R, W, read kind, write kind ("tied": the read tensor object), dtype, sliced inputs)
-PACK_CASES = [
-    pytest.param(2, 17, 48, 5, 5, "bcast", "tied", torch.float32, False, id="official-bcast-tied"),
-    pytest.param(3, 1, 32, 1, 1, "batched", "tied", torch.float32, True, id="S1-batched-tied-sliced"),
-    pytest.param(2, 63, 40, 4, 0, "batched", "none", torch.bfloat16, False, id="read-only-bf16"),
-    pytest.param(2, 64, 24, 0, 3, "none", "bcast", torch.float16, True, id="write-only-bcast-fp16-sliced"),
-    pytest.param(2, 65, 100, 2, 3, "bcast", "batched", torch.float32, True, id="separate-d100-sliced"),
-    pytest.param(1, 9, 16, 0, 0, "none", "none", torch.float32, False, id="no-memory"),
-    pytest.param(2, 0, 16, 2, 2, "batched", "tied", torch.float32, False, id="S0"),
-    pytest.param(4, 33, 64, 16, 16, "bcast", "bcast", torch.bfloat16, True, id="M16-two-bcast-bf16"),
-]
-
-
-def _run_pack_case(device, backend, batch, seg_len, dim, num_read, num_write, read_kind, write_kind, dtype, sliced):
-    layout = MemoryLayout(num_read, num_write, mask="causal")
-    seg = _make_segment(batch, seg_len, dim, dtype, device, sliced)
-    read = _make_memory(read_kind, batch, num_read, dim, dtype, device, sliced)
-    write = read if write_kind == "tied" else _make_memory(write_kind, batch, num_write, dim, dtype, device, sliced)
-
-    packed = pack_segment(seg, layout, read, write, backend=backend)
-    expected = _cat_ref(seg, read, write, batch)
-    assert packed.shape == (batch, num_read + seg_len + num_write, dim)
-    assert torch.equal(packed, expected), "pack is a copy: it must be exact"
-
-    grad = torch.randn(packed.shape, dtype=torch.float64, device=device).to(dtype)
-    inputs = [t for t in (seg, read, write) if t is not None]
-    inputs = list(dict.fromkeys(inputs))  # the tied tensor once
-    got = torch.autograd.grad(packed, inputs, grad)
-    baseline = torch.autograd.grad(expected, inputs, grad)
-    up = {id(t): _up(t) for t in inputs}
-    ref64 = _cat_ref(up[id(seg)], up.get(id(read)), up.get(id(write)), batch)
-    reference = torch.autograd.grad(ref64, [up[id(t)] for t in inputs], grad.to(torch.float64))
-    for k, (g, b, rf) in enumerate(zip(got, baseline, reference)):
-        assert g.shape == inputs[k].shape and g.dtype == dtype
-        if g.numel():  # (assert_close cannot take an empty baseline)
-            assert_close(g, rf, b, name=f"grad[{k}]")
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("batch,seg_len,dim,num_read,num_write,read_kind,write_kind,dtype,sliced", PACK_CASES)
 def test_pack_segment_matches_cat(
@@ -114,7 +35,7 @@ def test_pack_segment_matches_cat(
 ):
     _require("pack_segment", backend, "cpu")
     _poison_alloc(monkeypatch)
-    _run_pack_case("cpu", backend, batch, seg_len, dim, num_read, num_write, read_kind, write_kind, dtype, sliced)
+    run_pack_case("cpu", backend, batch, seg_len, dim, num_read, num_write, read_kind, write_kind, dtype, sliced)
 
 
 def test_pack_segment_segment_grad_is_a_view():
@@ -151,17 +72,17 @@ def test_pack_from_ids_matches_embedding(
     ids_base = torch.randint(0, vocab, (batch, 2 * seg_len + 1), dtype=id_dtype)
     ids = ids_base[:, 1::2] if sliced else ids_base[:, :seg_len].contiguous()
     w_base = torch.randn(vocab, dim + 3, dtype=torch.float64)
-    weight = _leaf((w_base[:, 2 : dim + 2] if sliced else w_base[:, :dim].contiguous()).to(dtype))
-    read = _make_memory(mem_kind, batch, num_read, dim, dtype, "cpu", sliced) if num_read else None
+    weight = leaf((w_base[:, 2 : dim + 2] if sliced else w_base[:, :dim].contiguous()).to(dtype))
+    read = make_memory(mem_kind, batch, num_read, dim, dtype, "cpu", sliced) if num_read else None
     write = read if (num_read and num_write) else (
-        _make_memory(mem_kind, batch, num_write, dim, dtype, "cpu", sliced) if num_write else None
+        make_memory(mem_kind, batch, num_write, dim, dtype, "cpu", sliced) if num_write else None
     )
 
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
     try:
         packed = pack_segment_from_ids(ids, weight, layout, read, write, backend=backend)
-        expected = _cat_ref(F.embedding(ids, weight), read, write, batch)
+        expected = cat_ref(F.embedding(ids, weight), read, write, batch)
         assert torch.equal(packed, expected)
         grad = torch.randn(packed.shape, dtype=torch.float64).to(dtype)
         inputs = list(dict.fromkeys(t for t in (weight, read, write) if t is not None))
@@ -170,9 +91,9 @@ def test_pack_from_ids_matches_embedding(
     finally:
         torch.use_deterministic_algorithms(previous)
     baseline = torch.autograd.grad(expected, inputs, grad)
-    up = {id(t): _up(t) for t in inputs}
-    ref64 = _cat_ref(F.embedding(ids, up[id(weight)]), up.get(id(read)), up.get(id(write)), batch)
-    reference = torch.autograd.grad(ref64, [up[id(t)] for t in inputs], grad.to(torch.float64))
+    ups = {id(t): up(t) for t in inputs}
+    ref64 = cat_ref(F.embedding(ids, ups[id(weight)]), ups.get(id(read)), ups.get(id(write)), batch)
+    reference = torch.autograd.grad(ref64, [ups[id(t)] for t in inputs], grad.to(torch.float64))
     for k, (g, b, rf) in enumerate(zip(got, baseline, reference)):
         assert g.shape == inputs[k].shape and g.dtype == dtype
         assert_close(g, rf, b, name=f"grad[{k}]")
@@ -190,13 +111,13 @@ def test_out_buffer(backend):
     out = big[:, 2:15, 4:20]  # non-contiguous destination
     res = pack_segment(seg, layout, mem, mem, out=out, backend=backend)
     assert res is out
-    assert torch.equal(out, _cat_ref(seg, mem, mem, 2))
+    assert torch.equal(out, cat_ref(seg, mem, mem, 2))
     assert torch.isnan(big[:, :2]).all() and torch.isnan(big[:, 15:]).all() and torch.isnan(big[:, :, :4]).all()
 
     weight, ids = torch.randn(9, 16), torch.randint(0, 9, (2, 7))
     out2 = torch.empty(2, 13, 16)
     assert pack_segment_from_ids(ids, weight, layout, mem, mem, out=out2, backend=backend) is out2
-    assert torch.equal(out2, _cat_ref(F.embedding(ids, weight), mem, mem, 2))
+    assert torch.equal(out2, cat_ref(F.embedding(ids, weight), mem, mem, 2))
 
 
 def test_out_buffer_under_autograd():
@@ -273,7 +194,7 @@ def test_out_overlapping_input_is_rejected():
     with pytest.raises(ValueError, match="overlaps"):
         pack_segment(seg, layout, mem, mem, out=store[78:94].view(2, 8, 8))
     # Disjoint parts of one storage are fine.
-    expected = _cat_ref(seg, mem, mem, 2)
+    expected = cat_ref(seg, mem, mem, 2)
     out = pack_segment(seg, layout, mem, mem, out=store[20:36].view(2, 8, 8))
     assert torch.equal(out, expected)
 
@@ -325,8 +246,8 @@ def test_torch_compile_fullgraph():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_pack_segment_cuda(backend):
     _require("pack_segment", backend, "cuda")
-    _run_pack_case("cuda", backend, 4, 1000, 768, 16, 16, "bcast", "tied", torch.bfloat16, True)
-    _run_pack_case("cuda", backend, 2, 127, 2048, 128, 0, "batched", "none", torch.float16, False)
+    run_pack_case("cuda", backend, 4, 1000, 768, 16, 16, "bcast", "tied", torch.bfloat16, True)
+    run_pack_case("cuda", backend, 2, 127, 2048, 128, 0, "batched", "none", torch.float16, False)
 
 
 @pytest.mark.cuda

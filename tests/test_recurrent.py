@@ -2,7 +2,6 @@
 dense-mask SDPA, the official wrapper's detach rule), through a tiny random transformer."""
 
 import copy
-import math
 import weakref
 
 import pytest
@@ -18,6 +17,7 @@ from rmt_kernels import (
     segment_attention,
 )
 from rmt_kernels.recurrent import memory_detached, segment_bounds
+from rmt_kernels.reference import recurrent_ref, segment_split_ref
 from tests.helpers import assert_close
 
 DTYPE = torch.float64
@@ -86,48 +86,27 @@ def driver_step(model, record=None):
 
 def official_split(t, segment_size, alignment):
     """The official wrapper's split_tensor, on a real tensor."""
-    if alignment in ("left", None):
-        inds = list(range(0, t.shape[1], segment_size)) + [t.shape[1]]
-        return [t[:, a:b] for a, b in zip(inds, inds[1:])]
-    if alignment == "right":
-        inds = (list(range(t.shape[1], 0, -segment_size)) + [0])[::-1]
-        return [t[:, a:b] for a, b in zip(inds, inds[1:])]
-    return list(torch.chunk(t, math.ceil(t.shape[1] / segment_size), dim=1))
+    return segment_split_ref(t, segment_size, alignment)
 
 
 def reference_run(model, memory, ids, segment_size, k2, max_n, attention_mask=None, alignment=None,
                   embeds=None, write_memory=None, num_read=None):
-    """Unrolled RMT: cat([mem, embed(x), mem]), causal + key-padding dense mask, next mem = W rows."""
+    """Unrolled RMT (``reference.recurrent_ref``): cat([mem, embed(x), mem]), causal + key-padding
+    dense mask, next mem = W rows."""
     m = memory.shape[-2] if memory is not None else write_memory.shape[-2]
-    r = m if num_read is None else num_read
-    batch = ids.shape[0]
-    seg_ids = official_split(ids, segment_size, alignment)
-    seg_emb = official_split(embeds, segment_size, alignment) if embeds is not None else None
-    seg_mask = official_split(attention_mask, segment_size, alignment) if attention_mask is not None else None
-    mem = memory.repeat(batch, 1, 1) if memory is not None and memory.dim() == 2 else memory
-    outs, states_all = [], []
-    for i, sid in enumerate(seg_ids):
-        s = sid.shape[1]
-        x = seg_emb[i] if seg_emb is not None else model.emb(sid)
-        w_in = mem if write_memory is None else write_memory.expand(batch, m, -1)
-        parts = ([mem] if r else []) + [x, w_in]
-        packed = torch.cat(parts, dim=1)
-        n = packed.shape[1]
-        key_ok = torch.ones(batch, n, dtype=torch.bool)
-        if seg_mask is not None:
-            key_ok[:, r : r + s] = seg_mask[i].bool()
-        dense = torch.ones(n, n, dtype=torch.bool).tril()[None] & key_ok[:, None, :]
+    layout = MemoryLayout(m if num_read is None else num_read, m, mask="causal")
 
-        def attend(q, k, v, dense=dense):
+    def backbone(packed, dense):
+        def attend(q, k, v):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=dense[:, None])
 
-        hidden, logits, states = model(packed, attend)
-        outs.append(logits[:, r : r + s])
-        states_all.append([h[:, r : r + s] for h in states])
-        mem = hidden[:, r + s :]
-        if i >= 1 and k2 not in (-1, None) and i + k2 <= max_n:
-            mem = mem.detach()
-    return torch.cat(outs, dim=1), mem, tuple(torch.cat(layer, 1) for layer in zip(*states_all))
+        return model(packed, attend)
+
+    return recurrent_ref(
+        backbone, memory, model.emb(ids) if embeds is None else embeds, layout, segment_size, k2=k2,
+        max_n_segments=max_n, segment_alignment=alignment, attention_mask=attention_mask,
+        write_memory=write_memory,
+    )
 
 
 def _grads(loss, model, extra):

@@ -14,7 +14,7 @@ import torch
 from rmt_kernels import MemoryLayout, backends, segment_attention
 from rmt_kernels.ops.segment_attention import cuda as cuda_impl
 
-from test_segment_attention_torch import DTYPE_LAYOUTS, EDGE_CASES, check_against_reference
+from helpers import DTYPE_LAYOUTS, EDGE_CASES, check_against_reference, strided_lowp
 
 MB = "memory_bidirectional"
 DEVICE = "cuda"
@@ -66,32 +66,6 @@ def test_cuda_backend_dtypes_and_head_dims(cuda_backend, layout, s, p, lengths, 
     b = 2 if lengths is None else len(lengths)
     q, k, v, pk, pv = cuda_inputs(b, heads, layout.seq_len(s), d, p, dtype)
     check_against_reference(layout, q, k, v, pk, pv, _lengths(lengths), backend="cuda")
-
-
-def strided_lowp(kind, b, heads, n, d, p, dtype, device):
-    """Inputs in ``dtype`` on ``device`` with the strides callers pass, each requiring grad through a
-    view, and an upstream gradient: ``(q, k, v, prefix_k, prefix_v, dout)``."""
-    hq, hkv = heads
-
-    def rnd(*shape):
-        return torch.randn(*shape).to(device, dtype).requires_grad_()
-
-    def plain(*shape):
-        return torch.randn(*shape).to(device, dtype)
-
-    if kind == "transposed":  # [B, N, H, D] projections read as [B, H, N, D]: no copy
-        return (rnd(b, n, hq, d).transpose(1, 2), rnd(b, n, hkv, d).transpose(1, 2), rnd(b, n, hkv, d).transpose(1, 2),
-                rnd(b, p, hkv, d).transpose(1, 2), rnd(b, p, hkv, d).transpose(1, 2), plain(b, n, hq, d).transpose(1, 2))
-    if kind == "sliced":  # cut out of larger buffers, head dim with stride 2 (the launcher copies)
-        return (rnd(b + 1, hq + 2, n + 5, 2 * d + 3)[1:, 1 : hq + 1, 3 : n + 3, 1 : 2 * d + 1 : 2],
-                rnd(b + 2, hkv + 1, n + 2, d + 8)[2:, 1:, 2:, 8:],
-                rnd(b, n, 3 * hkv, d)[:, :, ::3].transpose(1, 2),
-                rnd(b, hkv, p + 9, d)[:, :, 9:], rnd(b, hkv, 2 * p, d)[:, :, ::2],
-                plain(b, hq, n, 2 * d)[..., ::2])
-    assert kind == "expanded"  # shared keys and a learned null prefix broadcast over the batch
-    return (rnd(b, hq, n, d), rnd(1, hkv, n, d).expand(b, hkv, n, d), rnd(b, hkv, n, d),
-            rnd(hkv, p, d).expand(b, hkv, p, d), rnd(hkv, p, d).expand(b, hkv, p, d),
-            plain(1, hq, n, d).expand(b, hq, n, d))
 
 
 @pytest.mark.parametrize("kind", ["transposed", "sliced", "expanded"])

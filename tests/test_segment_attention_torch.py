@@ -8,83 +8,18 @@ the same-dtype eager reference (``segment_attention_ref(..., upcast=False)``) pl
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 
 from rmt_kernels import MemoryLayout, segment_attention, segment_attention_ref
 from rmt_kernels import backends
+from rmt_kernels.ops import _alloc
 from rmt_kernels.ops.segment_attention import interface, torch_impl
 
-from helpers import assert_close
+from helpers import DTYPE_LAYOUTS, EDGE_CASES, assert_close, check_against_reference, make_inputs
 
 MB = "memory_bidirectional"
-
-
-def check_against_reference(layout, q, k, v, prefix_k=None, prefix_v=None, lengths=None, scale=None, dout=None,
-                            backend="torch"):
-    """Run ``segment_attention`` on exactly these tensors (any strides; gradients are taken for those
-    that require grad) and compare output, log-sum-exp and gradients with the reference."""
-    named = {"q": q, "k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v}
-    wrt = [name for name, t in named.items() if t is not None and t.requires_grad]
-    kw = dict(segment_lengths=lengths, scale=scale)
-
-    out = segment_attention(q, k, v, layout, prefix_k=prefix_k, prefix_v=prefix_v, backend=backend, **kw)
-    assert out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
-    if dout is None:
-        dout = torch.randn(out.shape, dtype=out.dtype, device=out.device)
-    grads = torch.autograd.grad(out, [named[n] for n in wrt], dout) if wrt else []
-
-    def copies(convert):
-        return {
-            n: None if t is None else convert(t.detach()).requires_grad_(n in wrt) for n, t in named.items()
-        }
-
-    def reference(inputs, upcast, grad_out):
-        o, lse = segment_attention_ref(
-            inputs["q"], inputs["k"], inputs["v"], layout, prefix_k=inputs["prefix_k"],
-            prefix_v=inputs["prefix_v"], upcast=upcast, return_lse=True, **kw,
-        )
-        g = torch.autograd.grad(o, [inputs[n] for n in wrt], grad_out) if wrt else []
-        return o, lse, g
-
-    ref_out, ref_lse, ref_grads = reference(copies(lambda t: t.double()), True, dout.double())
-    base_out, base_lse, base_grads = reference(copies(lambda t: t.clone()), False, dout)
-
-    assert_close(out, ref_out, base_out, name="out")
-    for name, g, rg, bg in zip(wrt, grads, ref_grads, base_grads):
-        assert g.shape == named[name].shape and g.dtype == named[name].dtype, name
-        assert_close(g, rg, bg, name=f"d{name}")
-
-    # The log-sum-exp the backward relies on, from the custom op itself.
-    with torch.no_grad():
-        s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-        pk, pv = (prefix_k, prefix_v) if prefix_k is not None and prefix_k.shape[2] else (None, None)
-        out2, lse = interface.segment_attention_fwd_op(
-            q, k, v, pk, pv, lengths, layout.num_read, layout.num_write, layout.mask,
-            layout.prefix_visible_to, s, backend,
-        )
-    assert lse.shape == q.shape[:3]
-    assert lse.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
-    assert torch.equal(out2, out.detach())
-    finite = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), finite), "rows with no visible key must have lse -inf"
-    assert torch.isneginf(lse[~finite]).all()
-    assert_close(lse[finite], ref_lse[finite], base_lse[finite], name="lse", dtype=q.dtype)
-    return out
-
-
-def make_inputs(b, heads, n, d, p, dtype=torch.float32, prefix_grad=True):
-    hq, hkv = heads
-    q = torch.randn(b, hq, n, d, dtype=dtype, requires_grad=True)
-    k = torch.randn(b, hkv, n, d, dtype=dtype, requires_grad=True)
-    v = torch.randn(b, hkv, n, d, dtype=dtype, requires_grad=True)
-    pk = pv = None
-    if p:
-        pk = torch.randn(b, hkv, p, d, dtype=dtype, requires_grad=prefix_grad)
-        pv = torch.randn(b, hkv, p, d, dtype=dtype, requires_grad=prefix_grad)
-    return q, k, v, pk, pv
 
 
 class _TorchWithNaNEmpty:
@@ -105,6 +40,7 @@ def poisoned(nan_poison, monkeypatch):
     writes (or that is never zeroed) cannot pass by luck."""
     nan_poison(torch_impl, "alloc_outputs")
     monkeypatch.setattr(torch_impl, "torch", _TorchWithNaNEmpty())
+    monkeypatch.setattr(_alloc, "torch", _TorchWithNaNEmpty())  # the gradient buffers (empty_bnhd)
 
 
 def test_poisoned_buffers_start_as_nan(poisoned):
@@ -117,53 +53,6 @@ def test_poisoned_buffers_start_as_nan(poisoned):
 
 # --------------------------------------------------------------------------------------- edge cases
 
-# (layout, S, P, segment_lengths, (Hq, Hkv), prefix requires grad, scale)
-EDGE_CASES = [
-    pytest.param(MemoryLayout(0, 0, "causal"), 1, 0, None, (2, 2), True, None, id="S1-M0-causal"),
-    pytest.param(MemoryLayout(16, 16, "full", "all"), 1, 1, None, (2, 2), True, None, id="S1-M16-both-full-P1-all"),
-    pytest.param(MemoryLayout(5, 5, "causal", "segment"), 1, 37, [0, 1], (2, 2), True, None,
-                 id="S1-M5-both-causal-P37-seg-padded"),
-    pytest.param(MemoryLayout(0, 1, MB), 1, 0, [0, 1], (2, 2), True, None, id="S1-M1-write-only-mb-empty-rows"),
-    pytest.param(MemoryLayout(5, 5, MB, "segment"), 17, 37, None, (2, 2), True, 0.3, id="S17-M5-both-mb-P37-seg-scale"),
-    pytest.param(MemoryLayout(5, 0, "causal", "all"), 17, 1, None, (2, 2), True, None,
-                 id="S17-M5-read-only-causal-P1-all"),
-    pytest.param(MemoryLayout(0, 5, "full"), 17, 0, None, (2, 2), True, None, id="S17-M5-write-only-full"),
-    pytest.param(MemoryLayout(16, 16, "causal", "all"), 17, 37, [17, 0], (2, 2), False, None,
-                 id="S17-M16-causal-P37-all-detached-prefix-padded"),
-    pytest.param(MemoryLayout(0, 0, MB, "segment"), 17, 1, [0, 0], (2, 1), True, None,
-                 id="S17-M0-mb-P1-all-rows-padded"),
-    pytest.param(MemoryLayout(0, 0, "full"), 17, 0, [0, 5], (2, 2), True, None, id="S17-M0-full-empty-rows"),
-    pytest.param(MemoryLayout(5, 5, "causal"), 17, 0, [17, 17, 0, 0, 9], (2, 2), True, None,
-                 id="S17-M5-causal-batch-runs"),
-    pytest.param(MemoryLayout(16, 16, "causal", "segment"), 63, 37, None, (4, 1), True, None,
-                 id="S63-M16-both-causal-P37-seg-gqa4:1"),
-    pytest.param(MemoryLayout(5, 5, MB, "segment"), 63, 37, [63, 20], (2, 2), False, None,
-                 id="S63-M5-mb-P37-seg-detached-prefix"),
-    pytest.param(MemoryLayout(0, 0, MB), 63, 0, [0, 63], (2, 2), True, None, id="S63-M0-mb-empty-rows"),
-    pytest.param(MemoryLayout(16, 16, "full", "all"), 63, 37, [1, 63], (4, 2), True, None,
-                 id="S63-M16-full-P37-all-gqa4:2-padded"),
-    pytest.param(MemoryLayout(16, 0, MB, "all"), 64, 1, None, (4, 2), True, None,
-                 id="S64-M16-read-only-mb-P1-all-gqa4:2"),
-    pytest.param(MemoryLayout(0, 1, "causal"), 64, 0, [64, 31], (2, 2), True, None,
-                 id="S64-M1-write-only-causal-padded"),
-    pytest.param(MemoryLayout(0, 16, "full", "segment"), 65, 37, None, (2, 2), True, None,
-                 id="S65-M16-write-only-full-P37-seg"),
-    pytest.param(MemoryLayout(5, 5, MB, "segment"), 65, 0, [65, 40, 0, 1], (2, 2), True, None,
-                 id="S65-M5-both-mb-mixed-lengths"),
-    pytest.param(MemoryLayout(5, 5, MB, "all"), 65, 1, [0, 0], (4, 1), True, None,
-                 id="S65-M5-both-mb-P1-all-gqa4:1-all-padded"),
-    pytest.param(MemoryLayout(1, 1, MB), 127, 0, None, (4, 1), True, 2.0, id="S127-M1-both-mb-gqa4:1-scale"),
-    pytest.param(MemoryLayout(0, 0, "causal", "all"), 127, 37, [127, 50], (2, 2), True, None,
-                 id="S127-M0-causal-P37-all-padded"),
-    pytest.param(MemoryLayout(16, 0, "full"), 127, 0, [0, 127], (4, 2), True, None,
-                 id="S127-M16-read-only-full-gqa4:2-padded"),
-    pytest.param(MemoryLayout(1, 0, MB, "segment"), 127, 1, [126, 127], (2, 2), True, None,
-                 id="S127-M1-read-only-mb-P1-seg-short"),
-    pytest.param(MemoryLayout(16, 16, MB, "segment"), 1000, 37, [1000, 613], (2, 2), True, None,
-                 id="S1000-M16-both-mb-P37-seg-padded"),
-    pytest.param(MemoryLayout(0, 0, "causal"), 1000, 0, None, (4, 1), True, None, id="S1000-M0-causal-gqa4:1"),
-]
-
 
 @pytest.mark.parametrize("layout, s, p, lengths, heads, prefix_grad, scale", EDGE_CASES)
 def test_torch_backend_matches_reference(poisoned, layout, s, p, lengths, heads, prefix_grad, scale):
@@ -171,13 +60,6 @@ def test_torch_backend_matches_reference(poisoned, layout, s, p, lengths, heads,
     q, k, v, pk, pv = make_inputs(b, heads, layout.seq_len(s), 16, p, prefix_grad=prefix_grad)
     sl = None if lengths is None else torch.tensor(lengths)
     check_against_reference(layout, q, k, v, pk, pv, sl, scale)
-
-
-DTYPE_LAYOUTS = [
-    pytest.param(MemoryLayout(5, 5, MB, "segment"), 63, 37, [63, 0], (4, 2), id="mb-M5-S63-P37-seg-padded-gqa"),
-    pytest.param(MemoryLayout(0, 16, "causal"), 65, 0, [65, 17], (2, 2), id="causal-write-only-S65-padded"),
-    pytest.param(MemoryLayout(16, 0, "full", "all"), 17, 1, None, (2, 1), id="full-read-only-S17-P1-all"),
-]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
