@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -286,3 +286,57 @@ def check_input_ids(input_ids, num_weights: int, name: str = "input_ids") -> Non
                 f"{name} must lie in [0, {num_weights}) (the embedding has {num_weights} rows), "
                 f"got values in [{lo}, {hi}]"
             )
+
+
+# --------------------------------------------------------------------------- recurrent driver
+
+
+def lengths_from_mask(attention_mask, batch: int, seq_len: int, device) -> Optional[List[int]]:
+    """Valid tokens per row of a right-padded 0/1 ``[B, T]`` mask (one host sync), None if all valid."""
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a torch.Tensor or None, got {type(attention_mask).__name__}")
+    if tuple(attention_mask.shape) != (batch, seq_len):
+        raise ValueError(f"attention_mask must have shape [B, T] = [{batch}, {seq_len}], got {list(attention_mask.shape)}")
+    if attention_mask.device != device:
+        raise ValueError(f"attention_mask is on {attention_mask.device} but the inputs are on {device}")
+    m = attention_mask.to(torch.int64)
+    if not bool(((m == 0) | (m == 1)).all()):
+        raise ValueError("attention_mask must contain only 0 and 1")
+    if seq_len > 1 and not bool((m[:, 1:] <= m[:, :-1]).all()):
+        raise ValueError(
+            "attention_mask must be right-padded (each row: ones, then zeros); left padding and holes "
+            "are not supported by the packed layout"
+        )
+    lengths = [int(x) for x in m.sum(1).tolist()]
+    return None if all(x == seq_len for x in lengths) else lengths
+
+
+def check_bounds(bounds, seq_len: int) -> List[Tuple[int, int]]:
+    out, pos = [], 0
+    for k, pair in enumerate(bounds):
+        try:
+            a, b = (int(v) for v in pair)
+        except (TypeError, ValueError):
+            raise TypeError(f"bounds[{k}] must be a (start, end) pair of ints, got {pair!r}") from None
+        if a != pos or b <= a or b > seq_len:
+            raise ValueError(
+                f"bounds must be contiguous non-empty ranges from 0 within [0, {seq_len}]; bounds[{k}] = "
+                f"({a}, {b}) after position {pos}"
+            )
+        out.append((a, b))
+        pos = b
+    if not out:
+        raise ValueError("bounds is empty")
+    return out
+
+
+def check_memory_state(name, mem, rows: int, batch: int, dim: int, dtype, device) -> None:
+    if not isinstance(mem, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mem).__name__}")
+    if tuple(mem.shape) not in ((rows, dim), (batch, rows, dim)):
+        raise ValueError(f"{name} must be [{rows}, {dim}] or [{batch}, {rows}, {dim}] ([M, d] or [B, M, d] "
+                         f"with M = layout.num_write), got {list(mem.shape)}")
+    if mem.dtype != dtype:
+        raise TypeError(f"{name} has dtype {mem.dtype}; the inputs are {dtype}")
+    if mem.device != device:
+        raise ValueError(f"{name} is on {mem.device}; the inputs are on {device}")

@@ -39,7 +39,8 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .layout import MemoryLayout
 from . import _checks
-from .ops.pack_segment.interface import pack_segment, pack_segment_from_ids, pack_validated
+from .ops.pack_segment.interface import pack_validated
+from .ops.pack_segment.interface import resolve_backend as resolve_pack_backend
 
 ALIGNMENTS = (None, "left", "right", "center")
 
@@ -202,57 +203,6 @@ LossFn = Callable[[Tensor, SegmentInfo], Tensor]
 # --------------------------------------------------------------------------- helpers
 
 
-def _lengths_from_mask(attention_mask, batch: int, seq_len: int, device) -> Optional[List[int]]:
-    """Valid tokens per row of a right-padded 0/1 ``[B, T]`` mask (one host sync), None if all valid."""
-    if not isinstance(attention_mask, Tensor):
-        raise TypeError(f"attention_mask must be a torch.Tensor or None, got {type(attention_mask).__name__}")
-    if tuple(attention_mask.shape) != (batch, seq_len):
-        raise ValueError(f"attention_mask must have shape [B, T] = [{batch}, {seq_len}], got {list(attention_mask.shape)}")
-    if attention_mask.device != device:
-        raise ValueError(f"attention_mask is on {attention_mask.device} but the inputs are on {device}")
-    m = attention_mask.to(torch.int64)
-    if not bool(((m == 0) | (m == 1)).all()):
-        raise ValueError("attention_mask must contain only 0 and 1")
-    if seq_len > 1 and not bool((m[:, 1:] <= m[:, :-1]).all()):
-        raise ValueError(
-            "attention_mask must be right-padded (each row: ones, then zeros); left padding and holes "
-            "are not supported by the packed layout"
-        )
-    lengths = [int(x) for x in m.sum(1).tolist()]
-    return None if all(x == seq_len for x in lengths) else lengths
-
-
-def _check_bounds(bounds, seq_len: int) -> Bounds:
-    out, pos = [], 0
-    for k, pair in enumerate(bounds):
-        try:
-            a, b = (int(v) for v in pair)
-        except (TypeError, ValueError):
-            raise TypeError(f"bounds[{k}] must be a (start, end) pair of ints, got {pair!r}") from None
-        if a != pos or b <= a or b > seq_len:
-            raise ValueError(
-                f"bounds must be contiguous non-empty ranges from 0 within [0, {seq_len}]; bounds[{k}] = "
-                f"({a}, {b}) after position {pos}"
-            )
-        out.append((a, b))
-        pos = b
-    if not out:
-        raise ValueError("bounds is empty")
-    return out
-
-
-def _check_memory(name, mem, rows: int, batch: int, dim: int, dtype, device) -> None:
-    if not isinstance(mem, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(mem).__name__}")
-    if tuple(mem.shape) not in ((rows, dim), (batch, rows, dim)):
-        raise ValueError(f"{name} must be [{rows}, {dim}] or [{batch}, {rows}, {dim}] ([M, d] or [B, M, d] "
-                         f"with M = layout.num_write), got {list(mem.shape)}")
-    if mem.dtype != dtype:
-        raise TypeError(f"{name} has dtype {mem.dtype}; the inputs are {dtype}")
-    if mem.device != device:
-        raise ValueError(f"{name} is on {mem.device}; the inputs are on {device}")
-
-
 def _as_step_output(result, info: SegmentInfo, dim: int) -> StepOutput:
     if isinstance(result, StepOutput):
         out = result
@@ -373,21 +323,6 @@ class SegmentDriver:
         """:func:`memory_detached` with this driver's ``k2`` and ``max_n_segments``."""
         return memory_detached(index, self.k2, self.max_n_segments)
 
-    # ------------------------------------------------------------------ one segment
-
-    def _segment(self, step, info: SegmentInfo, seg, read, write, weight, out_buf, dim: int):
-        layout = self.layout
-        if weight is not None:
-            packed = pack_segment_from_ids(seg, weight, layout, read, write, out=out_buf, backend=self.backend)
-        else:
-            packed = pack_segment(seg, layout, read, write, out=out_buf, backend=self.backend)
-        res = _as_step_output(step(packed, info), info, dim)
-        r, s = layout.num_read, info.segment_len
-        main = (res.logits if res.logits is not None else res.hidden)[:, r : r + s]
-        new_mem = res.hidden[:, r + s :]
-        hs = tuple(h[:, r : r + s] for h in res.hidden_states) if info.output_hidden_states else None
-        return main, hs, new_mem
-
     # ------------------------------------------------------------------ run
 
     def run(
@@ -441,10 +376,31 @@ class SegmentDriver:
             TypeError / ValueError: inconsistent inputs (the message names the argument), a step
                 returning wrong shapes, a mask that is not right-padded.
         """
+        run = self._prepare(step, memory, input_ids, embedding_weight, inputs_embeds, attention_mask,
+                            write_memory, bounds, output_hidden_states, loss_fn)
+        state = run.memory
+        outs, layer_outs = [], []
+        for i, (t0, t1) in enumerate(run.bounds):
+            info = self._segment_info(run, i, t0, t1)
+            main, hs, new_mem = self._run_segment(run, step, info, state)
+            last = i == len(run.bounds) - 1
+            state = self._hand_off(run, i, new_mem, last)
+            if loss_fn is not None:
+                main, hs = run.losses.add(loss_fn(main, info), main, hs, closes=last or self.memory_detached(i))
+            if return_outputs:
+                outs.append(main)
+            if hs is not None:
+                layer_outs.append(hs)
+        return self._finish(run, state, outs, layer_outs, return_outputs)
+
+    # ------------------------------------------------------------------ the steps of a run
+
+    def _prepare(self, step, memory, input_ids, embedding_weight, inputs_embeds, attention_mask, write_memory,
+                 bounds, output_hidden_states, loss_fn) -> "_Run":
+        """Check every argument once, resolve the pack backend, and set up the streamed loss."""
         if not callable(step):
             raise TypeError(f"step must be callable, got {type(step).__name__}")
-        layout, m = self.layout, self.layout.num_write
-        r = layout.num_read
+        m, r = self.layout.num_write, self.layout.num_read
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if input_ids is not None:
@@ -452,6 +408,7 @@ class SegmentDriver:
                 raise ValueError("input_ids needs embedding_weight, a [V, d] tensor")
             if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
                 raise ValueError("input_ids must be a [B, T] tensor")
+            _checks.check_ids_tensor(input_ids, embedding_weight)
             _checks.check_input_ids(input_ids, embedding_weight.shape[0])
             batch, seq_len = input_ids.shape
             dim, dtype, device = embedding_weight.shape[1], embedding_weight.dtype, embedding_weight.device
@@ -466,103 +423,167 @@ class SegmentDriver:
             if write_memory is None or r:
                 raise ValueError("memory ([M, d] or [B, M, d]) is required")
         else:
-            _check_memory("memory", memory, m, batch, dim, dtype, device)
+            _checks.check_memory_state("memory", memory, m, batch, dim, dtype, device)
         if write_memory is not None:
-            _check_memory("write_memory", write_memory, m, batch, dim, dtype, device)
-        bounds = self.segment_bounds(seq_len) if bounds is None else _check_bounds(bounds, seq_len)
+            _checks.check_memory_state("write_memory", write_memory, m, batch, dim, dtype, device)
+        bounds = self.segment_bounds(seq_len) if bounds is None else _checks.check_bounds(bounds, seq_len)
         if not bounds:
             raise ValueError("the sequence is empty (T = 0): nothing to run")
-        lengths = None if attention_mask is None else _lengths_from_mask(attention_mask, batch, seq_len, device)
+        lengths = None if attention_mask is None else _checks.lengths_from_mask(attention_mask, batch, seq_len, device)
+        backend = resolve_pack_backend(self.backend, device, dtype, from_ids=input_ids is not None)
 
-        streaming = loss_fn is not None and torch.is_grad_enabled()
-        proxies = []
+        losses = _StreamedLoss(loss_fn is not None and torch.is_grad_enabled())
+        memory, write_memory = losses.leaf(memory), losses.leaf(write_memory)
+        inputs_embeds, embedding_weight = losses.leaf(inputs_embeds), losses.leaf(embedding_weight)
+        return _Run(
+            tokens=input_ids if input_ids is not None else inputs_embeds, weight=embedding_weight,
+            memory=memory, write_memory=write_memory, bounds=bounds, lengths=lengths, batch=batch, dim=dim,
+            dtype=dtype, device=device, backend=backend, hidden_states=bool(output_hidden_states), losses=losses,
+            max_rows=max(self.layout.seq_len(b - a) for a, b in bounds),
+        )
 
-        def leaf(t):
-            # Non-leaf inputs requiring grad would have their graph freed by the first streamed
-            # backward: run on a detached leaf and push its accumulated gradient through at the end.
-            if streaming and t is not None and t.requires_grad and t.grad_fn is not None:
-                p = t.detach().requires_grad_()
-                proxies.append((t, p))
-                return p
-            return t
+    def _segment_info(self, run: "_Run", i: int, t0: int, t1: int) -> SegmentInfo:
+        """The step's view of segment ``i``: layout, token range and this segment's padding."""
+        s = t1 - t0
+        seg_lengths = None
+        if run.lengths is not None:
+            seg_lengths = tuple(min(max(x - t0, 0), s) for x in run.lengths)
+            if all(x == s for x in seg_lengths):
+                seg_lengths = None
+        return SegmentInfo(
+            layout=self.layout, batch=run.batch, index=i, num_segments=len(run.bounds), start=t0, end=t1,
+            segment_lengths=None if seg_lengths is None else torch.tensor(seg_lengths, dtype=torch.int64, device=run.device),
+            segment_lengths_list=seg_lengths, output_hidden_states=run.hidden_states,
+        )
 
-        memory, write_memory = leaf(memory), leaf(write_memory)
-        inputs_embeds, embedding_weight = leaf(inputs_embeds), leaf(embedding_weight)
+    def _run_segment(self, run: "_Run", step, info: SegmentInfo, state):
+        """Pack segment ``info.index`` (into the reusable buffer while no graph is recorded), run the
+        step, and return ``(segment rows of the outputs, per-layer segment rows or None, W rows)``."""
+        seg = run.tokens[:, info.start : info.end]
+        read = state if self.layout.num_read else None
+        write = state if run.write_memory is None else run.write_memory
+        if self.checkpoint and torch.is_grad_enabled():
+            return _checkpoint(self._segment, step, info, seg, read, write, run, None, use_reentrant=False)
+        out_buf = run.buffer_for(info, read, write, seg)
+        main, hs, new_mem = self._segment(step, info, seg, read, write, run, out_buf)
+        if main.requires_grad or new_mem.requires_grad or any(h.requires_grad for h in hs or ()):
+            run.retire_buffer()  # the graph may hold the buffer: never write it again
+        elif run.buffer is not None:
+            main, new_mem = _own(main, run.buffer), _own(new_mem, run.buffer)
+            hs = None if hs is None else tuple(_own(h, run.buffer) for h in hs)
+        return main, hs, new_mem
 
-        n_max = max(layout.seq_len(b - a) for a, b in bounds)
-        buf, reuse_ok = None, True
-        state = memory
-        outs, layer_outs = [], []
-        total, pending = None, None
-        last = len(bounds) - 1
-        for i, (t0, t1) in enumerate(bounds):
-            s = t1 - t0
-            seg_lengths = None
-            if lengths is not None:
-                seg_lengths = tuple(min(max(x - t0, 0), s) for x in lengths)
-                if all(x == s for x in seg_lengths):
-                    seg_lengths = None
-            info = SegmentInfo(
-                layout=layout, batch=batch, index=i, num_segments=len(bounds), start=t0, end=t1,
-                segment_lengths=None if seg_lengths is None else torch.tensor(seg_lengths, dtype=torch.int64, device=device),
-                segment_lengths_list=seg_lengths, output_hidden_states=bool(output_hidden_states),
+    def _segment(self, step, info: SegmentInfo, seg, read, write, run: "_Run", out_buf):
+        layout = self.layout
+        tied = read is not None and read is write
+        packed = pack_validated(seg, run.weight, layout, read, None if tied else write, tied, out_buf, run.backend)
+        res = _as_step_output(step(packed, info), info, run.dim)
+        r, s = layout.num_read, info.segment_len
+        main = (res.logits if res.logits is not None else res.hidden)[:, r : r + s]
+        new_mem = res.hidden[:, r + s :]
+        hs = tuple(h[:, r : r + s] for h in res.hidden_states) if info.output_hidden_states else None
+        return main, hs, new_mem
+
+    def _hand_off(self, run: "_Run", i: int, new_mem: Tensor, last: bool) -> Tensor:
+        """The memory the next segment reads: the W rows, detached when the k2 rule says so."""
+        if not last and (new_mem.dtype != run.dtype or new_mem.device != run.device):
+            raise TypeError(
+                f"step returned a last hidden state of dtype {new_mem.dtype} on {new_mem.device}; the memory "
+                f"must stay {run.dtype} on {run.device} (the dtype and device of the inputs)"
             )
-            seg = input_ids[:, t0:t1] if input_ids is not None else inputs_embeds[:, t0:t1]
-            read = state if r else None
-            write = state if write_memory is None else write_memory
-            grad_src = (read, write, embedding_weight if input_ids is not None else seg)
-            if self.checkpoint and torch.is_grad_enabled():
-                main, hs, new_mem = _checkpoint(
-                    self._segment, step, info, seg, read, write, embedding_weight, None, dim,
-                    use_reentrant=False,
-                )
-            else:
-                out_buf = None
-                if reuse_ok and not _records(*grad_src):
-                    if buf is None:
-                        buf = torch.empty(batch * n_max * dim, dtype=dtype, device=device)
-                    # The state never aliases it: outputs of a step that used it are owned below.
-                    out_buf = buf[: batch * info.seq_len * dim].view(batch, info.seq_len, dim)
-                main, hs, new_mem = self._segment(step, info, seg, read, write, embedding_weight, out_buf, dim)
-            if main.requires_grad or new_mem.requires_grad or any(h.requires_grad for h in hs or ()):
-                reuse_ok, buf = False, None  # the graph may hold the buffer: never write it again
-            elif buf is not None:
-                main, new_mem = _own(main, buf), _own(new_mem, buf)
-                hs = None if hs is None else tuple(_own(h, buf) for h in hs)
-            detach = self.memory_detached(i)
-            state = new_mem.detach() if detach else new_mem
+        return new_mem.detach() if self.memory_detached(i) else new_mem
 
-            if loss_fn is not None:
-                seg_loss = loss_fn(main, info)
-                if not isinstance(seg_loss, Tensor) or seg_loss.numel() != 1:
-                    raise ValueError("loss_fn must return a scalar tensor")
-                pending = seg_loss if pending is None else pending + seg_loss
-                if i == last or detach or not streaming:
-                    if streaming and pending.requires_grad:
-                        pending.backward()
-                    total = pending.detach() if total is None else total + pending.detach()
-                    pending = None
-                if streaming:
-                    main = main.detach()
-                    hs = None if hs is None else tuple(h.detach() for h in hs)
-            if return_outputs:
-                outs.append(main)
-            if hs is not None:
-                layer_outs.append(hs)
-
-        if proxies:
-            pairs = [(t, p.grad) for t, p in proxies if p.grad is not None]
-            if pairs:
-                torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
-        if streaming:
+    def _finish(self, run: "_Run", state, outs, layer_outs, return_outputs: bool) -> RecurrentOutput:
+        loss = run.losses.finish()
+        if run.losses.streaming:
             state = state.detach()
         hidden_states = None
-        if output_hidden_states:
+        if run.hidden_states:
             hidden_states = tuple(torch.cat(layer, dim=1) for layer in zip(*layer_outs))
         return RecurrentOutput(
             outputs=torch.cat(outs, dim=1) if return_outputs else None,
             memory=state,
             hidden_states=hidden_states,
-            loss=total,
-            bounds=list(bounds),
+            loss=loss,
+            bounds=list(run.bounds),
         )
+
+
+@dataclass
+class _Run:
+    """One :meth:`SegmentDriver.run`: its checked inputs and the packed buffer it may reuse."""
+
+    tokens: Tensor  # [B, T] ids or [B, T, d] embeddings
+    weight: Optional[Tensor]  # [V, d] with ids
+    memory: Optional[Tensor]
+    write_memory: Optional[Tensor]
+    bounds: Bounds
+    lengths: Optional[List[int]]
+    batch: int
+    dim: int
+    dtype: torch.dtype
+    device: torch.device
+    backend: str  # the resolved pack backend
+    hidden_states: bool
+    losses: "_StreamedLoss"
+    max_rows: int
+    buffer: Optional[Tensor] = None
+    reuse: bool = True
+
+    def buffer_for(self, info: SegmentInfo, read, write, seg) -> Optional[Tensor]:
+        """A ``[B, N, d]`` view of the one buffer sized for the longest segment, while no graph records
+        the pack (the state never aliases it: outputs of a step that used it are owned)."""
+        grad_src = (read, write, self.weight if self.weight is not None else seg)
+        if not self.reuse or _records(*grad_src):
+            return None
+        n = info.seq_len
+        if self.buffer is None:
+            self.buffer = torch.empty(self.batch * self.max_rows * self.dim, dtype=self.dtype, device=self.device)
+        return self.buffer[: self.batch * n * self.dim].view(self.batch, n, self.dim)
+
+    def retire_buffer(self) -> None:
+        self.reuse, self.buffer = False, None
+
+
+class _StreamedLoss:
+    """``loss_fn`` values of the segments; when streaming (grad mode on), the backward runs each time
+    the graph closes, so saved activations do not grow with the number of segments."""
+
+    def __init__(self, streaming: bool):
+        self.streaming = streaming
+        self.total: Optional[Tensor] = None
+        self.pending: Optional[Tensor] = None
+        self.proxies: List[Tuple[Tensor, Tensor]] = []
+
+    def leaf(self, t: Optional[Tensor]) -> Optional[Tensor]:
+        """Non-leaf inputs requiring grad would have their graph freed by the first streamed backward:
+        run on a detached leaf and push its accumulated gradient through at the end."""
+        if self.streaming and t is not None and t.requires_grad and t.grad_fn is not None:
+            p = t.detach().requires_grad_()
+            self.proxies.append((t, p))
+            return p
+        return t
+
+    def add(self, seg_loss, main: Tensor, hs, closes: bool):
+        """Add one segment's loss; ``closes``: the graph ends here (last segment, or the memory is
+        detached). Returns the segment's outputs, detached when the backward ran."""
+        if not isinstance(seg_loss, Tensor) or seg_loss.numel() != 1:
+            raise ValueError("loss_fn must return a scalar tensor")
+        self.pending = seg_loss if self.pending is None else self.pending + seg_loss
+        if closes or not self.streaming:
+            if self.streaming and self.pending.requires_grad:
+                self.pending.backward()
+            done = self.pending.detach()
+            self.total = done if self.total is None else self.total + done
+            self.pending = None
+        if self.streaming:
+            main = main.detach()
+            hs = None if hs is None else tuple(h.detach() for h in hs)
+        return main, hs
+
+    def finish(self) -> Optional[Tensor]:
+        """Push the proxies' gradients into the real inputs; the summed loss (detached) or None."""
+        pairs = [(t, p.grad) for t, p in self.proxies if p.grad is not None]
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        return self.total

@@ -306,7 +306,7 @@ def pack_segment(
     """
     _checks.check_segment(segment)
     _checks.check_layout(layout)
-    name = _resolve(OP, backend, segment.device, segment.dtype)
+    name = resolve_backend(backend, segment.device, segment.dtype, from_ids=False)
     b, s, d = segment.shape
     read, write, tied = _checks.check_memories(layout, read_memory, write_memory, b, d, segment.dtype, segment.device)
     if out is not None:
@@ -358,7 +358,7 @@ def pack_segment_from_ids(
     _checks.check_ids_tensor(input_ids, embedding_weight)
     _checks.check_input_ids(input_ids, embedding_weight.shape[0])
     dtype, device = embedding_weight.dtype, embedding_weight.device
-    name = _resolve(OP_IDS, backend, device, dtype)
+    name = resolve_backend(backend, device, dtype, from_ids=True)
     b, s = input_ids.shape
     d = embedding_weight.shape[1]
     read, write, tied = _checks.check_memories(layout, read_memory, write_memory, b, d, dtype, device)
@@ -396,9 +396,12 @@ def pack_validated(
     return pack_segment_from_ids_fwd_op(segment, embedding_weight, read, write, r, w, tied, backend)
 
 
-def _resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, from_ids: bool) -> str:
+    """The concrete backend of :func:`pack_segment` (``from_ids``: :func:`pack_segment_from_ids`) for
+    ``dtype`` tensors on ``device``, to pass to :func:`pack_validated`. Raises as the public functions."""
+    op = OP_IDS if from_ids else OP
     name = backends.resolve_backend(op, backend, device)
-    table = BACKEND_TABLE if op == OP else BACKEND_TABLE_IDS
+    table = BACKEND_TABLE_IDS if from_ids else BACKEND_TABLE
     _checks.check_backend_dtype(op, name, dtype, table[name].dtypes)
     return name
 
