@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import itertools
+from typing import Optional
 
 import pytest
 import torch
 
-from rmt_kernels.bench import common
+from rmt_kernels.bench import records
 
 
 def skip_or_raise(exc: BaseException) -> None:
     """pytest.skip for what ``rmt-kernels bench`` records as skipped; re-raise anything else."""
-    status, reason = common.classify_exception(exc)
+    status, reason = records.classify_exception(exc)
     if status == "skipped":
         pytest.skip(reason)
     raise exc
@@ -44,3 +45,8 @@ def time_call(benchmark, call, device: torch.device, rounds: int, slots: int = 1
         sync()
 
     benchmark.pedantic(target, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
+
+
+def median_seconds(benchmark) -> Optional[float]:
+    """Median of the timed rounds in seconds; None under ``--benchmark-disable`` (nothing was timed)."""
+    return benchmark.stats.stats.median if benchmark.stats is not None else None

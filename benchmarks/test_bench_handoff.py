@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench_helpers import skip_or_raise, time_call
-from rmt_kernels.bench import common, handoff
+from bench_helpers import median_seconds, skip_or_raise, time_call
+from rmt_kernels.bench import handoff, timing
 
 pytest.importorskip("pytest_benchmark")
 
@@ -17,9 +17,8 @@ def test_handoff(benchmark, handoff_point, bench_device, bench_dtype, bench_roun
         fn, note = handoff.BUILDERS[provider](shape, bench_device)
     except Exception as exc:  # noqa: BLE001
         skip_or_raise(exc)
-    n = shape.segment_len + 2 * shape.num_mem
-    nbytes = 2 * shape.batch * n * shape.dim * bench_dtype.itemsize
-    slots = common.rotation_slots(bench_device, nbytes)
+    nbytes = handoff.moved_bytes(shape, bench_dtype)
+    slots = timing.rotation_slots(bench_device, nbytes)
     inputs = handoff.make_inputs(shape, bench_device, bench_dtype, slots)
     if provider != "copy":
         x = inputs[0]
@@ -29,9 +28,10 @@ def test_handoff(benchmark, handoff_point, bench_device, bench_dtype, bench_roun
             skip_or_raise(exc)
         assert torch.equal(got, torch.cat([x["memory"], x["segment"], x["memory"]], dim=1))
     time_call(benchmark, ((lambda i: inputs[i]), fn), bench_device, bench_rounds, slots)
+    median_s = median_seconds(benchmark)
     benchmark.extra_info.update(bench_env)
     benchmark.extra_info.update(
         suite="handoff", provider=provider, mode="fwd", shape=shape.name, note=note, bytes=nbytes,
-        gbps=nbytes / benchmark.stats.stats.median / 1e9, dtype=str(bench_dtype).replace("torch.", ""),
+        gbps=nbytes / median_s / 1e9 if median_s else None, dtype=str(bench_dtype).replace("torch.", ""),
         **shape.sizes(),
     )

@@ -1,17 +1,22 @@
 """The machinery of ``rmt-kernels bench`` on CPU: row schema, FLOP counting, skipped and failed providers,
-timing order, and the command writing its JSON and PNG (tiny shapes, a few seconds)."""
+timing order, the command writing its JSON and PNG (tiny shapes, a few seconds), and the command
+refusing bad arguments before the first point runs."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 
 import pytest
 import torch
 
 from rmt_kernels import MemoryLayout, attention_flops, cli
-from rmt_kernels.bench import attention, common, handoff, step
-from rmt_kernels.bench.common import ROW_FIELDS, AttnShape, Skip, TimingConfig, make_row
+from rmt_kernels.bench import SUITES, attention, handoff, records, shapes, step, timing
+from rmt_kernels.bench.plot import plot_attention
+from rmt_kernels.bench.records import ROW_FIELDS, Skip, make_row
+from rmt_kernels.bench.shapes import AttnShape
+from rmt_kernels.bench.timing import TimingConfig
 
 # GQA 2:1, S odd, R != W
 TINY = AttnShape("t", "t", 1, 2, 1, 16, 21, 3, 2, ("memory_bidirectional",))
@@ -31,7 +36,7 @@ def _with_mask(mask):
 
 def _check_schema(row):
     assert tuple(row) == ROW_FIELDS
-    assert row["status"] in common.STATUSES
+    assert row["status"] in records.STATUSES
     if row["status"] == "ok":
         assert row["reason"] is None
         assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
@@ -167,7 +172,7 @@ def test_flex_backward_on_cpu_is_skipped_with_torch_reason_without_compiling():
 def test_speed_of_light_row_is_not_a_peer():
     rows = _run(["sdpa_dense", "sdpa_composed", "sdpa_causal"], shape=TINY)
     by = {r["provider"]: r for r in rows}
-    assert common.is_speed_of_light(by["sdpa_causal"])
+    assert records.is_speed_of_light(by["sdpa_causal"])
     assert by["sdpa_composed"]["best_peer"] == "sdpa_dense"
     assert by["sdpa_dense"]["best_peer"] == "sdpa_composed"
     ratio = by["sdpa_dense"]["median_ms"] / by["sdpa_composed"]["median_ms"]
@@ -177,7 +182,7 @@ def test_speed_of_light_row_is_not_a_peer():
 def test_causal_family_checks_is_causal_as_an_exact_peer():
     rows = _run(["reference", "sdpa_causal"], shape=_with_mask("causal"))
     by = {r["provider"]: r for r in rows}
-    assert by["sdpa_causal"]["status"] == "ok" and not common.is_speed_of_light(by["sdpa_causal"])
+    assert by["sdpa_causal"]["status"] == "ok" and not records.is_speed_of_light(by["sdpa_causal"])
     assert by["reference"]["best_peer"] == "sdpa_causal"
 
 
@@ -191,7 +196,7 @@ def test_measure_alternating_times_only_run_in_rotating_order():
         return (lambda slot: log.append(("prepare", name, slot)) or slot), (lambda s: log.append(("run", name, s)))
 
     cfg = TimingConfig(warmup=1, min_reps=3, max_reps=3, budget_s=0.0)
-    out = common.measure_alternating({"a": call("a"), "b": call("b")}, CPU, cfg, slots=2)
+    out = timing.measure_alternating({"a": call("a"), "b": call("b")}, CPU, cfg, slots=2)
     assert [len(out["a"]), len(out["b"])] == [3, 3]
     runs = [(name, slot) for kind, name, slot in log if kind == "run"]
     assert runs[:2] == [("a", 0), ("b", 0)]  # warm-up
@@ -199,7 +204,7 @@ def test_measure_alternating_times_only_run_in_rotating_order():
 
 
 def test_quantiles():
-    stats = common.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    stats = timing.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
     got = (stats["median_ms"], stats["p20_ms"], stats["p80_ms"], stats["reps"])
     assert got == pytest.approx((3.0, 1.8, 4.2, 5))
 
@@ -216,21 +221,21 @@ def test_quantiles():
     ],
 )
 def test_peak_table(name, dtype, peak):
-    assert common.peak_tflops(name, dtype) == peak
+    assert records.peak_tflops(name, dtype) == peak
 
 
 def test_results_are_named_by_device_and_date():
     env = dict(ENV, device="cuda", device_name="NVIDIA H100 80GB HBM3", date="2025-01-02T03:04:05Z")
-    assert common.results_stem(env) == "nvidia-h100-80gb-hbm3_2025-01-02"
+    assert records.results_stem(env) == "nvidia-h100-80gb-hbm3_2025-01-02"
     env = dict(ENV, device_name="AMD EPYC 7B13 (2 threads)", date="2025-01-02T03:04:05Z")
-    assert common.results_stem(env) == "cpu-amd-epyc-7b13_2025-01-02"
+    assert records.results_stem(env) == "cpu-amd-epyc-7b13_2025-01-02"
 
 
 # ----------------------------------------------------------------------------------------- handoff and step
 
 
 def test_handoff_rows_measure_bandwidth_against_the_copy():
-    shape = common.HandoffShape("t", 2, 24, 4, 32)
+    shape = shapes.HandoffShape("t", 2, 24, 4, 32)
     rows = handoff.run_handoff([shape], handoff.PROVIDERS, CPU, torch.float32, ONE_REP, ENV)
     by = {r["provider"]: r for r in rows}
     for row in rows:
@@ -244,7 +249,7 @@ def test_handoff_rows_measure_bandwidth_against_the_copy():
 @pytest.fixture(scope="module")
 def tiny_gpt2():
     pytest.importorskip("transformers")
-    shape = common.StepShape("t", "gpt2", 1, 32, 2, 2, 64, 97, 8, 3, 2, 2)
+    shape = shapes.StepShape("t", "gpt2", 1, 32, 2, 2, 64, 97, 8, 3, 2, 2)
     return shape, step.build_backbone(shape, CPU, torch.float32)
 
 
@@ -315,7 +320,7 @@ def test_cli_tiny_run_writes_json_and_png(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert rc == 0, printed
     record = json.loads(out_json.read_text())
-    assert record["schema"] == common.SCHEMA
+    assert record["schema"] == records.SCHEMA
     assert record["environment"]["device"] == "cpu"
     rows = record["rows"]
     assert len(rows) == 3 * len(attention.PROVIDERS)  # 3 mask families x every provider, skipped included
@@ -334,3 +339,76 @@ def test_cli_rejects_cuda_without_a_gpu(capsys):
         pytest.skip("this machine has a GPU")
     assert cli.main(["bench", "--device", "cuda", "--shapes", "tiny"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------- command edges
+
+
+def _bench_usage_error(capsys, *argv):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", "--shapes", "tiny", "--device", "cpu", "--no-progress", *argv])
+    captured = capsys.readouterr()
+    assert info.value.code == 2
+    assert captured.out == ""  # refused before the header, so before any point ran
+    return captured.err
+
+
+def test_cli_json_into_a_missing_folder_is_refused_before_the_run(tmp_path, capsys):
+    err = _bench_usage_error(capsys, "--suite", "handoff", "--json", str(tmp_path / "missing" / "b.json"))
+    assert "--json" in err and "does not exist" in err
+
+
+def test_cli_plot_without_matplotlib_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    err = _bench_usage_error(capsys, "--suite", "attention", "--plot", str(tmp_path / "b.png"))
+    assert "--plot" in err and "matplotlib" in err
+    assert not (tmp_path / "b.png").exists()
+
+
+def _refused(capsys, *argv):
+    rc = cli.main(["bench", "--shapes", "tiny", "--device", "cpu", "--no-progress", *argv])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert captured.out == ""
+    assert captured.err.startswith("error: ")
+    return captured.err
+
+
+def test_cli_plot_of_a_suite_without_a_plot_is_refused(tmp_path, capsys):
+    err = _refused(capsys, "--suite", "handoff", "--plot", str(tmp_path / "h.png"))
+    assert "only the attention suite has a plot" in err
+    assert not (tmp_path / "h.png").exists()
+
+
+def test_plot_refuses_rows_without_an_attention_point(tmp_path):
+    shape = shapes.HandoffShape("t", 2, 24, 4, 32)
+    rows = handoff.run_handoff([shape], ("torch_cat",), CPU, torch.float32, ONE_REP, ENV)
+    skipped = _run(["cuda"])
+    with pytest.raises(ValueError, match="no attention point ran"):
+        plot_attention(rows + skipped, str(tmp_path / "p.png"), "title")
+    assert not (tmp_path / "p.png").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        pytest.param(["--suite", "handoff", "--providers", "triton"], "the handoff suite", id="other-suite"),
+        pytest.param(["--suite", "step", "--providers", "official", "nope"], "the step suite", id="unknown-in-suite"),
+        pytest.param(["--providers", "nope"], "any suite", id="unknown-anywhere"),
+    ],
+)
+def test_cli_provider_not_in_the_suite_is_an_argument_error(capsys, argv, named):
+    err = _refused(capsys, *argv)
+    assert named in err
+    suite = argv[1] if argv[0] == "--suite" else None
+    valid = SUITES[suite].providers if suite else attention.PROVIDERS + handoff.PROVIDERS + step.PROVIDERS
+    assert all(p in err for p in valid), err
+
+
+def test_cli_prints_flushed_progress_per_point(capsys):
+    rc = cli.main(["bench", "--shapes", "tiny", "--suite", "handoff", "--device", "cpu",
+                   "--providers", "torch_cat", "copy"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "[1/1] handoff tiny" in captured.err
+    assert "torch_cat" in captured.out and "pack_segment:torch" not in captured.out

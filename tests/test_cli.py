@@ -11,7 +11,10 @@ import sys
 import pytest
 import torch
 
+import rmt_kernels
 from rmt_kernels import MemoryLayout, cli
+from rmt_kernels.bench import records
+from rmt_kernels.tools import diagnose
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,7 +50,7 @@ def test_check_passes_on_cpu():
     assert re.search(r"^device\s+backend\s+dtype\s+case\b.*\bresult$", out, re.M)
     rows = [line for line in out.splitlines() if line.startswith("cpu ")]
     passed = [line for line in rows if re.search(r"\bcpu\s+torch\s+(float32|bfloat16)\b.*\bpass$", line)]
-    assert len(passed) == 2 * len(cli._check_cases()), out
+    assert len(passed) == 2 * len(diagnose._check_cases()), out
     for line in passed:  # max errors are printed as numbers
         errors = [float(x) for x in re.findall(r"\d\.\d\de[-+]\d\d", line)]
         assert len(errors) == 2 and all(e < 0.1 for e in errors), line
@@ -71,9 +74,9 @@ def test_check_exit_code_on_failure(monkeypatch, capsys):
 
     monkeypatch.setattr(impl, "fwd", wrong)
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # only the torch backend runs on CPU tensors
-    monkeypatch.setattr(cli, "_devices", lambda: [torch.device("cpu")])
+    monkeypatch.setattr(diagnose, "_devices", lambda: [torch.device("cpu")])
     case = ("causal R2 W2 S9", MemoryLayout(2, 2, "causal"), 9, 0, None, (2, 2))
-    monkeypatch.setattr(cli, "_check_cases", lambda: [case])
+    monkeypatch.setattr(diagnose, "_check_cases", lambda: [case])
     assert cli.main(["check"]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and "check(s) FAILED" in out
@@ -89,3 +92,33 @@ def test_console_script_is_declared():
     scripts = importlib.metadata.entry_points(group="console_scripts")
     matches = [ep for ep in scripts if ep.name == "rmt-kernels"]
     assert matches and matches[0].value == "rmt_kernels.cli:main"
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"rmt-kernels {rmt_kernels.__version__}"
+
+
+@pytest.mark.parametrize("argv", [pytest.param([], id="top")] + [
+    pytest.param([name], id=name) for name in cli.COMMANDS
+])
+def test_help_shows_no_markup(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        cli.main([*argv, "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: rmt-kernels")
+    for markup in ("``", ":mod:", ":func:", ":data:", ":class:", ":meth:"):
+        assert markup not in text, text
+
+
+def test_info_names_the_devices_and_lists_every_op(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "cpu (cpu)" not in out
+    assert re.search(rf"^device cpu \({re.escape(records.cpu_name())} \(\d+ threads\)\)$", out, re.M), out
+    for op in ("segment_attention", "pack_segment", "pack_segment_from_ids"):
+        assert re.search(rf"^\s+{op}$", out, re.M), out
+    assert len(re.findall(r"^\s*auto: -> torch$", out, re.M)) == 3

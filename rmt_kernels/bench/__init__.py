@@ -1,18 +1,67 @@
 """Benchmark suites of ``rmt-kernels bench``: attention, handoff and one RMT training step.
 
 Each suite measures ``rmt_kernels`` against its peers (SPEC §5) in the same process and run, and
-returns result rows (one dict per point, schema :data:`~rmt_kernels.bench.common.ROW_FIELDS`). The
+returns result rows (one dict per point, schema :data:`~rmt_kernels.bench.records.ROW_FIELDS`). The
 modules import nothing optional at import time: matplotlib, tqdm and transformers are imported when a
 suite or the plot needs them.
 
-- :mod:`.common`: shapes (SPEC §4), device peaks, timing, environment capture, the row schema.
+- :mod:`.shapes`: the shape dataclasses and tables (SPEC §4), :func:`~.shapes.shapes_for`.
+- :mod:`.timing`: alternating timing of a point's providers, quantiles.
+- :mod:`.records`: the row schema, skipped/failed outcomes, device peaks, environment, JSON records.
+- :mod:`.progress`: per-point progress on stderr.
 - :mod:`.attention`: ``segment_attention`` vs the reference, dense-mask SDPA, FlexAttention, ...
 - :mod:`.handoff`: ``pack_segment`` vs ``torch.cat`` vs a plain copy of the same bytes.
 - :mod:`.step`: one RMT training step, official semantics vs the ``rmt_kernels`` drop-in.
-- :mod:`.plot`: TFLOP/s against segment length per provider (matplotlib PNG).
-- :mod:`.cli`: the ``rmt-kernels bench`` command.
+- :mod:`.report`: the printed tables; :mod:`.plot`: TFLOP/s against segment length (matplotlib PNG).
+- :mod:`.cli`: the ``rmt-kernels bench`` command, which runs the suites of :data:`SUITES`.
 """
 
-SUITES = ("attention", "handoff", "step")
+from __future__ import annotations
 
-__all__ = ["SUITES"]
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from . import attention, handoff, report, step
+from .plot import plot_attention
+from .shapes import shapes_for
+
+# (shapes, modes, providers, device, dtype, timing config, environment, progress) -> rows
+Runner = Callable[..., List[dict]]
+
+
+@dataclass(frozen=True)
+class Suite:
+    """One suite of ``rmt-kernels bench``: its providers, its runner, how many points it times (for the
+    progress), how its table is printed and, if it has one, its plot ``(rows, path, title)``."""
+
+    name: str
+    providers: Tuple[str, ...]
+    run: Runner
+    count_points: Callable[[Sequence, Sequence[str]], int]
+    print_rows: Callable[[List[dict], dict], None]
+    plot: Optional[Callable[[Sequence[dict], str, str], None]] = None
+
+    def shapes(self, device_type: str, profile: str) -> tuple:
+        return shapes_for(self.name, device_type, profile)
+
+
+def _one_point_per_shape(shapes: Sequence, modes: Sequence[str]) -> int:
+    return len(shapes)
+
+
+def _run_handoff(shapes, modes, *args) -> List[dict]:
+    return handoff.run_handoff(shapes, *args)
+
+
+def _run_step(shapes, modes, *args) -> List[dict]:
+    return step.run_step(shapes, *args)
+
+
+SUITES: Dict[str, Suite] = {
+    "attention": Suite("attention", attention.PROVIDERS, attention.run_attention, attention.count_points,
+                       report.print_attention, plot=plot_attention),
+    "handoff": Suite("handoff", handoff.PROVIDERS, _run_handoff, _one_point_per_shape, report.print_handoff),
+    "step": Suite("step", step.PROVIDERS, _run_step, _one_point_per_shape, report.print_step),
+}
+
+__all__ = ["SUITES", "Suite"]

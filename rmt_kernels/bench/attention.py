@@ -34,24 +34,19 @@ from .. import backends
 from ..layout import MemoryLayout, attention_flops
 from ..ops.segment_attention.interface import OP, segment_attention
 from ..reference import segment_attention_ref
-from .common import (
-    MODES,
-    AttnShape,
-    Call,
-    Progress,
-    TRITON_CPU_REASON,
+from .progress import Progress
+from .records import (
     SPEED_OF_LIGHT,
+    TRITON_CPU_REASON,
     Skip,
-    TimingConfig,
     classify_exception,
     fill_ratios,
     is_speed_of_light,
     make_row,
-    measure_alternating,
     peak_tflops,
-    rotation_slots,
-    summarize,
 )
+from .shapes import MODES, AttnShape
+from .timing import Call, TimingConfig, measure_alternating, rotation_slots, summarize
 
 PROVIDERS = ("reference", "sdpa_dense", "sdpa_composed", "flex", "sdpa_causal", "triton", "cuda")
 PEERS = ("reference", "sdpa_dense", "sdpa_composed", "flex", "sdpa_causal")
@@ -134,8 +129,8 @@ def _compiled_flex():
     if "fn" not in _FLEX:
         from torch.nn.attention.flex_attention import flex_attention
 
-        # Each case compiles its own graphs (fwd, fwd+bwd); allow far more than dynamo's default of 8.
-        # (dynamic=True is avoided: torch 2.13's CPU inductor emits uncompilable C++ for flex with it.)
+        # Each case compiles its own graphs (fwd, fwd+bwd); allow far more than dynamo's default.
+        # Static shapes: the CPU inductor has emitted uncompilable C++ for flex with dynamic=True.
         cfg = torch._dynamo.config
         for key in ("recompile_limit", "cache_size_limit"):
             if hasattr(cfg, key):
@@ -223,10 +218,15 @@ def _exception_outcome(provider: str, exc: BaseException) -> Tuple[str, str]:
 # ----------------------------------------------------------------------------------------- calls
 
 
-def make_inputs(case: AttnCase, slots: int, seed: int = 0) -> List[dict]:
+def input_set_bytes(shape: AttnShape, dtype: torch.dtype) -> int:
+    """Bytes of one input set (q, k, v and dout) of ``shape``: what the CUDA timing rotates over."""
+    return 2 * (shape.heads_q + shape.heads_kv) * shape.seq_len * shape.head_dim * dtype.itemsize * shape.batch
+
+
+def make_inputs(case: AttnCase, slots: int) -> List[dict]:
     """``slots`` independent input sets: q ``[B, H_q, N, D]``, k/v ``[B, H_kv, N, D]``, dout like q."""
     s = case.shape
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(0)
     out = []
     for _ in range(slots):
         def rnd(h):
@@ -335,12 +335,13 @@ def run_attention(
                 notes[name], mode_skips[name] = built.note, dict(built.mode_skips or {})
                 if built.fn is not None:
                     fns[name] = built.fn
-            per_set = 2 * (shape.heads_q + shape.heads_kv) * shape.seq_len * shape.head_dim * dtype.itemsize
-            slots = rotation_slots(device, per_set * shape.batch)
+            slots = rotation_slots(device, input_set_bytes(shape, dtype))
             inputs = make_inputs(case, slots)
             outcome.update(check_outputs(case, fns, notes, inputs))
             live = {n: f for n, f in fns.items() if n not in outcome}
             for mode in modes:
+                if progress is not None:
+                    progress.start(f"attention {shape.name} {mask} {mode}")
                 calls = {n: make_call(f, mode, inputs) for n, f in live.items() if mode not in mode_skips[n]}
                 times = measure_alternating(calls, device, cfg, slots) if calls else {}
                 flops = attention_flops(
@@ -371,8 +372,6 @@ def run_attention(
                         ))
                 fill_ratios(point, PEERS)
                 rows.extend(point)
-                if progress is not None:
-                    progress.step(f"attention {shape.name} {mask} {mode}")
             del inputs, fns, live
             gc.collect()
             if device.type == "cuda":

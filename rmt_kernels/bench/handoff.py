@@ -20,20 +20,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..layout import MemoryLayout
-from .common import (
-    Call,
-    HandoffShape,
-    Progress,
-    TRITON_CPU_REASON,
-    Skip,
-    TimingConfig,
-    classify_exception,
-    fill_ratios,
-    make_row,
-    measure_alternating,
-    rotation_slots,
-    summarize,
-)
+from ..ops.pack_segment.interface import pack_segment
+from .progress import Progress
+from .records import TRITON_CPU_REASON, Skip, classify_exception, fill_ratios, make_row
+from .shapes import HandoffShape
+from .timing import Call, TimingConfig, measure_alternating, rotation_slots, summarize
 
 PACK_BACKENDS = ("torch", "triton", "cuda")
 PROVIDERS = tuple(f"pack_segment:{b}" for b in PACK_BACKENDS) + ("torch_cat", "copy")
@@ -44,11 +35,6 @@ Fn = Callable[[dict], torch.Tensor]
 
 def _pack(backend: str):
     def build(shape: HandoffShape, device: torch.device) -> Tuple[Fn, Optional[str]]:
-        import rmt_kernels
-
-        pack_segment = getattr(rmt_kernels, "pack_segment", None)
-        if pack_segment is None:
-            raise Skip(f"rmt_kernels {rmt_kernels.__version__} has no pack_segment")
         if backend == "triton" and device.type == "cpu":
             raise Skip(TRITON_CPU_REASON)
         layout = MemoryLayout(shape.num_mem, shape.num_mem, mask="causal")
@@ -89,8 +75,9 @@ def make_inputs(shape: HandoffShape, device: torch.device, dtype: torch.dtype, s
     return out
 
 
-def count_points(shapes: Sequence[HandoffShape]) -> int:
-    return len(shapes)
+def moved_bytes(shape: HandoffShape, dtype: torch.dtype) -> int:
+    """Bytes every provider moves: the ``B * N * d`` packed elements read once and written once."""
+    return 2 * shape.batch * (shape.segment_len + 2 * shape.num_mem) * shape.dim * dtype.itemsize
 
 
 def run_handoff(
@@ -106,8 +93,9 @@ def run_handoff(
     rows: List[dict] = []
     dname = str(dtype).replace("torch.", "")
     for shape in shapes:
-        n = shape.segment_len + 2 * shape.num_mem
-        nbytes = 2 * shape.batch * n * shape.dim * dtype.itemsize
+        if progress is not None:
+            progress.start(f"handoff {shape.name}")
+        nbytes = moved_bytes(shape, dtype)
         slots = rotation_slots(device, nbytes)
         inputs = make_inputs(shape, device, dtype, slots)
         expected = torch.cat([inputs[0]["memory"], inputs[0]["segment"], inputs[0]["memory"]], dim=1)
@@ -124,7 +112,7 @@ def run_handoff(
             except Exception as exc:  # noqa: BLE001
                 outcome[name] = classify_exception(exc)
         calls: Dict[str, Call] = {
-            name: ((lambda i: inputs[i]), fn) for name, fn in fns.items() if name not in outcome
+            name: ((lambda i, sets=inputs: sets[i]), fn) for name, fn in fns.items() if name not in outcome
         }
         times = measure_alternating(calls, device, cfg, slots) if calls else {}
         point = []
@@ -151,7 +139,5 @@ def run_handoff(
                     row["pct_copy_bw"] = 100.0 * row["gbps"] / copy["gbps"]
         fill_ratios(point, PEERS, dense=None)
         rows.extend(point)
-        if progress is not None:
-            progress.step(f"handoff {shape.name}")
         del inputs, expected
     return rows

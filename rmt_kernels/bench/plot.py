@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import List, Sequence
 
 from ..layout import MASK_FAMILIES
-from .common import MODES, is_speed_of_light
+from .records import is_speed_of_light
+from .shapes import MODES
 
 _MARKERS = "osD^v<>ph*"
 
@@ -24,24 +25,19 @@ def plot_attention(rows: Sequence[dict], path: str, title: str) -> None:
     """Write a PNG of the ``ok`` attention rows to ``path``.
 
     Raises:
+        ValueError: no attention point ran (no image is written rather than an empty one).
         ImportError: matplotlib is not installed (``pip install matplotlib``, or ``.[bench]``).
     """
+    ok = [r for r in rows if r["suite"] == "attention" and r["status"] == "ok" and r["tflops"] is not None]
+    if not ok:
+        raise ValueError("no attention point ran, nothing to plot")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if r["suite"] == "attention" and r["status"] == "ok" and r["tflops"] is not None]
     modes = [m for m in MODES if any(r["mode"] == m for r in ok)]
     masks: List[str] = [m for m in MASK_FAMILIES if any(r["mask"] == m for r in ok)]
-    if not ok:
-        fig, ax = plt.subplots(figsize=(6, 3))
-        ax.axis("off")
-        ax.text(0.5, 0.5, "no attention point ran", ha="center", va="center")
-        fig.suptitle(title, fontsize=9)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return
     providers = list(dict.fromkeys(r["provider"] for r in ok))
     series = list(dict.fromkeys(_series(r) for r in ok))
     colors = {p: plt.get_cmap("tab10")(i % 10) for i, p in enumerate(providers)}

@@ -28,18 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import (
-    Call,
-    Progress,
-    Skip,
-    StepShape,
-    TimingConfig,
-    classify_exception,
-    fill_ratios,
-    make_row,
-    measure_alternating,
-    summarize,
-)
+from .progress import Progress
+from .records import Skip, classify_exception, fill_ratios, make_row
+from .shapes import StepShape
+from .timing import Call, TimingConfig, measure_alternating, summarize
 
 PROVIDERS = ("official", "rmt_kernels")
 PEERS = ("official",)
@@ -93,9 +85,10 @@ class OfficialRMT(nn.Module):
         return loss, full
 
 
-def build_backbone(shape: StepShape, device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+def build_backbone(shape: StepShape, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """A randomly initialised ``GPT2LMHeadModel`` or ``LlamaForCausalLM`` of ``shape``'s sizes, dropout 0,
-    attention ``"sdpa"``, in training mode on ``device`` in ``dtype``. Raises Skip without transformers."""
+    attention ``"sdpa"``, in training mode on ``device`` in ``dtype``, seeded with 0. Raises Skip without
+    transformers."""
     try:
         from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
     except ImportError as exc:
@@ -117,7 +110,7 @@ def build_backbone(shape: StepShape, device: torch.device, dtype: torch.dtype, s
         )
     else:
         raise ValueError(f"unknown backbone family {shape.family!r}")
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
     return model.to(dtype).train()
@@ -175,10 +168,6 @@ def memory_kind(device: torch.device) -> str:
     return "bytes of tensors saved for backward, parameters excluded (CPU has no allocator peak)"
 
 
-def count_points(shapes: Sequence[StepShape]) -> int:
-    return len(shapes)
-
-
 def run_step(
     shapes: Sequence[StepShape],
     providers: Sequence[str],
@@ -192,6 +181,8 @@ def run_step(
     rows: List[dict] = []
     dname = str(dtype).replace("torch.", "")
     for shape in shapes:
+        if progress is not None:
+            progress.start(f"step {shape.name}")
         modules: Dict[str, nn.Module] = {}
         notes = {"official": "HF attention sdpa, output_hidden_states=True, all segment outputs kept",
                  "rmt_kernels": "rmt_kernels.integrations.rmt.RecurrentWrapper"}
@@ -234,7 +225,7 @@ def run_step(
             fn = loss_fn(name, module)
             calls[name] = (
                 lambda _slot, m=module: m.zero_grad(set_to_none=True),
-                lambda _state, f=fn: f(ids).backward(),
+                lambda _state, f=fn, x=ids: f(x).backward(),
             )
         times = measure_alternating(calls, device, cfg) if calls else {}
         point = []
@@ -260,8 +251,6 @@ def run_step(
                 point.append(make_row(env, status="ok", peak_mem_mb=mem, **summarize(result), **base))
         fill_ratios(point, PEERS, dense=None)
         rows.extend(point)
-        if progress is not None:
-            progress.step(f"step {shape.name}")
         del modules, live, calls, ids
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -1,0 +1,112 @@
+"""The tables ``rmt-kernels bench`` prints: one per suite, skipped and failed rows as numbered reasons."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .records import is_speed_of_light
+from .shapes import GOAL_SHAPE
+from .step import memory_kind
+
+
+def _fmt(x: Optional[float], spec: str, none: str = "-") -> str:
+    return none if x is None else format(x, spec)
+
+
+class _Footnotes:
+    """Numbered reasons for skipped/failed rows, printed under each table."""
+
+    def __init__(self):
+        self.reasons: Dict[str, int] = {}
+
+    def ref(self, row: dict) -> str:
+        n = self.reasons.setdefault(row["reason"], len(self.reasons) + 1)
+        return f"{row['status']} [{n}]"
+
+    def lines(self) -> List[str]:
+        return [f"  [{n}] {reason}" for reason, n in self.reasons.items()]
+
+
+def _print_table(title: str, header: Sequence[str], body: List[List[str]], notes: _Footnotes) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
+    print(f"\n== {title} ==")
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+    prev = None
+    for r in body:
+        key = tuple(r[:3])
+        cells = [c if key != prev or i >= 3 else "" for i, c in enumerate(r)]
+        print("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
+        prev = key
+    for line in notes.lines():
+        print(line)
+
+
+def _ratio(row: dict) -> str:
+    if row["ratio_to_best_peer"] is None:
+        return "-"
+    return f"{row['ratio_to_best_peer']:.2f}x {row['best_peer']}"
+
+
+def print_attention(rows: List[dict], env: dict) -> None:
+    notes = _Footnotes()
+    body = []
+    for r in rows:
+        name = r["provider"] + (" (SoL)" if is_speed_of_light(r) else "")
+        if r["status"] == "ok":
+            body.append([
+                r["shape"], r["mask"], r["mode"], name, f"{r['median_ms']:.3f}",
+                f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}", _fmt(r["tflops"], ".3g"),
+                _fmt(r["pct_peak"], ".1f", "n/a"), _ratio(r), _fmt(r["ratio_to_sdpa_dense"], ".2f"),
+            ])
+        else:
+            body.append([r["shape"], r["mask"], r["mode"], name, notes.ref(r), "", "", "", "", ""])
+    header = ["shape", "mask", "mode", "provider", "median ms", "p20-p80 ms", "TFLOP/s", "% peak",
+              "vs best peer", "vs sdpa_dense"]
+    _print_table(f"attention ({env['device_name']}, {rows[0]['dtype']})", header, body, notes)
+    print("  TFLOP/s counted from the mask (visible pairs); ratios are peer time / row time (> 1: faster);")
+    print("  (SoL): is_causal over all N rows, a different (cheaper) mask: stock kernels' speed of light.")
+    composed = [r for r in rows if r["provider"] == "sdpa_composed" and r["ratio_to_sdpa_dense"] is not None]
+    if composed:
+        print("\n  torch backend (sdpa_composed) vs dense-mask SDPA, time ratio (> 1: torch backend faster):")
+        for r in composed:
+            goal = (
+                r["shape"] == GOAL_SHAPE.name and r["mask"] == "memory_bidirectional" and r["mode"] == "fwd+bwd"
+            )
+            mark = "   <- goal point (goal: >= 1.5x)" if goal else ""
+            print(f"    {r['shape']:<22} {r['mask']:<21} {r['mode']:<8} {r['ratio_to_sdpa_dense']:.2f}x{mark}")
+
+
+def print_handoff(rows: List[dict], env: dict) -> None:
+    notes = _Footnotes()
+    body = []
+    for r in rows:
+        size = f"B{r['batch']} N{r['seq_len']} d{r['dim']}"
+        if r["status"] == "ok":
+            body.append([
+                r["shape"], size, r["mode"], r["provider"], f"{r['median_ms']:.4f}",
+                f"{r['p20_ms']:.4f}-{r['p80_ms']:.4f}", f"{r['gbps']:.1f}", _fmt(r["pct_copy_bw"], ".0f"),
+                _ratio(r),
+            ])
+        else:
+            body.append([r["shape"], size, r["mode"], r["provider"], notes.ref(r), "", "", "", ""])
+    header = ["shape", "sizes", "mode", "provider", "median ms", "p20-p80 ms", "GB/s", "% copy", "vs best peer"]
+    _print_table(f"handoff ({env['device_name']}, {rows[0]['dtype']})", header, body, notes)
+
+
+def print_step(rows: List[dict], env: dict) -> None:
+    notes = _Footnotes()
+    body = []
+    for r in rows:
+        size = f"{r['layers']}L d{r['dim']} B{r['batch']} K{r['segments']}x{r['segment_len']} M{r['num_read']}"
+        if r["status"] == "ok":
+            body.append([
+                r["shape"], size, r["mode"], r["provider"], f"{r['median_ms']:.1f}",
+                f"{r['p20_ms']:.1f}-{r['p80_ms']:.1f}", f"{r['peak_mem_mb']:.1f}", _ratio(r),
+            ])
+        else:
+            body.append([r["shape"], size, r["mode"], r["provider"], notes.ref(r), "", "", ""])
+    header = ["shape", "sizes", "mode", "provider", "median ms", "p20-p80 ms", "memory MB*", "vs best peer"]
+    _print_table(f"step ({env['device_name']}, {rows[0]['dtype']})", header, body, notes)
+    print(f"  * memory: {memory_kind(torch.device(env['device']))}")
