@@ -36,7 +36,11 @@ def _cuda_extension_kwargs() -> dict:
 
     if torch.version.cuda is None:
         raise RuntimeError("RMT_KERNELS_BUILD_CUDA=1 needs a CUDA build of torch; this one is CPU-only")
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "*.cpp")))
+    # Translation units: every op folder's launch file (csrc/<op>/*.cu) and the binding; csrc/ is the
+    # include dir. csrc/tools/ holds host probes, not part of the extension.
+    units = sorted(glob.glob(os.path.join("csrc", "*", "*.cu")))
+    sources = [u for u in units if os.path.basename(os.path.dirname(u)) != "tools"]
+    sources += glob.glob(os.path.join("csrc", "bindings.cpp"))
     if not sources:
         raise RuntimeError("RMT_KERNELS_BUILD_CUDA=1 but csrc/ holds no CUDA sources in this version")
     archs = os.environ.get("RMT_KERNELS_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0a"
@@ -65,7 +69,8 @@ setup(
     # csrc/ ships inside the package as rmt_kernels/csrc, for the just-in-time build of the extension.
     packages=find_packages(include=["rmt_kernels", "rmt_kernels.*"]) + ["rmt_kernels.csrc"],
     package_dir={"rmt_kernels.csrc": "csrc"},
-    package_data={"rmt_kernels.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp", "tools/*.cpp"]},
+    # Every subfolder of csrc/: common/, one folder per op, tools/.
+    package_data={"rmt_kernels.csrc": ["*.cpp", "*/*.cu", "*/*.cuh", "*/*.h", "*/*.cpp"]},
     install_requires=[
         "torch>=2.6",
         "triton; platform_system == 'Linux'",

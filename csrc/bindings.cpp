@@ -23,8 +23,8 @@
 #include <cstdint>
 #include <optional>
 
-#include "pack_segment_params.h"
-#include "segment_attention_params.h"
+#include "pack_segment/pack_segment_params.h"
+#include "segment_attention/segment_attention_params.h"
 
 namespace rmt {
 namespace {

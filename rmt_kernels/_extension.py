@@ -45,8 +45,9 @@ _load_lock = threading.Lock()
 
 
 def csrc_dir() -> Path:
-    """The ``csrc/`` sources: shipped inside an installed package (``rmt_kernels/csrc``) or, from a
-    source checkout, next to the package. Raises FileNotFoundError when neither exists."""
+    """The ``csrc/`` sources (also the include dir: kernels include ``"common/..."``,
+    ``"<op>/..."``): shipped inside an installed package (``rmt_kernels/csrc``) or, from a source
+    checkout, next to the package. Raises FileNotFoundError when neither exists."""
     package = Path(__file__).resolve().parent
     for candidate in (package / "csrc", package.parent / "csrc"):
         if (candidate / "bindings.cpp").is_file():
@@ -58,9 +59,13 @@ def csrc_dir() -> Path:
 
 
 def sources(root: Optional[Path] = None) -> List[Path]:
-    """Translation units of the extension: every ``csrc/*.cu`` and ``csrc/*.cpp``."""
+    """Translation units of the extension: the ``.cu`` launch file of every op folder
+    (``csrc/<op>/*.cu``), then the torch binding ``csrc/bindings.cpp``. ``csrc/common/`` holds headers
+    only; ``csrc/tools/`` (host probes) is not part of the extension. Every unit's file name is unique,
+    since the object files of a build are named after it."""
     root = root or csrc_dir()
-    return sorted(root.glob("*.cu")) + sorted(root.glob("*.cpp"))
+    units = [path for path in sorted(root.glob("*/*.cu")) if path.parent.name != "tools"]
+    return units + [root / "bindings.cpp"]
 
 
 def cache_dir() -> Path:

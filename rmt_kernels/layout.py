@@ -41,7 +41,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 
 MASK_FAMILIES = ("causal", "memory_bidirectional", "full")
-# Integer code of each family as the Triton and CUDA kernels receive it (csrc/mask_layout.cuh's
+# Integer code of each family as the Triton and CUDA kernels receive it (csrc/common/mask_layout.cuh's
 # rmt::MaskFamily follows the same order).
 MASK_CODES = {name: code for code, name in enumerate(MASK_FAMILIES)}
 PREFIX_VISIBILITY = ("segment", "all")

@@ -53,7 +53,8 @@ def _binding_compile(out: Path) -> subprocess.Popen:
     flags = ["-std=c++20", "-O0", "-fPIC", "-DTORCH_EXTENSION_NAME=rmt_kernels_C_probe", "-D_GLIBCXX_USE_CXX11_ABI="
              f"{int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
-    cmd = ["g++", *flags, *includes, "-c", str(cuda_build.csrc_dir() / "bindings.cpp"), "-o", str(out)]
+    root = cuda_build.csrc_dir()
+    cmd = ["g++", *flags, *includes, "-I", str(root), "-c", str(root / "bindings.cpp"), "-o", str(out)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -152,7 +153,8 @@ LAYOUT_CASES = [
     pytest.param(MemoryLayout(0, 32, "causal", "segment"), 1024, 37, [1024, 129], id="armt-W32-S1024-P37"),
 ]
 
-# (BLOCK_M, BLOCK_N): the kernels' tiles (csrc/segment_attention_config.h) and small odd ones.
+# (BLOCK_M, BLOCK_N): the kernels' tiles (csrc/segment_attention/segment_attention_config.h) and small
+# odd ones.
 BLOCKS = [(128, 64), (64, 64), (32, 64), (64, 32), (16, 16), (48, 80)]
 
 
@@ -161,8 +163,9 @@ def layout_probe(tmp_path_factory):
     if shutil.which("g++") is None:
         pytest.skip("no g++ to compile csrc/tools/layout_probe.cpp")
     exe = tmp_path_factory.mktemp("probe") / "layout_probe"
-    subprocess.run(["g++", "-std=c++17", "-O1", "-Wall", "-Werror", "-o", str(exe),
-                    str(cuda_build.csrc_dir() / "tools" / "layout_probe.cpp")], check=True, capture_output=True)
+    root = cuda_build.csrc_dir()
+    subprocess.run(["g++", "-std=c++17", "-O1", "-Wall", "-Werror", "-I", str(root), "-o", str(exe),
+                    str(root / "tools" / "layout_probe.cpp")], check=True, capture_output=True)
     return exe
 
 
@@ -340,6 +343,11 @@ def test_cache_dir_and_sources(monkeypatch, tmp_path):
     names = {s.name for s in cuda_build.sources()}
     assert {"segment_attention.cu", "pack_segment.cu", "bindings.cpp"} <= names
     assert not {s.name for s in cuda_build.sources()} & {"layout_probe.cpp", "kernel_table.cpp"}
+    root = cuda_build.csrc_dir()
+    assert {s.relative_to(root).as_posix() for s in cuda_build.sources()} >= {
+        "segment_attention/segment_attention.cu", "pack_segment/pack_segment.cu", "bindings.cpp"}
+    assert len(names) == len(cuda_build.sources()), "translation units need distinct file names"
+    assert aot_cuda.translation_units() == [s for s in cuda_build.sources() if s.suffix == ".cu"]
 
 
 def test_build_lock_is_exclusive(tmp_path):

@@ -1,8 +1,8 @@
 """The CUDA kernels of ``csrc/``, executed on the CPU by an emulator, against the reference.
 
 No GPU is needed: ``tests/cuda_emu/`` compiles the real kernel headers as host C++ with an emulated
-``ptx_sm80.cuh`` (fibers for threads; ``ldmatrix``, ``mma.sync`` and ``cp.async`` implemented from the
-PTX ISA's fragment layouts). The public ``segment_attention(..., backend="cuda")`` and
+``common/ptx_sm80.cuh`` (fibers for threads; ``ldmatrix``, ``mma.sync`` and ``cp.async`` implemented
+from the PTX ISA's fragment layouts). The public ``segment_attention(..., backend="cuda")`` and
 ``pack_segment*(..., backend="cuda")`` then run end to end on CPU tensors: the real launchers
 (``ops/*/cuda.py``: allocation, stride fitting, argument order), the kernels' tile schedule, masking,
 online softmax and backward, the pack copy units and reductions, with only the extension call swapped
@@ -30,10 +30,8 @@ from rmt_kernels.ops.pack_segment import cuda as pack_cuda
 from rmt_kernels.ops.pack_segment import interface as pack_interface
 from rmt_kernels.ops.segment_attention import cuda as cuda_impl
 
-import test_pack_segment as pack_tests
-from test_pack_segment_cuda import check_out_buffer, run_ids_case
-from test_segment_attention_cuda import strided_lowp
-from test_segment_attention_torch import check_against_reference, make_inputs
+import helpers as pack_tests
+from helpers import check_against_reference, check_out_buffer, make_inputs, run_ids_case, strided_lowp
 
 MB = "memory_bidirectional"
 EMU_DIR = Path(__file__).parent / "cuda_emu"
@@ -47,8 +45,9 @@ _S4 = ctypes.c_int64 * 4
 
 
 class Params(ctypes.Structure):
-    """ctypes mirror of ``rmt::SegmentAttentionParams`` (csrc/segment_attention_params.h); the fixture
-    checks every offset against the compiled struct."""
+    """ctypes mirror of ``rmt::SegmentAttentionParams``
+    (csrc/segment_attention/segment_attention_params.h); the fixture checks every offset against the
+    compiled struct."""
 
     _fields_ = [
         ("q", _PTR), ("k", _PTR), ("v", _PTR), ("prefix_k", _PTR), ("prefix_v", _PTR), ("segment_lengths", _PTR),
@@ -84,7 +83,7 @@ _INT = ctypes.c_int
 
 
 class PackParams(ctypes.Structure):
-    """ctypes mirror of ``rmt::PackParams`` (csrc/pack_segment_params.h)."""
+    """ctypes mirror of ``rmt::PackParams`` (csrc/pack_segment/pack_segment_params.h)."""
 
     _fields_ = [
         ("out", _PTR), ("out_stride", _S3), ("src", _PTR), ("src_stride", _S3), ("ids", _PTR), ("ids_stride", _S2),
@@ -127,11 +126,14 @@ def emulator(tmp_path_factory):
     if cuda_include is None:
         pytest.skip("the emulator needs the CUDA toolkit's headers (cuda_fp16.h)")
     work = tmp_path_factory.mktemp("cuda_emu")
+    # A copy of csrc/'s header tree (the include dir, as in the real builds) with the emulation in
+    # place of common/ptx_sm80.cuh.
     headers = work / "csrc"
-    headers.mkdir()
-    for src in list(cuda_build.csrc_dir().glob("*.cuh")) + list(cuda_build.csrc_dir().glob("*.h")):
-        shutil.copy(src, headers / src.name)
-    shutil.copy(EMU_DIR / "ptx_sm80.cuh", headers / "ptx_sm80.cuh")
+    root = cuda_build.csrc_dir()
+    for src in [*root.glob("*/*.cuh"), *root.glob("*/*.h")]:
+        (headers / src.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, headers / src.relative_to(root))
+    shutil.copy(EMU_DIR / "common" / "ptx_sm80.cuh", headers / "common" / "ptx_sm80.cuh")
     lib_path = work / "emu.so"
     cmd = [cxx, "-std=c++17", "-O1", "-fPIC", "-shared", "-Wno-unknown-pragmas", "-Wno-attributes",
            "-I", str(headers), "-I", str(cuda_include), str(EMU_DIR / "harness.cpp"), "-o", str(lib_path)]
@@ -150,7 +152,8 @@ def emulator(tmp_path_factory):
 
 
 def _chunked(t):
-    """What csrc/segment_attention.cu requires of a tile input (it rejects anything else)."""
+    """What csrc/segment_attention/segment_attention.cu requires of a tile input (it rejects anything
+    else)."""
     return t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0
 
 
@@ -212,7 +215,7 @@ def emulated_cuda(emulator, monkeypatch, nan_poison):
 
     impl = backends.get_impl(cuda_impl.OP, "cuda")
     monkeypatch.setattr(impl, "devices", ("cpu", "cuda"))
-    monkeypatch.setattr(backends, "cuda_status", lambda device: (True, "CPU emulation of the CUDA kernels"))
+    monkeypatch.setattr(impl, "status", lambda device: (True, "CPU emulation of the CUDA kernels"))
     monkeypatch.setattr(cuda_impl, "_check", lambda q: None)
     monkeypatch.setattr(cuda_build, "load_extension", lambda verbose=False: "emulated")
     monkeypatch.setattr(cuda_build, "current_stream", lambda device: 0)
@@ -313,8 +316,9 @@ def emulated_cuda_pack(emulator, monkeypatch):
         assert emulator.rmt_emu_embedding_grad(ctypes.byref(p)) == 0
 
     for op in (pack_cuda.OP, pack_cuda.OP_IDS):
-        monkeypatch.setattr(backends.get_impl(op, "cuda"), "devices", ("cpu", "cuda"))
-    monkeypatch.setattr(backends, "cuda_status", lambda device: (True, "CPU emulation of the CUDA kernels"))
+        impl = backends.get_impl(op, "cuda")
+        monkeypatch.setattr(impl, "devices", ("cpu", "cuda"))
+        monkeypatch.setattr(impl, "status", lambda device: (True, "CPU emulation of the CUDA kernels"))
     monkeypatch.setattr(pack_cuda, "_check", lambda t, op: None)
     monkeypatch.setattr(cuda_build, "load_extension", lambda verbose=False: "emulated")
     monkeypatch.setattr(cuda_build, "current_stream", lambda device: 0)
@@ -327,8 +331,8 @@ def emulated_cuda_pack(emulator, monkeypatch):
 def test_emulated_cuda_pack_matches_cat(emulated_cuda_pack, nan_poison, batch, seg_len, dim, num_read, num_write,
                                         read_kind, write_kind, dtype, sliced):
     nan_poison(pack_interface, "alloc_packed")
-    pack_tests._run_pack_case("cpu", "cuda", batch, seg_len, dim, num_read, num_write, read_kind, write_kind, dtype,
-                              sliced)
+    pack_tests.run_pack_case("cpu", "cuda", batch, seg_len, dim, num_read, num_write, read_kind, write_kind, dtype,
+                             sliced)
 
 
 # (B, S, V, d, R, W, ids dtype, weight dtype, sliced, deterministic)

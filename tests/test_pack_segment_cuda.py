@@ -1,4 +1,4 @@
-"""``pack_segment`` / ``pack_segment_from_ids`` on ``backend="cuda"`` (csrc/pack_segment.cu) against
+"""``pack_segment`` / ``pack_segment_from_ids`` on ``backend="cuda"`` (csrc/pack_segment/pack_segment.cu) against
 ``torch.cat`` / ``F.embedding`` on a GPU: the handoff suite's cases, ``out=`` buffers, both embedding
 gradient modes and 64-bit offsets. Every test carries the ``cuda`` marker (skipped without a GPU).
 """

@@ -18,7 +18,7 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
-#include "ptx_sm80.cuh"
+#include "common/ptx_sm80.cuh"
 
 namespace rmt {
 

@@ -3,7 +3,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "pack_segment.cuh"
+#include "pack_segment/pack_segment.cuh"
 
 namespace rmt {
 namespace {

@@ -10,7 +10,7 @@
 
 #include <initializer_list>
 
-#include "pack_segment_params.h"
+#include "pack_segment/pack_segment_params.h"
 
 namespace rmt {
 

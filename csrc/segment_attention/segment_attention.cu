@@ -4,8 +4,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "segment_attention_bwd.cuh"
-#include "segment_attention_fwd.cuh"
+#include "segment_attention/segment_attention_bwd.cuh"
+#include "segment_attention/segment_attention_fwd.cuh"
 
 namespace rmt {
 namespace {

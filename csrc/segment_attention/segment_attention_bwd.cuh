@@ -17,7 +17,7 @@
 // Tile classes decide the masking exactly as in the forward: full tiles skip the per-element rule.
 #pragma once
 
-#include "segment_attention_fwd.cuh"
+#include "segment_attention/segment_attention_schedule.cuh"
 
 namespace rmt {
 
@@ -72,31 +72,11 @@ __global__ void __launch_bounds__(AttnThreads<D>::dq, 1)
 
   const T* q = static_cast<const T*>(p.q) + bb * p.q_stride[0] + h * p.q_stride[1];
   const T* dout = static_cast<const T*>(p.dout) + bb * p.dout_stride[0] + h * p.dout_stride[1];
-  const T* k = static_cast<const T*>(p.k) + bb * p.k_stride[0] + hk * p.k_stride[1];
-  const T* v = static_cast<const T*>(p.v) + bb * p.v_stride[0] + hk * p.v_stride[1];
-  const T* pk = nullptr;
-  const T* pv = nullptr;
-  if (lay.P > 0) {
-    pk = static_cast<const T*>(p.prefix_k) + bb * p.pk_stride[0] + hk * p.pk_stride[1];
-    pv = static_cast<const T*>(p.prefix_v) + bb * p.pv_stride[0] + hk * p.pv_stride[1];
-  }
+  const KeyValueRows<T> kv = key_value_rows<T>(p, bb, hk, lay.P);
 
   const KeySchedule sched = key_schedule(lay, m0, m1, L, BN);
   const int total = sched.total();
-
-  auto issue = [&](int it) {
-    bool prefix;
-    const int n0 = sched.tile(it, prefix) * BN;
-    T* dk = sK + (it & 1) * BN * D;
-    T* dv = sV + (it & 1) * BN * D;
-    if (prefix) {
-      load_tile<BN, D, NT>(dk, pk, p.pk_stride[2], n0, lay.P);
-      load_tile<BN, D, NT>(dv, pv, p.pv_stride[2], n0, lay.P);
-    } else {
-      load_tile<BN, D, NT>(dk, k, p.k_stride[2], n0, N);
-      load_tile<BN, D, NT>(dv, v, p.v_stride[2], n0, N);
-    }
-  };
+  auto issue = [&](int it) { load_key_value_tiles<BN, D, NT>(sK, sV, kv, p, sched, it, N, lay.P); };
 
   load_tile<BM, D, NT>(sQ, q, p.q_stride[2], m0, N);
   load_tile<BM, D, NT>(sO, dout, p.dout_stride[2], m0, N);
@@ -120,14 +100,7 @@ __global__ void __launch_bounds__(AttnThreads<D>::dq, 1)
   for (int i = 0; i < OTILES; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
 
   for (int it = 0; it < total; ++it) {
-    if (it + 1 < total) {
-      issue(it + 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    pipeline_wait(it, total, issue);
     bool prefix;
     const int n0 = sched.tile(it, prefix) * BN;
     const T* tK = sK + (it & 1) * BN * D;
@@ -287,14 +260,7 @@ __global__ void __launch_bounds__(AttnThreads<D>::dkv, 1)
   }
 
   for (int it = 0; it < total; ++it) {
-    if (it + 1 < total) {
-      issue(it + 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    pipeline_wait(it, total, issue);
     const int m0 = (qt.begin + it % per_head) * BM;
     const int buf = it & 1;
     const T* tQ = sQ + buf * BM * D;

@@ -1,6 +1,6 @@
 // Tile shapes of the attention kernels per head dim, and the shared memory each needs. Plain C++ (no
-// CUDA headers): the kernels, the launch file and the resource report (rmt_kernels/aot_cuda.py, via
-// tools/kernel_table.cpp) read the same numbers.
+// CUDA headers): the kernels, the launch file and the resource report (rmt_kernels/tools/aot_cuda.py,
+// via csrc/tools/kernel_table.cpp) read the same numbers.
 //
 // Every kernel is one warp per 16 rows of its "own" block (query rows for the forward and dQ, key rows
 // for dK/dV); the other dimension is streamed through a double-buffered shared tile.

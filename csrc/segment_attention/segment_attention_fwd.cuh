@@ -15,63 +15,9 @@
 // and its log-sum-exp -inf.
 #pragma once
 
-#include <math_constants.h>
-
-#include "mask_layout.cuh"
-#include "mma_sm80.cuh"
-#include "segment_attention_config.h"
-#include "segment_attention_params.h"
+#include "segment_attention/segment_attention_schedule.cuh"
 
 namespace rmt {
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-
-__device__ __forceinline__ MaskLayout mask_layout_of(const SegmentAttentionParams& p) {
-  return MaskLayout{p.num_read, p.segment_len, p.num_write, p.prefix_len, p.mask, p.prefix_all};
-}
-
-// The key tiles one row block visits: prefix tiles [0, n_pre), then packed tiles lo, then hi.
-struct KeySchedule {
-  TileRange pre, lo, hi;
-
-  __device__ __forceinline__ int total() const { return pre.size() + lo.size() + hi.size(); }
-
-  // Tile index of step `it`; `prefix` says which key source it belongs to.
-  __device__ __forceinline__ int tile(int it, bool& prefix) const {
-    if (it < pre.size()) {
-      prefix = true;
-      return pre.begin + it;
-    }
-    prefix = false;
-    it -= pre.size();
-    return it < lo.size() ? lo.begin + it : hi.begin + (it - lo.size());
-  }
-};
-
-__device__ __forceinline__ KeySchedule key_schedule(const MaskLayout& lay, int m0, int m1, int L, int block_n) {
-  KeySchedule s;
-  s.pre = lay.prefix_key_tiles(m0, m1, block_n);
-  lay.packed_key_tiles(m0, m1, L, block_n, &s.lo, &s.hi);
-  return s;
-}
-
-// Whether a score tile needs per-element masking: not full, or a tail in either dimension.
-__device__ __forceinline__ bool tile_needs_mask(const MaskLayout& lay, bool prefix, int m0, int block_m, int n0,
-                                                int block_n, int L) {
-  const int N = lay.N();
-  const int key_len = prefix ? lay.P : N;
-  const int m1 = imin(m0 + block_m, N), n1 = imin(n0 + block_n, key_len);
-  const int cls = prefix ? lay.classify_prefix(m0, m1) : lay.classify_packed(m0, m1, n0, n1, L);
-  return cls != TILE_FULL || m0 + block_m > N || n0 + block_n > key_len;
-}
-
-// The per-element rule for query row i and key j of the given source (bounds included).
-__device__ __forceinline__ bool pair_visible(const MaskLayout& lay, bool prefix, int i, int j, int L) {
-  if (i >= lay.N()) return false;
-  if (prefix) return j < lay.P && lay.prefix_visible(i);
-  return j < lay.N() && lay.visible(i, j, L);
-}
 
 template <typename T, int D>
 __global__ void __launch_bounds__(AttnThreads<D>::fwd, 1)
@@ -97,31 +43,11 @@ __global__ void __launch_bounds__(AttnThreads<D>::fwd, 1)
   const int64_t bb = b;
 
   const T* q = static_cast<const T*>(p.q) + bb * p.q_stride[0] + h * p.q_stride[1];
-  const T* k = static_cast<const T*>(p.k) + bb * p.k_stride[0] + hk * p.k_stride[1];
-  const T* v = static_cast<const T*>(p.v) + bb * p.v_stride[0] + hk * p.v_stride[1];
-  const T* pk = nullptr;
-  const T* pv = nullptr;
-  if (lay.P > 0) {
-    pk = static_cast<const T*>(p.prefix_k) + bb * p.pk_stride[0] + hk * p.pk_stride[1];
-    pv = static_cast<const T*>(p.prefix_v) + bb * p.pv_stride[0] + hk * p.pv_stride[1];
-  }
+  const KeyValueRows<T> kv = key_value_rows<T>(p, bb, hk, lay.P);
 
   const KeySchedule sched = key_schedule(lay, m0, m1, L, BN);
   const int total = sched.total();
-
-  auto issue = [&](int it) {
-    bool prefix;
-    const int n0 = sched.tile(it, prefix) * BN;
-    T* dk = sK + (it & 1) * BN * D;
-    T* dv = sV + (it & 1) * BN * D;
-    if (prefix) {
-      load_tile<BN, D, NT>(dk, pk, p.pk_stride[2], n0, lay.P);
-      load_tile<BN, D, NT>(dv, pv, p.pv_stride[2], n0, lay.P);
-    } else {
-      load_tile<BN, D, NT>(dk, k, p.k_stride[2], n0, N);
-      load_tile<BN, D, NT>(dv, v, p.v_stride[2], n0, N);
-    }
-  };
+  auto issue = [&](int it) { load_key_value_tiles<BN, D, NT>(sK, sV, kv, p, sched, it, N, lay.P); };
 
   load_tile<BM, D, NT>(sQ, q, p.q_stride[2], m0, N);
   if (total > 0) issue(0);
@@ -140,14 +66,7 @@ __global__ void __launch_bounds__(AttnThreads<D>::fwd, 1)
   uint32_t qa[KSTEPS][4];
 
   for (int it = 0; it < total; ++it) {
-    if (it + 1 < total) {
-      issue(it + 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    pipeline_wait(it, total, issue);
     if (it == 0) {
 #pragma unroll
       for (int kk = 0; kk < KSTEPS; ++kk) load_a<D>(qa[kk], sQ, warp * 16, 2 * kk);

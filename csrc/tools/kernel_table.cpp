@@ -1,9 +1,11 @@
-// Prints the launch resources of the attention kernels (csrc/segment_attention_config.h), one per
-// line: "<kernel name> <head dim> <block_m> <block_n> <threads> <dynamic shared memory bytes>". Compiled with g++ by
-// rmt_kernels/aot_cuda.py, which adds the dynamic shared memory to what cuobjdump reports.
+// Prints the launch resources of the attention kernels
+// (csrc/segment_attention/segment_attention_config.h), one per line: "<kernel name> <head dim>
+// <block_m> <block_n> <threads> <dynamic shared memory bytes>". Compiled with g++ by
+// rmt_kernels/tools/aot_cuda.py (csrc/ as the include dir), which adds the dynamic shared memory to
+// what cuobjdump reports.
 #include <cstdio>
 
-#include "../segment_attention_config.h"
+#include "segment_attention/segment_attention_config.h"
 
 int main() {
   rmt::KernelResources table[rmt::kAttnKernelCount];

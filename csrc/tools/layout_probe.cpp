@@ -1,5 +1,5 @@
-// Host-side probe of csrc/mask_layout.cuh for tests/test_cuda_build.py: compiled with g++ (no CUDA), it
-// reads cases from stdin, one per line,
+// Host-side probe of csrc/common/mask_layout.cuh for tests/test_cuda_build.py: compiled with g++ (no
+// CUDA; csrc/ as the include dir), it reads cases from stdin, one per line,
 //
 //     R S W P mask prefix_all block_m block_n L
 //
@@ -16,7 +16,7 @@
 #include <cstdio>
 #include <iostream>
 
-#include "../mask_layout.cuh"
+#include "common/mask_layout.cuh"
 
 int main() {
   int R, S, W, P, mask, prefix_all, bm, bn, L;

@@ -1,16 +1,17 @@
 """Compile every CUDA kernel of ``csrc/`` for GPU targets without a GPU, and report its resources.
 
-Each translation unit (``csrc/*.cu``: the launch files, which hold the kernels and no torch code) is
-compiled with ``nvcc -gencode=arch=compute_XX,code=sm_XX -c`` for every target (default sm_80 and
-sm_90a), in parallel. ``cuobjdump`` (the system one, else the copy in the triton wheel) then reads,
-per kernel, registers, stack and local memory (spills), static shared memory, and from the SASS
-whether the products run on tensor cores (``HMMA``; ``HGMMA`` is Hopper's warpgroup MMA). The dynamic
-shared memory the attention launches request comes from ``csrc/segment_attention_config.h`` (through
-``csrc/tools/kernel_table.cpp``, compiled with the host C++ compiler) and is added in.
+Each translation unit (``csrc/<op>/*.cu``: the launch file of every op folder, which holds its kernels
+and no torch code) is compiled with ``nvcc -gencode=arch=compute_XX,code=sm_XX -c``, with ``csrc/`` as
+the include dir, for every target (default sm_80 and sm_90a), in parallel. ``cuobjdump`` (the system
+one, else the copy in the triton wheel) then reads, per kernel, registers, stack and local memory
+(spills), static shared memory, and from the SASS whether the products run on tensor cores (``HMMA``;
+``HGMMA`` is Hopper's warpgroup MMA). The dynamic shared memory the attention launches request comes
+from ``csrc/segment_attention/segment_attention_config.h`` (through ``csrc/tools/kernel_table.cpp``,
+compiled with the host C++ compiler) and is added in.
 
-Rows have the fields of the Triton report (``rmt_kernels/aot.py``): name, config, arch, dtype,
-head_dim, registers, spill_bytes, shared_bytes, uses_wgmma, uses_mma, error, ok. ``rmt-kernels aot
---cuda`` prints them; a compile error, a spill or shared memory over the target's limit fails it.
+Rows have the fields of the Triton report (``rmt_kernels/tools/aot_triton.py``): name, config, arch,
+dtype, head_dim, registers, spill_bytes, shared_bytes, uses_wgmma, uses_mma, error, ok. ``rmt-kernels
+aot --cuda`` prints them; a compile error, a spill or shared memory over the target's limit fails it.
 
 Example::
 
@@ -52,8 +53,11 @@ def csrc_dir() -> Path:
 
 
 def translation_units(root: Optional[Path] = None) -> List[Path]:
-    """Every kernel translation unit: ``csrc/*.cu``."""
-    return sorted((root or csrc_dir()).glob("*.cu"))
+    """Every kernel translation unit: the ``.cu`` launch file of every op folder, ``csrc/<op>/*.cu``
+    (not ``csrc/tools/``)."""
+    from .._extension import sources
+
+    return [s for s in sources(root or csrc_dir()) if s.suffix == ".cu"]
 
 
 def find_nvcc() -> str:
@@ -96,8 +100,9 @@ def kernel_table(work: Path) -> Dict[Tuple[str, int], dict]:
     if compiler is None:
         raise FileNotFoundError("no host C++ compiler (g++) for csrc/tools/kernel_table.cpp")
     exe = work / "kernel_table"
-    subprocess.run([compiler, "-std=c++17", "-O0", "-o", str(exe), str(csrc_dir() / "tools" / "kernel_table.cpp")],
-                   check=True, capture_output=True, text=True)
+    root = csrc_dir()
+    subprocess.run([compiler, "-std=c++17", "-O0", "-I", str(root), "-o", str(exe),
+                    str(root / "tools" / "kernel_table.cpp")], check=True, capture_output=True, text=True)
     table = {}
     for line in subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines():
         name, d, bm, bn, threads, smem = line.split()
@@ -133,9 +138,10 @@ def _split_sass(sass: str) -> Dict[str, str]:
     return {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
 
 
-def _compile(source: Path, arch: str, out_dir: Path, nvcc: str) -> Tuple[Optional[Path], Optional[str]]:
+def _compile(source: Path, arch: str, out_dir: Path, nvcc: str,
+             include: Path) -> Tuple[Optional[Path], Optional[str]]:
     obj = out_dir / f"{source.stem}.sm_{arch}.o"
-    cmd = [nvcc, *NVCC_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}", "-I", str(source.parent), "-c",
+    cmd = [nvcc, *NVCC_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}", "-I", str(include), "-c",
            str(source), "-o", str(obj)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -215,10 +221,11 @@ def compile_cuda_kernels(
         out_dir = Path(build_dir) if build_dir else Path(tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
         table = kernel_table(Path(tmp))
-        jobs = [(tu, str(arch)) for arch in archs for tu in translation_units()]
+        root = csrc_dir()
+        jobs = [(tu, str(arch)) for arch in archs for tu in translation_units(root)]
         workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            compiled = list(pool.map(lambda job: _compile(job[0], job[1], out_dir, nvcc), jobs))
+            compiled = list(pool.map(lambda job: _compile(job[0], job[1], out_dir, nvcc, root), jobs))
         rows: List[dict] = []
         for (tu, arch), (obj, error) in zip(jobs, compiled):
             if error is not None:

@@ -1,7 +1,8 @@
 // Runs the attention and pack kernels of csrc/ on the CPU, for tests/test_cuda_emulation.py: a grid
-// of CTAs, each CTA's threads as fibers (see ptx_sm80.cuh here, which replaces the real one). The
-// launch sequences mirror csrc/segment_attention.cu and csrc/pack_segment.cu (same grids, same
-// kernels, same order; the pack copy unit from the same pack_copy_unit).
+// of CTAs, each CTA's threads as fibers (see common/ptx_sm80.cuh here, which replaces the real one).
+// The launch sequences mirror csrc/segment_attention/segment_attention.cu and
+// csrc/pack_segment/pack_segment.cu (same grids, same kernels, same order; the pack copy unit from the
+// same pack_copy_unit).
 //
 // Exported (C ABI, loaded with ctypes):
 //   int rmt_emu_fwd(const rmt::SegmentAttentionParams*), int rmt_emu_bwd(...),
@@ -11,8 +12,14 @@
 //   long rmt_emu_offset(const char* type, const char* field) (-1: unknown) and
 //   long rmt_emu_sizeof(const char* type): offsetof / sizeof in each params struct, so the test can
 //     check its ctypes mirrors field by field.
-#include "segment_attention_bwd.cuh"
-#include "pack_segment.cuh"
+// The emulation first: it defines the CUDA keywords and built-ins (__global__, threadIdx, ...) that
+// nvcc provides to every kernel header. Angle brackets so that it comes from the include dir (the
+// copied csrc/ tree, where it replaces the real one), the same file the kernel headers include.
+#include <common/ptx_sm80.cuh>
+
+#include "pack_segment/pack_segment.cuh"
+#include "segment_attention/segment_attention_bwd.cuh"
+#include "segment_attention/segment_attention_fwd.cuh"
 
 #include <cstddef>
 #include <cstring>

@@ -1,5 +1,5 @@
-"""Launchers of the CUDA memory-handoff kernels (``csrc/pack_segment.cu``), and their registration as
-backend ``"cuda"`` of ``pack_segment`` and ``pack_segment_from_ids``.
+"""Launchers of the CUDA memory-handoff kernels (``csrc/pack_segment/``): the ``"cuda"`` entries of the
+backend tables of ``pack_segment`` and ``pack_segment_from_ids`` (``interface.py``).
 
 Same contract as ``torch_impl`` / ``triton_launch``: validated inputs, outputs allocated here (or the
 caller's ``out``), no autograd. The extension is loaded (or built just in time) on the first launch by

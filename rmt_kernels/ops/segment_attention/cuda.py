@@ -1,4 +1,5 @@
-"""Launchers of the CUDA segment attention (``csrc/``), and their registration as backend ``"cuda"``.
+"""Launchers of the CUDA segment attention (``csrc/segment_attention/``): the ``"cuda"`` entry of the
+op's backend table (``interface.py``).
 
 The launchers allocate the outputs and gradients (``ops._alloc``: stored ``[B, N, H, D]``), make sure the inputs suit the kernels' 16-byte tile loads (a unit head-dim stride,
 other strides multiples of 8 elements, 16-byte aligned data; anything else is copied, which the

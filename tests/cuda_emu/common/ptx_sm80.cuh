@@ -1,7 +1,7 @@
-// CPU emulation of csrc/ptx_sm80.cuh, for tests/test_cuda_emulation.py.
+// CPU emulation of csrc/common/ptx_sm80.cuh, for tests/test_cuda_emulation.py.
 //
 // The attention and pack kernels of csrc/ are compiled as host C++ with this file in place of the real
-// ptx_sm80.cuh (the other headers are the real ones, copied unchanged). Each CUDA thread of a CTA runs
+// common/ptx_sm80.cuh (the other headers are the real ones, copied unchanged into the same tree). Each CUDA thread of a CTA runs
 // as a fiber on one OS thread (x86-64 context switch below); warp-collective instructions exchange
 // their operands through per-warp slots between two warp barriers, and implement the PTX ISA
 // definitions of the fragment layouts:
@@ -21,6 +21,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <math_constants.h>
 #include <stdint.h>
 
 #include <cmath>
