@@ -50,7 +50,7 @@ def _cuda_extension_kwargs() -> dict:
         name="rmt_kernels._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
-        # No -std: torch's build picks the standard its headers need (C++20 for torch >= 2.10).
+        # No -std: torch's build picks the standard its headers need.
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
