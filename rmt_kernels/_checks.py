@@ -9,6 +9,7 @@ silently broadcast or cast.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -41,6 +42,46 @@ def _is_compiling() -> bool:
         return False
 
 
+ENV_DEBUG_CHECKS = "RMT_KERNELS_DEBUG_CHECKS"
+
+
+def host_value_checks(t: torch.Tensor) -> bool:
+    """Whether value checks of ``t`` read it on the host: always for CPU tensors; for device tensors
+    (where a read is a host sync) only with ``RMT_KERNELS_DEBUG_CHECKS=1``; otherwise they run on
+    the device (:func:`device_check`)."""
+    return t.device.type == "cpu" or os.environ.get(ENV_DEBUG_CHECKS) == "1"
+
+
+def device_check(ok: torch.Tensor, message: str) -> None:
+    """Assert a boolean device tensor without a host sync: a failure stops the device work with
+    ``message`` and surfaces at the next synchronisation. Nothing is checked while compiling."""
+    if not _is_compiling():
+        torch._assert_async(ok, message)
+
+
+def check_segment_lengths(segment_lengths, batch: int, segment_len: int, device: torch.device) -> None:
+    """An integer ``[B]`` tensor on the CPU or ``device`` with values in ``[0, S]`` (the values: on
+    the host for CPU tensors, on the device otherwise, see :func:`host_value_checks`)."""
+    if not isinstance(segment_lengths, torch.Tensor):
+        raise TypeError(f"segment_lengths must be an integer torch.Tensor [B], got {type(segment_lengths).__name__}")
+    dtype = segment_lengths.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise TypeError(f"segment_lengths must be an integer tensor, got {dtype}")
+    if tuple(segment_lengths.shape) != (batch,):
+        raise ValueError(f"segment_lengths must have shape [B] = [{batch}], got {tuple(segment_lengths.shape)}")
+    if segment_lengths.device.type not in ("cpu", device.type):
+        raise ValueError(f"segment_lengths is on {segment_lengths.device}; expected the CPU or {device}")
+    if _is_compiling() or not segment_lengths.numel():
+        return
+    message = f"segment_lengths must lie in [0, S] = [0, {segment_len}]"
+    if host_value_checks(segment_lengths):
+        lo, hi = (int(x) for x in torch.aminmax(segment_lengths))
+        if lo < 0 or hi > segment_len:
+            raise ValueError(f"{message}, got values in [{lo}, {hi}]")
+    else:
+        device_check(((segment_lengths >= 0) & (segment_lengths <= segment_len)).all(), message)
+
+
 def _tensor4(x, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -71,34 +112,37 @@ def check_attention_inputs(
     if not isinstance(layout, MemoryLayout):
         raise TypeError(f"layout must be a rmt_kernels.MemoryLayout, got {type(layout).__name__}")
     q, k, v = _tensor4(q, "q"), _tensor4(k, "k"), _tensor4(v, "v")
-    if q.dtype not in dtypes:
-        raise TypeError(f"q has dtype {q.dtype}; the {backend} backend supports {list(dtypes)}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; they must match")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    dtype, device = q.dtype, q.device
+    if dtype not in dtypes:
+        raise TypeError(f"q has dtype {dtype}; the {backend} backend supports {list(dtypes)}")
+    if k.dtype != dtype or v.dtype != dtype:
+        name, t = ("k", k) if k.dtype != dtype else ("v", v)
+        raise TypeError(f"{name} has dtype {t.dtype} but q has {dtype}; they must match")
+    if k.device != device or v.device != device:
+        name, t = ("k", k) if k.device != device else ("v", v)
+        raise ValueError(f"{name} is on {t.device} but q is on {device}; they must match")
+    kshape = k.shape
+    if kshape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(kshape)} and {tuple(v.shape)}")
     b, hq, n, d = q.shape
-    if k.shape[0] != b:
-        raise ValueError(f"k has batch {k.shape[0]} but q has {b}")
-    if k.shape[2] != n:
-        raise ValueError(f"k/v have {k.shape[2]} positions but q has {n}; both are the packed length N")
-    if k.shape[3] != d:
-        raise ValueError(f"k/v head dim {k.shape[3]} differs from q head dim {d}")
-    hkv = k.shape[1]
+    bk, hkv, nk, dk = kshape
+    if bk != b:
+        raise ValueError(f"k has batch {bk} but q has {b}")
+    if nk != n:
+        raise ValueError(f"k/v have {nk} positions but q has {n}; both are the packed length N")
+    if dk != d:
+        raise ValueError(f"k/v head dim {dk} differs from q head dim {d}")
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv}) for grouped-query attention")
     if d == 0 or (head_dims is not None and d not in head_dims):
         supported = "any >= 1" if head_dims is None else sorted(head_dims)
         raise ValueError(f"head dim D={d} is not supported by the {backend} backend (supported: {supported})")
-    if n < layout.num_read + layout.num_write:
+    s = n - layout.num_read - layout.num_write
+    if s < 0:
         raise ValueError(
             f"packed length N={n} is shorter than num_read + num_write = "
             f"{layout.num_read} + {layout.num_write}"
         )
-    s = n - layout.num_read - layout.num_write
 
     if (prefix_k is None) != (prefix_v is None):
         raise ValueError("prefix_k and prefix_v must be given together (got only one of them)")
@@ -106,10 +150,10 @@ def check_attention_inputs(
     if prefix_k is not None:
         prefix_k, prefix_v = _tensor4(prefix_k, "prefix_k"), _tensor4(prefix_v, "prefix_v")
         for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
-            if t.dtype != q.dtype:
-                raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
-            if t.device != q.device:
-                raise ValueError(f"{name} is on {t.device} but q is on {q.device}; they must match")
+            if t.dtype != dtype:
+                raise TypeError(f"{name} has dtype {t.dtype} but q has {dtype}; they must match")
+            if t.device != device:
+                raise ValueError(f"{name} is on {t.device} but q is on {device}; they must match")
         if prefix_k.shape != prefix_v.shape:
             raise ValueError(
                 f"prefix_k and prefix_v must have the same shape, got {tuple(prefix_k.shape)} "
@@ -122,18 +166,7 @@ def check_attention_inputs(
             )
 
     if segment_lengths is not None:
-        if not isinstance(segment_lengths, torch.Tensor):
-            raise TypeError(f"segment_lengths must be an integer torch.Tensor [B], got {type(segment_lengths).__name__}")
-        if segment_lengths.dtype.is_floating_point or segment_lengths.dtype.is_complex or segment_lengths.dtype == torch.bool:
-            raise TypeError(f"segment_lengths must be an integer tensor, got {segment_lengths.dtype}")
-        if tuple(segment_lengths.shape) != (b,):
-            raise ValueError(f"segment_lengths must have shape [B] = [{b}], got {tuple(segment_lengths.shape)}")
-        if segment_lengths.device.type not in ("cpu", q.device.type):
-            raise ValueError(f"segment_lengths is on {segment_lengths.device}; expected the CPU or {q.device}")
-        if not _is_compiling() and segment_lengths.numel():
-            lo, hi = int(segment_lengths.min()), int(segment_lengths.max())
-            if lo < 0 or hi > s:
-                raise ValueError(f"segment_lengths must lie in [0, S] = [0, {s}], got values in [{lo}, {hi}]")
+        check_segment_lengths(segment_lengths, b, s, device)
 
     if scale is None:
         scale = 1.0 / math.sqrt(d)
@@ -273,19 +306,22 @@ def check_ids_tensor(input_ids, embedding_weight) -> None:
 def check_input_ids(input_ids, num_weights: int, name: str = "input_ids") -> None:
     """Validate token ids: an int32/int64 tensor with values in ``[0, num_weights)``.
 
-    The range check reads the values (a device sync on GPU); it is skipped under ``torch.compile``.
+    The range check runs on the host for CPU tensors and on the device otherwise (no host sync; see
+    :func:`host_value_checks`); it is skipped under ``torch.compile``.
     """
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dtype not in ID_DTYPES:
         raise TypeError(f"{name} must be int32 or int64, got {input_ids.dtype}")
-    if input_ids.numel() and not _is_compiling():
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+    if not input_ids.numel() or _is_compiling():
+        return
+    message = f"{name} must lie in [0, {num_weights}) (the embedding has {num_weights} rows)"
+    if host_value_checks(input_ids):
+        lo, hi = (int(x) for x in torch.aminmax(input_ids))
         if lo < 0 or hi >= num_weights:
-            raise ValueError(
-                f"{name} must lie in [0, {num_weights}) (the embedding has {num_weights} rows), "
-                f"got values in [{lo}, {hi}]"
-            )
+            raise ValueError(f"{message}, got values in [{lo}, {hi}]")
+    else:
+        device_check(((input_ids >= 0) & (input_ids < num_weights)).all(), message)
 
 
 # --------------------------------------------------------------------------- recurrent driver

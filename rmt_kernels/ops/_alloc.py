@@ -47,6 +47,16 @@ def as_bnhd(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def as_bnh(lse: torch.Tensor) -> torch.Tensor:
+    """``lse`` ``[B, H, N]`` itself when stored ``[B, N, H]``, else a copy that is."""
+    if lse.transpose(1, 2).is_contiguous():
+        return lse
+    b, h, n = lse.shape
+    out = torch.empty((b, n, h), dtype=lse.dtype, device=lse.device).transpose(1, 2)
+    out.copy_(lse)
+    return out
+
+
 def alloc_outputs(q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention output ``[B, H_q, N, D]`` (stored ``[B, N, H_q, D]``) in q's dtype and log-sum-exp
     ``[B, H_q, N]`` (stored ``[B, N, H_q]``) in :func:`accum_dtype`."""

@@ -66,6 +66,23 @@ BACKEND_TABLE_IDS = backends.register_op(OP_IDS, {
 })
 
 
+# --------------------------------------------------------------------------- launch
+
+
+def _pack_fwd(segment, read, write, num_read, num_write, tied, backend) -> Tensor:
+    b, s, d = segment.shape
+    out = alloc_packed(b, num_read + s + num_write, d, segment.dtype, segment.device)
+    BACKEND_TABLE[backend].fwd(segment, read, write, num_read, num_write, tied, out)
+    return out
+
+
+def _pack_ids_fwd(input_ids, weight, read, write, num_read, num_write, tied, backend) -> Tensor:
+    b, s = input_ids.shape
+    out = alloc_packed(b, num_read + s + num_write, weight.shape[1], weight.dtype, weight.device)
+    BACKEND_TABLE_IDS[backend].fwd(input_ids, weight, read, write, num_read, num_write, tied, out)
+    return out
+
+
 # --------------------------------------------------------------------------- custom ops
 
 
@@ -79,10 +96,7 @@ def pack_segment_fwd_op(
     tied: bool,
     backend: str,
 ) -> Tensor:
-    b, s, d = segment.shape
-    out = alloc_packed(b, num_read + s + num_write, d, segment.dtype, segment.device)
-    BACKEND_TABLE[backend].fwd(segment, read, write, num_read, num_write, tied, out)
-    return out
+    return _pack_fwd(segment, read, write, num_read, num_write, tied, backend)
 
 
 @pack_segment_fwd_op.register_fake
@@ -121,10 +135,7 @@ def pack_segment_from_ids_fwd_op(
     tied: bool,
     backend: str,
 ) -> Tensor:
-    b, s = input_ids.shape
-    out = alloc_packed(b, num_read + s + num_write, weight.shape[1], weight.dtype, weight.device)
-    BACKEND_TABLE_IDS[backend].fwd(input_ids, weight, read, write, num_read, num_write, tied, out)
-    return out
+    return _pack_ids_fwd(input_ids, weight, read, write, num_read, num_write, tied, backend)
 
 
 @pack_segment_from_ids_fwd_op.register_fake
@@ -182,7 +193,9 @@ def _(grad, input_ids, num_weights, start, deterministic, backend):
 def _memory_grad(grad: Tensor, start: int, start2: int, rows: int, broadcast: bool, backend: str) -> Tensor:
     if start2 < 0 and not broadcast:
         return grad[:, start : start + rows]  # a view: no kernel, no copy
-    return pack_memory_grad_op(grad, start, start2, rows, broadcast, backend)
+    if _checks._is_compiling():
+        return pack_memory_grad_op(grad, start, start2, rows, broadcast, backend)
+    return BACKEND_TABLE[backend].bwd(grad, start, start2, rows, broadcast)
 
 
 class _Geometry(NamedTuple):
@@ -245,9 +258,11 @@ def _pack_ids_backward(ctx, grad):
     d_weight = None
     if ctx.needs_input_grad[1]:
         deterministic = torch.are_deterministic_algorithms_enabled()
-        d_weight = pack_embedding_grad_op(
-            grad, input_ids, ctx.num_weights, ctx.geom.num_read, deterministic, ctx.geom.backend
-        )
+        args = (grad, input_ids, ctx.num_weights, ctx.geom.num_read, deterministic)
+        if _checks._is_compiling():
+            d_weight = pack_embedding_grad_op(*args, ctx.geom.backend)
+        else:
+            d_weight = BACKEND_TABLE_IDS[ctx.geom.backend].bwd(*args)
     d_read, d_write = _memory_grads(ctx.geom, grad, ctx.needs_input_grad[2], ctx.needs_input_grad[3])
     return None, d_weight, d_read, d_write, None, None, None, None
 
@@ -255,6 +270,22 @@ def _pack_ids_backward(ctx, grad):
 torch.library.register_autograd(
     "rmt_kernels::pack_segment_from_ids_fwd", _pack_ids_backward, setup_context=_pack_ids_setup
 )
+
+
+class _Pack(torch.autograd.Function):
+    """Eager autograd of the pack: the custom op's setup and backward on a direct launch."""
+
+    forward = staticmethod(_pack_fwd)
+    setup_context = staticmethod(_pack_setup)
+    backward = staticmethod(_pack_backward)
+
+
+class _PackIds(torch.autograd.Function):
+    """Eager autograd of the pack from ids: the custom op's setup and backward on a direct launch."""
+
+    forward = staticmethod(_pack_ids_fwd)
+    setup_context = staticmethod(_pack_ids_setup)
+    backward = staticmethod(_pack_ids_backward)
 
 
 # --------------------------------------------------------------------------- public
@@ -385,6 +416,29 @@ def pack_validated(
     resolved backend name; ``out`` an optional buffer that passed ``_checks.check_out``.
     """
     r, w = layout.num_read, layout.num_write
+    if _checks._is_compiling():
+        return _pack_op(segment, embedding_weight, read, write, out, r, w, tied, backend)
+    # Eager: the same launchers without the custom-op machinery.
+    if out is not None:
+        if embedding_weight is None:
+            BACKEND_TABLE[backend].fwd(segment, read, write, r, w, tied, out)
+        else:
+            BACKEND_TABLE_IDS[backend].fwd(segment, embedding_weight, read, write, r, w, tied, out)
+        # What mutates_args does for the custom op: a graph that saved ``out`` sees it overwritten.
+        torch.autograd.graph.increment_version(out)
+        return out
+    sources = (segment if embedding_weight is None else embedding_weight, read, write)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources):
+        if embedding_weight is None:
+            return _Pack.apply(segment, read, write, r, w, tied, backend)
+        return _PackIds.apply(segment, embedding_weight, read, write, r, w, tied, backend)
+    if embedding_weight is None:
+        return _pack_fwd(segment, read, write, r, w, tied, backend)
+    return _pack_ids_fwd(segment, embedding_weight, read, write, r, w, tied, backend)
+
+
+def _pack_op(segment, embedding_weight, read, write, out, r, w, tied, backend) -> Tensor:
+    """The custom-op path (what ``torch.compile`` traces)."""
     if embedding_weight is None:
         if out is not None:
             pack_segment_out_op(segment, read, write, out, r, w, tied, backend)

@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from ... import _extension, backends
-from ..._checks import check_attention_inputs
+from ..._checks import _is_compiling, check_attention_inputs
 from ...layout import MemoryLayout
-from .._alloc import alloc_outputs, as_bnhd, empty_bnhd
+from .._alloc import alloc_outputs, as_bnh, as_bnhd, empty_bnhd
 from . import cuda, torch_impl, triton_launch
 
 OP = "segment_attention"
@@ -68,8 +68,8 @@ def segment_attention_fwd_op(
     backend: str,
 ) -> Tuple[Tensor, Tensor]:
     layout = _layout(num_read, num_write, mask, prefix_visible_to)
-    fwd = BACKEND_TABLE[backend].fwd
-    return fwd(q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale)
+    out, lse = BACKEND_TABLE[backend].fwd(q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale)
+    return as_bnhd(out), as_bnh(lse)  # the layouts the fake declares
 
 
 @segment_attention_fwd_op.register_fake
@@ -206,8 +206,38 @@ def segment_attention(
     )
     if shape.prefix_len == 0:
         prefix_k = prefix_v = None
-    out, _ = segment_attention_fwd_op(
-        q, k, v, prefix_k, prefix_v, segment_lengths,
-        layout.num_read, layout.num_write, layout.mask, layout.prefix_visible_to, shape.scale, name,
-    )
-    return out
+    if _is_compiling():
+        out, _ = segment_attention_fwd_op(
+            q, k, v, prefix_k, prefix_v, segment_lengths,
+            layout.num_read, layout.num_write, layout.mask, layout.prefix_visible_to, shape.scale, name,
+        )
+        return out
+    # Eager: the same launchers without the custom-op machinery (dispatch through torch.library
+    # costs several times a small attention call).
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, prefix_k, prefix_v)):
+        return _SegmentAttention.apply(q, k, v, prefix_k, prefix_v, segment_lengths, layout, shape.scale, impl)
+    return impl.fwd(q, k, v, prefix_k, prefix_v, segment_lengths, layout, shape.scale)[0]
+
+
+class _SegmentAttention(torch.autograd.Function):
+    """Eager autograd of :func:`segment_attention`: the formula of ``_backward`` on the launchers of
+    one backend entry, called directly. Results keep the layouts the launchers give (the custom ops
+    re-lay them out as their fakes declare, which ``torch.compile`` checks)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale, impl):
+        out, lse = impl.fwd(q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, segment_lengths, out, lse)
+        ctx.layout, ctx.scale, ctx.impl = layout, scale, impl
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, prefix_k, prefix_v, segment_lengths, out, lse = ctx.saved_tensors
+        need_prefix = prefix_k is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
+        dq, dk, dv, dpk, dpv = ctx.impl.bwd(
+            dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, ctx.layout, ctx.scale, need_prefix
+        )
+        if not need_prefix:
+            dpk = dpv = None
+        return dq, dk, dv, dpk, dpv, None, None, None, None

@@ -9,14 +9,18 @@ output and log-sum-exp to each block's backward, which makes each block's gradie
 full gradient: ``dS = P * (dO V^T - rowsum(dO * O))`` with ``P = exp(S - lse)`` needs only the merged
 row statistics.
 
-No N x N mask is ever built: the prefix is read from its own tensors, padding only shortens the key
-ranges of the blocks (batch rows with equal ``segment_lengths`` share one set of calls), and a mask
-that is one causal or one rectangular block costs exactly one attention call.
+The prefix is read from its own tensors, padding only shortens the key ranges of the blocks (batch
+rows with equal ``segment_lengths`` share one set of calls), and a mask that is one causal or one
+rectangular block costs exactly one attention call. Short segments whose mask needs several blocks
+take one stock call with an additive ``[N, N]`` mask instead (``MASKED_CALL_MAX_N``): there the fixed
+cost of each extra call and of the merge outweighs the masked work it saves. The plan of a call (runs
+of equal lengths, blocks, which path) depends only on the layout and the sizes, and is cached.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -25,6 +29,10 @@ from .._alloc import accum_dtype, alloc_outputs, empty_bnhd, is_bnhd
 
 _cpu_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _cpu_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+# Packed lengths up to which a mask of several blocks runs as one stock call with an additive mask
+# (CPU, no prefix, no row without keys); measured in ``rmt-kernels bench --suite overhead``.
+MASKED_CALL_MAX_N = 128
 
 
 # --------------------------------------------------------------------------- one block
@@ -84,17 +92,59 @@ def _block_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
 # --------------------------------------------------------------------------- plan
 
 
-def _batch_runs(segment_lengths: Optional[torch.Tensor], batch: int, segment_len: int):
-    """``(b0, b1, L)``: runs of consecutive batch rows with the same valid length."""
+class _Run(NamedTuple):
+    """Batch rows ``[b0, b1)`` share the valid segment length ``length`` and so the same blocks."""
+
+    b0: int
+    b1: int
+    length: int
+    blocks: tuple
+    row_segments: tuple  # ((r0, r1, blocks covering rows [r0, r1)), ...)
+
+
+class _Plan(NamedTuple):
+    runs: Tuple[_Run, ...]
+    whole: Optional[object]  # the one block that is the whole op (one stock call), else None
+    masked: bool  # one stock call with an additive mask over the packed keys
+    lengths: Optional[tuple]
+
+
+def _lengths_key(segment_lengths: Optional[torch.Tensor], segment_len: int) -> Optional[tuple]:
+    """``segment_lengths`` as a tuple of ints (None when every row is complete): a host read."""
     if segment_lengths is None:
-        return [(0, batch, segment_len)]
-    lengths = [int(x) for x in segment_lengths.tolist()]
+        return None
+    lengths = tuple(segment_lengths.tolist())
+    return None if all(x == segment_len for x in lengths) else lengths
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(layout: MemoryLayout, batch: int, segment_len: int, prefix_len: int, lengths: Optional[tuple],
+          on_cpu: bool) -> _Plan:
+    n = layout.seq_len(segment_len)
     runs, start = [], 0
+    row_lengths = lengths if lengths is not None else (segment_len,) * batch
     for b in range(1, batch + 1):
-        if b == batch or lengths[b] != lengths[start]:
-            runs.append((start, b, lengths[start]))
+        if b == batch or row_lengths[b] != row_lengths[start]:
+            blocks = tuple(layout.blocks(segment_len, prefix_len, row_lengths[start]))
+            runs.append(_Run(start, b, row_lengths[start], blocks, tuple(_row_segments(blocks, n))))
             start = b
-    return runs
+    whole = None
+    if len(runs) == 1 and len(runs[0].blocks) == 1 and _is_whole(runs[0].blocks[0], n):
+        whole = runs[0].blocks[0]
+    masked = (
+        on_cpu and whole is None and prefix_len == 0 and n <= MASKED_CALL_MAX_N
+        and bool((layout.visible_counts(segment_len, 0, lengths) > 0).all())
+    )
+    return _Plan(tuple(runs), whole, masked, lengths)
+
+
+@functools.lru_cache(maxsize=256)
+def _additive_mask(layout: MemoryLayout, segment_len: int, lengths: Optional[tuple], dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+    """``[B or 1, 1, N, N]``: 0 where the layout lets a row see a key, ``-inf`` elsewhere."""
+    visible = layout.dense_mask(segment_len, 0, lengths)[:, None]
+    bias = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
+    return bias.to(device)
 
 
 def _row_segments(blocks, n: int):
@@ -102,7 +152,7 @@ def _row_segments(blocks, n: int):
     edges = sorted({0, n, *(b.row_start for b in blocks), *(b.row_end for b in blocks)})
     segs = []
     for r0, r1 in zip(edges[:-1], edges[1:]):
-        segs.append((r0, r1, [b for b in blocks if b.row_start <= r0 and b.row_end >= r1]))
+        segs.append((r0, r1, tuple(b for b in blocks if b.row_start <= r0 and b.row_end >= r1)))
     return segs
 
 
@@ -156,7 +206,8 @@ class _Accumulator:
         if self.buf is None:
             return empty_bnhd(self.like.shape, dtype, self.like.device).zero_()
         length = self.buf.shape[2]
-        for b0, b1, _ in runs:
+        for run in runs:
+            b0, b1 = run.b0, run.b1
             pos = 0
             for c0, c1 in _union(self.covered.get((b0, b1), [])) + [(length, length)]:
                 if c0 > pos:
@@ -179,31 +230,36 @@ def _union(intervals):
 # --------------------------------------------------------------------------- launchers
 
 
+def _plan_of(q, prefix_k, segment_lengths, layout: MemoryLayout) -> _Plan:
+    s = layout.segment_len(q.shape[2])
+    p = 0 if prefix_k is None else prefix_k.shape[2]
+    return _plan(layout, q.shape[0], s, p, _lengths_key(segment_lengths, s), q.device.type == "cpu")
+
+
 def segment_attention_fwd_torch(
     q, k, v, prefix_k, prefix_v, segment_lengths, layout: MemoryLayout, scale: float
 ):
-    """Forward of the torch backend: ``(out [B, H_q, N, D], lse [B, H_q, N])``. Inputs are validated."""
+    """Forward of the torch backend: ``(out [B, H_q, N, D], lse [B, H_q, N])``. Inputs are validated.
+
+    When one stock call is the whole op, its results are returned as they come (the output in q's
+    layout, as SDPA's); composed results are stored as ``alloc_outputs`` lays them out.
+    """
     q, k, v, prefix_k, prefix_v = map(_unit_last_stride, (q, k, v, prefix_k, prefix_v))
-    b, hq, n, d = q.shape
-    s = layout.segment_len(n)
-    p = 0 if prefix_k is None else prefix_k.shape[2]
-    runs = _batch_runs(segment_lengths, b, s)
+    plan = _plan_of(q, prefix_k, segment_lengths, layout)
+    if plan.masked:
+        bias = _additive_mask(layout, layout.segment_len(q.shape[2]), plan.lengths, q.dtype, q.device)
+        return _cpu_fwd(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+    if plan.whole is not None:
+        return _block_fwd(q, k, v, plan.whole.causal, scale)
     out, lse = alloc_outputs(q)
-    for b0, b1, length in runs:
-        blocks = layout.blocks(s, p, length)
-        if len(runs) == 1 and len(blocks) == 1 and _is_whole(blocks[0], n):
-            o1, l1 = _block_fwd(q, k, v, blocks[0].causal, scale)
-            if o1.stride() == out.stride() and l1.stride() == lse.stride():
-                return o1, l1
-            out.copy_(o1)
-            lse.copy_(l1)
-            return out, lse
+    for run in plan.runs:
+        b0, b1, blocks = run.b0, run.b1, run.blocks
         results = []
         for blk in blocks:
             kb, vb = _keys(blk, k, v, prefix_k, prefix_v, b0, b1)
             o, l = _block_fwd(q[b0:b1, :, blk.row_start - blk.offset : blk.row_end], kb, vb, blk.causal, scale)
             results.append((o[:, :, blk.offset :], l[:, :, blk.offset :]))
-        for r0, r1, covering in _row_segments(blocks, n):
+        for r0, r1, covering in run.row_segments:
             o_seg, l_seg = out[b0:b1, :, r0:r1], lse[b0:b1, :, r0:r1]
             parts = [
                 (o[:, :, r0 - blk.row_start : r1 - blk.row_start], l[:, :, r0 - blk.row_start : r1 - blk.row_start])
@@ -231,24 +287,23 @@ def segment_attention_bwd_torch(
     """Backward of the torch backend: ``(dq, dk, dv, dprefix_k, dprefix_v)``, prefix grads None when
     there is no prefix or ``need_prefix_grad`` is False."""
     dout, q, k, v, prefix_k, prefix_v = map(_unit_last_stride, (dout, q, k, v, prefix_k, prefix_v))
-    b, hq, n, d = q.shape
-    s = layout.segment_len(n)
-    p = 0 if prefix_k is None else prefix_k.shape[2]
-    runs = _batch_runs(segment_lengths, b, s)
-    if len(runs) == 1:
-        blocks = layout.blocks(s, p, runs[0][2])
-        if len(blocks) == 1 and _is_whole(blocks[0], n):
-            return (*_block_bwd(dout, q, k, v, out, lse, blocks[0].causal, scale), None, None)
+    plan = _plan_of(q, prefix_k, segment_lengths, layout)
+    if plan.masked:
+        bias = _additive_mask(layout, layout.segment_len(q.shape[2]), plan.lengths, q.dtype, q.device)
+        return (*_cpu_bwd(dout, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale), None, None)
+    if plan.whole is not None:
+        return (*_block_bwd(dout, q, k, v, out, lse, plan.whole.causal, scale), None, None)
 
+    p = 0 if prefix_k is None else prefix_k.shape[2]
     acc = accum_dtype(q.dtype)
     dq, dk, dv = _Accumulator(q, acc), _Accumulator(k, acc), _Accumulator(v, acc)
     want_prefix = p > 0 and need_prefix_grad
     dpk = _Accumulator(prefix_k, acc) if want_prefix else None
     dpv = _Accumulator(prefix_v, acc) if want_prefix else None
-    for b0, b1, length in runs:
+    for run in plan.runs:
+        b0, b1 = run.b0, run.b1
         # Widest key ranges first, so a block spanning every key becomes the dk/dv buffer.
-        blocks = sorted(layout.blocks(s, p, length), key=lambda blk: blk.key_start - blk.key_end)
-        for blk in blocks:
+        for blk in sorted(run.blocks, key=lambda blk: blk.key_start - blk.key_end):
             rows = slice(blk.row_start - blk.offset, blk.row_end)
             lse_b = lse[b0:b1, :, rows]
             if blk.offset:
@@ -266,7 +321,7 @@ def segment_attention_bwd_torch(
             gk, gv = (dpk, dpv) if blk.source == "prefix" else (dk, dv)
             gk.write(b0, b1, blk.key_start, g_k)
             gv.write(b0, b1, blk.key_start, g_v)
-    dtype = q.dtype
+    runs, dtype = plan.runs, q.dtype
     return (
         dq.finish(runs, dtype),
         dk.finish(runs, dtype),
