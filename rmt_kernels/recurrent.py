@@ -435,24 +435,26 @@ class SegmentDriver:
         losses = _StreamedLoss(loss_fn is not None and torch.is_grad_enabled())
         memory, write_memory = losses.leaf(memory), losses.leaf(write_memory)
         inputs_embeds, embedding_weight = losses.leaf(inputs_embeds), losses.leaf(embedding_weight)
+        seg_lengths = _segment_lengths(bounds, lengths)
+        on_device = None
+        if any(x is not None for x in seg_lengths):
+            # Every segment's lengths in one host-to-device copy per run, not one per segment.
+            table = [x if x is not None else [b - a] * batch for x, (a, b) in zip(seg_lengths, bounds)]
+            on_device = torch.tensor(table, dtype=torch.int64).to(device)
         return _Run(
             tokens=input_ids if input_ids is not None else inputs_embeds, weight=embedding_weight,
-            memory=memory, write_memory=write_memory, bounds=bounds, lengths=lengths, batch=batch, dim=dim,
-            dtype=dtype, device=device, backend=backend, hidden_states=bool(output_hidden_states), losses=losses,
+            memory=memory, write_memory=write_memory, bounds=bounds, segment_lengths=seg_lengths,
+            lengths_on_device=on_device, batch=batch, dim=dim, dtype=dtype, device=device, backend=backend,
+            hidden_states=bool(output_hidden_states), losses=losses,
             max_rows=max(self.layout.seq_len(b - a) for a, b in bounds),
         )
 
     def _segment_info(self, run: "_Run", i: int, t0: int, t1: int) -> SegmentInfo:
         """The step's view of segment ``i``: layout, token range and this segment's padding."""
-        s = t1 - t0
-        seg_lengths = None
-        if run.lengths is not None:
-            seg_lengths = tuple(min(max(x - t0, 0), s) for x in run.lengths)
-            if all(x == s for x in seg_lengths):
-                seg_lengths = None
+        seg_lengths = run.segment_lengths[i]
         return SegmentInfo(
             layout=self.layout, batch=run.batch, index=i, num_segments=len(run.bounds), start=t0, end=t1,
-            segment_lengths=None if seg_lengths is None else torch.tensor(seg_lengths, dtype=torch.int64, device=run.device),
+            segment_lengths=None if seg_lengths is None else run.lengths_on_device[i],
             segment_lengths_list=seg_lengths, output_hidden_states=run.hidden_states,
         )
 
@@ -509,6 +511,20 @@ class SegmentDriver:
         )
 
 
+def _segment_lengths(bounds: Bounds, lengths: Optional[List[int]]) -> List[Optional[tuple]]:
+    """Per segment ``(start, end)``: each row's valid tokens in it (a right-padded row of ``lengths``
+    valid tokens), or None when the segment is complete in every row."""
+    out = []
+    for t0, t1 in bounds:
+        seg = None
+        if lengths is not None:
+            seg = tuple(min(max(x - t0, 0), t1 - t0) for x in lengths)
+            if all(x == t1 - t0 for x in seg):
+                seg = None
+        out.append(seg)
+    return out
+
+
 @dataclass
 class _Run:
     """One :meth:`SegmentDriver.run`: its checked inputs and the packed buffer it may reuse."""
@@ -518,7 +534,8 @@ class _Run:
     memory: Optional[Tensor]
     write_memory: Optional[Tensor]
     bounds: Bounds
-    lengths: Optional[List[int]]
+    segment_lengths: List[Optional[tuple]]  # per segment: valid tokens per row, None when all valid
+    lengths_on_device: Optional[Tensor]  # int64 [segments, B] on the inputs' device
     batch: int
     dim: int
     dtype: torch.dtype
