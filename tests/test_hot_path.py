@@ -1,0 +1,176 @@
+"""The per-call path: eager calls skip the custom-op machinery but run the same launchers, the
+torch backend plans once per layout and size, value checks never read device tensors on the host, and
+(on a GPU) no op or driver step syncs and a driver segment step replays from a CUDA graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rmt_kernels import MemoryLayout, SegmentDriver, pack_segment, pack_segment_from_ids, segment_attention
+from rmt_kernels import _checks
+from rmt_kernels.ops.segment_attention import interface, torch_impl
+
+from helpers import assert_close
+
+MB = "memory_bidirectional"
+
+
+def _attention_inputs(b=2, hq=4, hkv=2, n=20, d=16, device="cpu", dtype=torch.float32, grad=True):
+    def rnd(h):
+        return torch.randn(b, h, n, d, device=device, dtype=dtype).requires_grad_(grad)
+
+    return rnd(hq), rnd(hkv), rnd(hkv)
+
+
+@pytest.mark.parametrize("layout, lengths", [
+    pytest.param(MemoryLayout(0, 0, "causal"), None, id="causal-one-call"),
+    pytest.param(MemoryLayout(3, 3, MB), [14, 5], id="mb-masked-call"),
+    pytest.param(MemoryLayout(3, 3, MB), None, id="mb"),
+])
+def test_eager_path_equals_the_custom_op(layout, lengths):
+    q, k, v = _attention_inputs()
+    sl = None if lengths is None else torch.tensor(lengths)
+    out = segment_attention(q, k, v, layout, segment_lengths=sl, backend="torch")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    scale = q.shape[-1] ** -0.5
+    op_out, _ = interface.segment_attention_fwd_op(
+        q, k, v, None, None, sl, layout.num_read, layout.num_write, layout.mask, layout.prefix_visible_to,
+        scale, "torch",
+    )
+    op_grads = torch.autograd.grad(op_out, (q, k, v), dout)
+    assert torch.equal(out, op_out)
+    for g, h in zip(grads, op_grads):
+        assert torch.equal(g, h)
+
+
+def test_eager_call_does_not_dispatch_the_custom_op(monkeypatch):
+    calls = []
+    real = interface.segment_attention_fwd_op
+
+    def spy(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(interface, "segment_attention_fwd_op", spy)
+    q, k, v = _attention_inputs()
+    segment_attention(q, k, v, MemoryLayout(2, 2, MB)).sum().backward()
+    with torch.no_grad():
+        segment_attention(q, k, v, MemoryLayout(2, 2, MB))
+    assert not calls
+
+
+def test_torch_backend_plans_once_per_layout_and_size():
+    q, k, v = _attention_inputs(grad=False)
+    layout = MemoryLayout(3, 3, MB)
+    segment_attention(q, k, v, layout, backend="torch")
+    before = torch_impl._plan.cache_info()
+    for _ in range(3):
+        segment_attention(q, k, v, layout, backend="torch")
+    after = torch_impl._plan.cache_info()
+    assert after.misses == before.misses and after.hits == before.hits + 3
+
+
+def test_masked_call_is_used_only_where_it_is_exact():
+    layout = MemoryLayout(0, 0, MB)
+    # A fully padded row with R = 0 has rows that see no key: those need the composed path.
+    assert not torch_impl._plan(layout, 2, 10, 0, (10, 0), True).masked
+    assert torch_impl._plan(MemoryLayout(2, 2, MB), 2, 10, 0, (10, 0), True).masked
+    assert not torch_impl._plan(MemoryLayout(2, 2, MB), 2, 10, 3, None, True).masked  # prefix
+    assert not torch_impl._plan(MemoryLayout(2, 2, MB), 1, torch_impl.MASKED_CALL_MAX_N, 0, None, True).masked
+
+
+def test_value_checks_read_only_host_tensors(monkeypatch):
+    cpu = torch.tensor([1, 2])
+    assert _checks.host_value_checks(cpu)
+    with pytest.raises(ValueError, match=r"segment_lengths must lie in \[0, S\] = \[0, 3\], got values in \[1, 4\]"):
+        _checks.check_segment_lengths(torch.tensor([1, 4]), 2, 3, torch.device("cpu"))
+    monkeypatch.setenv(_checks.ENV_DEBUG_CHECKS, "1")
+    assert _checks.host_value_checks(cpu)
+
+
+def test_device_check_raises_its_message_on_cpu():
+    # On CPU tensors torch._assert_async raises at once; on a GPU the same call fails at the next sync.
+    with pytest.raises(RuntimeError, match="token ids out of range"):
+        _checks.device_check(torch.tensor(False), "token ids out of range")
+    _checks.device_check(torch.tensor(True), "never raised")
+
+
+# --------------------------------------------------------------------------- on a GPU
+
+
+def _tiny_step(weights):
+    """A one-layer backbone over the packed segment: projections, segment_attention, a norm."""
+    wq, wk, wv, wo = weights
+
+    def step(packed, info):
+        b, n, d = packed.shape
+        heads = 2
+
+        def proj(w):
+            return (packed @ w).view(b, n, heads, d // heads).transpose(1, 2)
+
+        att = segment_attention(proj(wq), proj(wk), proj(wv), info.layout, segment_lengths=info.segment_lengths)
+        h = packed + att.transpose(1, 2).reshape(b, n, d) @ wo
+        return torch.nn.functional.layer_norm(h, (d,))
+
+    return step
+
+
+@pytest.mark.cuda
+def test_no_host_sync_in_ops_and_a_driver_step():
+    dev = "cuda"
+    layout = MemoryLayout(4, 4, MB)
+    q, k, v = _attention_inputs(n=40, d=64, device=dev, dtype=torch.bfloat16)
+    lengths = torch.tensor([32, 17], device=dev)
+    seg = torch.randn(2, 32, 64, device=dev, requires_grad=True)
+    mem = torch.randn(4, 64, device=dev, requires_grad=True)
+    weight = torch.randn(50, 64, device=dev, requires_grad=True)
+    ids = torch.randint(0, 50, (2, 32), device=dev)
+    weights = [torch.randn(64, 64, device=dev) / 8 for _ in range(4)]
+    driver = SegmentDriver(MemoryLayout(4, 4, "causal"), 16)
+
+    def everything():
+        out = segment_attention(q, k, v, layout, segment_lengths=lengths)
+        out.float().sum().backward()
+        pack_segment(seg, MemoryLayout(4, 4), mem, mem).sum().backward()
+        pack_segment_from_ids(ids, weight, MemoryLayout(4, 4), mem, mem).sum().backward()
+        with torch.no_grad():
+            driver.run(_tiny_step(weights), mem.detach(), inputs_embeds=seg.detach())
+
+    everything()  # warm-up: compilation and autotuning may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        everything()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+def test_driver_segment_step_replays_from_a_cuda_graph():
+    dev = "cuda"
+    weights = [torch.randn(64, 64, device=dev) / 8 for _ in range(4)]
+    driver = SegmentDriver(MemoryLayout(4, 4, "causal"), 16)
+    step = _tiny_step(weights)
+    static_x = torch.randn(2, 32, 64, device=dev)
+    static_mem = torch.randn(4, 64, device=dev)
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm-up (and autotuning) before capture
+                driver.run(step, static_mem, inputs_embeds=static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = driver.run(step, static_mem, inputs_embeds=static_x)
+        for _ in range(2):
+            static_x.copy_(torch.randn_like(static_x))
+            graph.replay()
+            eager = driver.run(step, static_mem, inputs_embeds=static_x)
+            torch.cuda.synchronize()
+            assert_close(captured.outputs, eager.outputs.double(), name="outputs", dtype=torch.float32)
+            assert_close(captured.memory, eager.memory.double(), name="memory", dtype=torch.float32)
