@@ -376,3 +376,43 @@ def check_memory_state(name, mem, rows: int, batch: int, dim: int, dtype, device
         raise TypeError(f"{name} has dtype {mem.dtype}; the inputs are {dtype}")
     if mem.device != device:
         raise ValueError(f"{name} is on {mem.device}; the inputs are on {device}")
+
+
+def check_run_inputs(layout, step, memory, input_ids, embedding_weight, inputs_embeds, attention_mask, write_memory,
+                     bounds, segment_bounds):
+    """The arguments of ``SegmentDriver.run``, once per run: returns ``(batch, dim, dtype, device,
+    bounds, lengths)`` with ``bounds`` checked (or ``segment_bounds(T)``) and ``lengths`` the valid tokens
+    per row of ``attention_mask`` (None without padding)."""
+    if not callable(step):
+        raise TypeError(f"step must be callable, got {type(step).__name__}")
+    m, r = layout.num_write, layout.num_read
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    if input_ids is not None:
+        if not isinstance(embedding_weight, torch.Tensor) or embedding_weight.dim() != 2:
+            raise ValueError("input_ids needs embedding_weight, a [V, d] tensor")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError("input_ids must be a [B, T] tensor")
+        check_ids_tensor(input_ids, embedding_weight)
+        check_input_ids(input_ids, embedding_weight.shape[0])
+        batch, seq_len = input_ids.shape
+        dim, dtype, device = embedding_weight.shape[1], embedding_weight.dtype, embedding_weight.device
+    else:
+        if embedding_weight is not None:
+            raise ValueError("embedding_weight is used only with input_ids")
+        if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3:
+            raise ValueError("inputs_embeds must be a [B, T, d] tensor")
+        batch, seq_len, dim = inputs_embeds.shape
+        dtype, device = inputs_embeds.dtype, inputs_embeds.device
+    if memory is None:
+        if write_memory is None or r:
+            raise ValueError("memory ([M, d] or [B, M, d]) is required")
+    else:
+        check_memory_state("memory", memory, m, batch, dim, dtype, device)
+    if write_memory is not None:
+        check_memory_state("write_memory", write_memory, m, batch, dim, dtype, device)
+    bounds = segment_bounds(seq_len) if bounds is None else check_bounds(bounds, seq_len)
+    if not bounds:
+        raise ValueError("the sequence is empty (T = 0): nothing to run")
+    lengths = None if attention_mask is None else lengths_from_mask(attention_mask, batch, seq_len, device)
+    return batch, dim, dtype, device, bounds, lengths

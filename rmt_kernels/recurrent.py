@@ -398,38 +398,10 @@ class SegmentDriver:
     def _prepare(self, step, memory, input_ids, embedding_weight, inputs_embeds, attention_mask, write_memory,
                  bounds, output_hidden_states, loss_fn) -> "_Run":
         """Check every argument once, resolve the pack backend, and set up the streamed loss."""
-        if not callable(step):
-            raise TypeError(f"step must be callable, got {type(step).__name__}")
-        m, r = self.layout.num_write, self.layout.num_read
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if input_ids is not None:
-            if not isinstance(embedding_weight, Tensor) or embedding_weight.dim() != 2:
-                raise ValueError("input_ids needs embedding_weight, a [V, d] tensor")
-            if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
-                raise ValueError("input_ids must be a [B, T] tensor")
-            _checks.check_ids_tensor(input_ids, embedding_weight)
-            _checks.check_input_ids(input_ids, embedding_weight.shape[0])
-            batch, seq_len = input_ids.shape
-            dim, dtype, device = embedding_weight.shape[1], embedding_weight.dtype, embedding_weight.device
-        else:
-            if embedding_weight is not None:
-                raise ValueError("embedding_weight is used only with input_ids")
-            if not isinstance(inputs_embeds, Tensor) or inputs_embeds.dim() != 3:
-                raise ValueError("inputs_embeds must be a [B, T, d] tensor")
-            batch, seq_len, dim = inputs_embeds.shape
-            dtype, device = inputs_embeds.dtype, inputs_embeds.device
-        if memory is None:
-            if write_memory is None or r:
-                raise ValueError("memory ([M, d] or [B, M, d]) is required")
-        else:
-            _checks.check_memory_state("memory", memory, m, batch, dim, dtype, device)
-        if write_memory is not None:
-            _checks.check_memory_state("write_memory", write_memory, m, batch, dim, dtype, device)
-        bounds = self.segment_bounds(seq_len) if bounds is None else _checks.check_bounds(bounds, seq_len)
-        if not bounds:
-            raise ValueError("the sequence is empty (T = 0): nothing to run")
-        lengths = None if attention_mask is None else _checks.lengths_from_mask(attention_mask, batch, seq_len, device)
+        batch, dim, dtype, device, bounds, lengths = _checks.check_run_inputs(
+            self.layout, step, memory, input_ids, embedding_weight, inputs_embeds, attention_mask, write_memory,
+            bounds, self.segment_bounds,
+        )
         backend = resolve_pack_backend(self.backend, device, dtype, from_ids=input_ids is not None)
 
         losses = _StreamedLoss(loss_fn is not None and torch.is_grad_enabled())

@@ -214,7 +214,10 @@ def segment_attention(
         return out
     # Eager: the same launchers without the custom-op machinery (dispatch through torch.library
     # costs several times a small attention call).
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, prefix_k, prefix_v)):
+    if torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad
+        or (prefix_k is not None and (prefix_k.requires_grad or prefix_v.requires_grad))
+    ):
         return _SegmentAttention.apply(q, k, v, prefix_k, prefix_v, segment_lengths, layout, shape.scale, impl)
     return impl.fwd(q, k, v, prefix_k, prefix_v, segment_lengths, layout, shape.scale)[0]
 

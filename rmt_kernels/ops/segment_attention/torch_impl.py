@@ -231,7 +231,7 @@ def _union(intervals):
 
 
 def _plan_of(q, prefix_k, segment_lengths, layout: MemoryLayout) -> _Plan:
-    s = layout.segment_len(q.shape[2])
+    s = q.shape[2] - layout.num_read - layout.num_write  # N >= R + W: checked by the public entry
     p = 0 if prefix_k is None else prefix_k.shape[2]
     return _plan(layout, q.shape[0], s, p, _lengths_key(segment_lengths, s), q.device.type == "cpu")
 
@@ -244,7 +244,9 @@ def segment_attention_fwd_torch(
     When one stock call is the whole op, its results are returned as they come (the output in q's
     layout, as SDPA's); composed results are stored as ``alloc_outputs`` lays them out.
     """
-    q, k, v, prefix_k, prefix_v = map(_unit_last_stride, (q, k, v, prefix_k, prefix_v))
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    if prefix_k is not None:
+        prefix_k, prefix_v = _unit_last_stride(prefix_k), _unit_last_stride(prefix_v)
     plan = _plan_of(q, prefix_k, segment_lengths, layout)
     if plan.masked:
         bias = _additive_mask(layout, layout.segment_len(q.shape[2]), plan.lengths, q.dtype, q.device)
