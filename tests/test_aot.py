@@ -1,8 +1,9 @@
-"""``rmt-kernels aot``: the Triton kernels compiled for sm_80 and sm_90 without a GPU.
+"""``rmt-kernels aot``: the Triton kernels of every op compiled for sm_80 and sm_90 without a GPU.
 
 The compile runs in a subprocess without ``TRITON_INTERPRET`` (the interpreter replaces ``@triton.jit``
-functions, which then cannot be compiled). ``--quick`` (head dims 64 and 128, bfloat16, every config)
-keeps it around a minute on two cores; the full set is ``rmt-kernels aot``.
+functions, which then cannot be compiled). ``--quick`` (attention at head dims 64 and 128, the handoff
+at d=768, bfloat16, every config and variant) keeps it around a minute on two cores; the full set is
+``rmt-kernels aot``. The other tests here replace the job list or stop before any compile.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ pytest.importorskip("triton")
 from rmt_kernels.tools import aot_triton as aot  # noqa: E402
 
 KERNELS = ("segment_attention_fwd", "segment_attention_bwd_dkdv", "segment_attention_bwd_dq")
+PACK_KERNELS = ("pack_segment_fwd", "pack_segment_fwd_ids", "pack_memory_grad", "embedding_grad_atomic",
+                "embedding_grad_sorted")
 
 
 def _run_cli(*args, env_extra=None):
@@ -67,6 +70,7 @@ def test_attention_kernels_use_tensor_cores_without_spills(quick_results, arch, 
 
 
 def test_every_launchable_config_is_a_job():
+    from rmt_kernels.ops.segment_attention import aot as sa_aot
     from rmt_kernels.ops.segment_attention import triton_bwd, triton_fwd
     from rmt_kernels.ops.segment_attention.triton_launch import HEAD_DIMS
 
@@ -77,9 +81,9 @@ def test_every_launchable_config_is_a_job():
         for kernel, configs_fn in (("segment_attention_fwd", triton_fwd.fwd_configs),
                                    ("segment_attention_bwd_dkdv", triton_bwd.dkdv_configs),
                                    ("segment_attention_bwd_dq", triton_bwd.dq_configs)):
-            for dtype in aot.DTYPES:
+            for dtype in sa_aot.DTYPES:
                 for d in HEAD_DIMS:
-                    for cfg in configs_fn(d, aot._torch_dtype(dtype), arch):
+                    for cfg in configs_fn(d, sa_aot._torch_dtype(dtype), arch):
                         assert (kernel, dtype, d, tuple(sorted(cfg.items()))) in keys
         assert {j.kernel for j in jobs} == set(aot._kernel_table())
         # Every value of every constexpr flag of the launchers is compiled at least once.
@@ -117,3 +121,87 @@ def test_spill_or_shared_overflow_fails(monkeypatch, capsys):
     assert aot.run(args) == 1
     out = capsys.readouterr()
     assert "SPILL" in out.out and "SHARED OVER LIMIT" in out.out and "2 FAILED" in out.err
+
+
+@pytest.mark.parametrize("arch", [pytest.param(80, id="sm80"), pytest.param(90, id="sm90")])
+def test_pack_kernels_compile_without_spills(quick_results, arch):
+    _, rows = quick_results
+    for kernel in PACK_KERNELS:
+        mine = [r for r in rows if r["name"] == kernel and r["arch"] == arch]
+        assert mine, f"{kernel} sm_{arch} was not compiled"
+        for r in mine:
+            assert r["error"] is None, r
+            assert r["spill_bytes"] == 0, r
+            assert r["shared_bytes"] <= aot.SHARED_LIMIT[arch], r
+            assert 0 < r["registers"] <= 255, r
+
+
+def test_pack_jobs_use_the_launchers_configs():
+    from rmt_kernels.ops.pack_segment import aot as pack_aot
+    from rmt_kernels.ops.pack_segment import triton_launch
+
+    jobs = [j for j in aot.jobs_for(90, quick=False) if j.op == "pack_segment"]
+    assert {j.kernel for j in jobs} == set(PACK_KERNELS)
+    for d in pack_aot.DIMS:
+        expected = {
+            "pack_segment_fwd": triton_launch.pack_config(d),
+            "pack_segment_fwd_ids": triton_launch.pack_config(d),
+            "pack_memory_grad": triton_launch.memory_grad_config(1 << 20, d),
+            "embedding_grad_atomic": triton_launch.embedding_grad_config(1 << 20, d, False),
+            "embedding_grad_sorted": triton_launch.embedding_grad_config(1 << 20, d, True),
+        }
+        for kernel, config in expected.items():
+            for dtype in pack_aot.DTYPES:
+                assert any(j.kernel == kernel and j.dtype == dtype and j.head_dim == d and j.config == config
+                           for j in jobs), (kernel, dtype, d, config)
+    # Every value of every constexpr flag of the pack launchers is compiled at least once.
+    for kernel, (fn, _, flags) in pack_aot.kernel_table().items():
+        seen = {}
+        for j in jobs:
+            if j.kernel == kernel:
+                for key, value in dict(flags, **(j.variant or {})).items():
+                    seen.setdefault(key, set()).add(value)
+        for key in ("HAS_READ", "HAS_WRITE", "TWO_SLOTS", "REDUCE_BATCH"):
+            if key in fn.arg_names:
+                assert seen[key] == {False, True}, (kernel, key, seen[key])
+
+
+def test_aot_prints_progress(quick_results):
+    proc, rows = quick_results
+    for arch in (80, 90):
+        total = sum(r["arch"] == arch for r in rows)
+        assert f"compiling {total} kernels for sm_{arch} with " in proc.stderr, proc.stderr
+        assert f"sm_{arch}: {total}/{total} compiled" in proc.stderr, proc.stderr
+
+
+def test_progress_is_printed_and_flushed_per_job(monkeypatch, capsys):
+    jobs = [aot.Job("fake_kernel", "bf16", 64, {"BLOCK_M": 64}, 90, op="segment_attention") for _ in range(3)]
+
+    def fake_compile(job):
+        return aot.Result(job.kernel, job.config, job.arch, job.dtype, job.head_dim, 32, 0, 0, False, False)
+
+    monkeypatch.setattr(aot, "jobs_for", lambda arch, quick: jobs)
+    monkeypatch.setattr(aot, "compile_job", fake_compile)
+    monkeypatch.setattr(aot, "PROGRESS_EVERY_S", 0.0)
+    results = aot.run_aot(90, workers=1)
+    err = capsys.readouterr().err.splitlines()
+    assert len(results) == 3 and all(r.ok for r in results)
+    assert err[0] == "compiling 3 kernels for sm_90 with 1 worker..."
+    assert [line.split("(")[0].strip() for line in err[1:]] == [f"sm_90: {i}/3 compiled" for i in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("extra", [pytest.param(["--quick"], id="quick"), pytest.param(["--workers", "2"], id="workers")])
+def test_cuda_rejects_triton_only_options(monkeypatch, capsys, extra):
+    from rmt_kernels import cli
+    from rmt_kernels.tools import aot_cuda
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("aot --cuda started compiling despite a usage error")
+
+    monkeypatch.setattr(aot_cuda, "main", no_work)
+    monkeypatch.setattr(aot_cuda, "compile_cuda_kernels", no_work)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["aot", "--cuda", *extra])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and "argument --cuda: not allowed with " + extra[0] in err, err

@@ -24,9 +24,9 @@ pytest.importorskip("triton")
 
 from rmt_kernels import MemoryLayout, backends, segment_attention  # noqa: E402
 from rmt_kernels.layout import TILE_FULL, TILE_PARTIAL  # noqa: E402
-from rmt_kernels.ops.segment_attention import interface, torch_impl, triton_launch  # noqa: E402
+from rmt_kernels.ops.segment_attention import interface, triton_launch  # noqa: E402
 
-from test_segment_attention_torch import check_against_reference as _check_against_reference  # noqa: E402
+from helpers import check_against_reference as _check_against_reference  # noqa: E402
 
 MB = "memory_bidirectional"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -45,7 +45,7 @@ def device():
 @pytest.fixture
 def poisoned(nan_poison):
     """Forward outputs, gradients and delta start as NaN."""
-    nan_poison(torch_impl, "alloc_outputs")
+    nan_poison(triton_launch, "alloc_outputs")
     nan_poison(triton_launch, "_bwd_buffers")
 
 

@@ -1,18 +1,18 @@
 """``rmt-kernels aot``: compile every Triton kernel of the package for a GPU target, without a GPU.
 
-Each kernel is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` for
-every head dim, dtype and launch config it can run with (the autotuning candidates of
-``fwd_configs`` / ``dkdv_configs`` / ``dq_configs``). The constexpr flags are those of the heaviest
-variant (``memory_bidirectional`` mask, a prefix visible to the segment rows, right padding); the
-other variants (mask families, prefix visibility, no prefix or padding, the trace path, TF32
-products) are compiled once each with a D=64 config (table rows marked ``[...]``). The
-signature marks pointers and strides 16-divisible and unit strides constant, as the JIT specializes
-them for ``[B, H, N, D]`` and ``[B, N, H, D]`` tensors. ``cuobjdump`` from the triton wheel reads
-registers, stack/local bytes (spills) and, for sm_90, whether the SASS holds ``HGMMA`` (Hopper
-warpgroup MMA) rather than only ``HMMA``.
+The jobs come from each op's ahead-of-time table (``rmt_kernels/ops/<op>/aot.py``, listed in
+:data:`OPS`): which kernels, with which constexpr variants, launch configs, dtypes and head (or
+feature) dims. This driver compiles each job with ``triton.compile(ASTSource(...),
+target=GPUTarget("cuda", arch, 32))``, with the signature the op's ``arg_kind`` describes (pointers
+and strides 16-divisible, unit strides constant, as the JIT specializes them), in parallel worker
+processes, printing progress on stderr. ``cuobjdump`` from the triton wheel reads registers,
+stack/local bytes (spills) and, for sm_90, whether the SASS holds ``HGMMA`` (Hopper warpgroup MMA)
+rather than only ``HMMA``. Rows of the table marked ``[...]`` are variants other than an op's
+heaviest one.
 
 Exit status: 0 when every kernel compiled with no spill and shared memory within the target's limit
-(sm_80: 163 KiB, sm_90: 227 KiB); 1 otherwise; 2 when it cannot run (no triton, interpreter mode).
+(sm_80: 163 KiB, sm_90: 227 KiB); 1 otherwise; 2 when it cannot run (no triton, interpreter mode, or
+``--cuda`` with an option of the Triton compile).
 
 Example::
 
@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import json
 import os
@@ -30,26 +31,18 @@ import re
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from typing import List, Optional
 
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-DTYPES = ("fp16", "bf16", "fp32")
-QUICK_HEAD_DIMS = (64, 128)
-QUICK_DTYPES = ("bf16",)
 
-# Runtime integer arguments that are sizes (not marked 16-divisible: they take any value).
-_SIZE_ARGS = {"N", "R", "S", "P", "D", "GROUP", "TUNE_N", "KEYS"}
-_FLOAT_ARGS = {"qk_scale", "scale"}
-# float32 buffers and int32 buffers among the pointer arguments; the others have the input dtype.
-_F32_PTRS = {"Lse", "Delta"}
-_I32_PTRS = {"SegLen", "Trace"}
-# Strides equal to 1 for the tensors the launchers pass (last dims; delta is contiguous): the JIT
-# turns an integer argument equal to 1 into a constant, and so does this compile.
-_UNIT_STRIDES = re.compile(r"^stride_(q|k|v|pk|pv|o|d|dk|dv|dq)d$|^stride_tn$")
-# Strides that need not be 16-divisible (the log-sum-exp rows are H_q apart).
-_ODD_STRIDES = {"stride_ln"}
+# The ops whose kernels are compiled, each with its ahead-of-time table ``rmt_kernels.ops.<op>.aot``.
+OPS = ("segment_attention", "pack_segment")
+
+# Seconds between two progress lines (the first and the last job always print one).
+PROGRESS_EVERY_S = 5.0
 
 
 @dataclass
@@ -60,6 +53,7 @@ class Job:
     config: dict
     arch: int
     variant: Optional[dict] = None  # constexpr flags replacing the heaviest variant's
+    op: str = "segment_attention"
 
 
 @dataclass
@@ -87,40 +81,17 @@ class Result:
         )
 
 
+def _op_aot(op: str):
+    """The ahead-of-time table module of ``op``."""
+    return importlib.import_module(f"rmt_kernels.ops.{op}.aot")
+
+
 def _kernel_table():
-    """name -> (jit function, configs function or None, fixed constexprs)."""
-    from ..ops.segment_attention import triton_bwd, triton_fwd
-
-    flags = dict(MASK=1, PREFIX_ALL=False, HAS_LENGTHS=True, UPCAST=False, TRACE=False)
-    return {
-        "segment_attention_fwd": (triton_fwd._segment_attention_fwd_kernel, triton_fwd.fwd_configs,
-                                  dict(flags, HAS_PREFIX=True)),
-        "segment_attention_bwd_preprocess": (triton_bwd._bwd_preprocess_kernel, None, {}),
-        "segment_attention_bwd_dkdv": (triton_bwd._bwd_dkdv_kernel, triton_bwd.dkdv_configs,
-                                       dict(flags, IS_PREFIX=False)),
-        "segment_attention_bwd_dq": (triton_bwd._bwd_dq_kernel, triton_bwd.dq_configs, dict(flags, HAS_PREFIX=True)),
-    }
-
-
-# Other constexpr variants the launchers produce, each compiled once (first config, D=64, bfloat16, plus
-# float32 with TF32 products) so that a compile error in a rarely used branch shows up here, not on a
-# user's GPU. "full" in the table is the heaviest variant of _kernel_table.
-_VARIANTS = {
-    "segment_attention_fwd": [
-        dict(MASK=0, PREFIX_ALL=True, HAS_PREFIX=False, HAS_LENGTHS=False, TRACE=True),
-        dict(MASK=2, PREFIX_ALL=True, HAS_PREFIX=True, HAS_LENGTHS=False),
-        dict(MASK=0, PREFIX_ALL=False, HAS_PREFIX=True, HAS_LENGTHS=True),
-    ],
-    "segment_attention_bwd_dkdv": [
-        dict(MASK=0, HAS_LENGTHS=False, TRACE=True),
-        dict(MASK=2, IS_PREFIX=True, PREFIX_ALL=True, TRACE=True),
-        dict(IS_PREFIX=True, PREFIX_ALL=False),
-    ],
-    "segment_attention_bwd_dq": [
-        dict(MASK=0, PREFIX_ALL=True, HAS_PREFIX=False, HAS_LENGTHS=False, TRACE=True),
-        dict(MASK=2, PREFIX_ALL=True, HAS_PREFIX=True, HAS_LENGTHS=False),
-    ],
-}
+    """name -> (jit function, configs function or None, fixed constexprs), over every op of :data:`OPS`."""
+    table = {}
+    for op in OPS:
+        table.update(_op_aot(op).kernel_table())
+    return table
 
 
 def _variant_name(variant: Optional[dict]) -> str:
@@ -129,61 +100,31 @@ def _variant_name(variant: Optional[dict]) -> str:
     return ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in variant.items())
 
 
-def _torch_dtype(name: str):
-    import torch
-
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
-
-
-def jobs_for(arch: int, quick: bool) -> List[Job]:
-    """Every (kernel, dtype, head dim, config) the launchers can run on ``arch``."""
-    from ..ops.segment_attention import triton_bwd
-    from ..ops.segment_attention.triton_launch import HEAD_DIMS
-
-    head_dims = QUICK_HEAD_DIMS if quick else HEAD_DIMS
-    dtypes = QUICK_DTYPES if quick else DTYPES
-    jobs = []
-    for name, (_, configs_fn, _) in _kernel_table().items():
-        for dtype in dtypes:
-            for d in head_dims:
-                if configs_fn is None:
-                    configs = [{"BLOCK_M": triton_bwd.PREPROCESS_BLOCK_M, "num_warps": 4, "num_stages": 1}]
-                else:
-                    configs = configs_fn(d, _torch_dtype(dtype), arch)
-                jobs.extend(Job(name, dtype, d, dict(c), arch) for c in configs)
-    for name, variants in _VARIANTS.items():
-        configs_fn = _kernel_table()[name][1]
-        for dtype, extra in (("bf16", {}), ("fp32", {"DOT_PREC": "tf32"})):
-            config = configs_fn(64, _torch_dtype(dtype), arch)[0]
-            chosen = variants[:1] if extra else variants
-            jobs.extend(Job(name, dtype, 64, dict(config), arch, dict(v, **extra)) for v in chosen)
-    return jobs
+def jobs_for(arch: int, quick: bool, ops=OPS) -> List[Job]:
+    """Every job of every op in ``ops`` for ``arch``, in table order (``quick``: each op's short list)."""
+    return [Job(arch=arch, op=op, **row) for op in ops for row in _op_aot(op).jobs(arch, quick)]
 
 
-def _signature(fn, dtype: str, constexprs: dict):
-    """ASTSource signature, constexprs and attributes for one kernel."""
-    signature, consts, attrs = {}, dict(constexprs), {}
+def _signature(fn, consts: dict, kind):
+    """ASTSource signature, constexprs and attributes of ``fn``; ``kind(name)`` is the op's ``arg_kind``."""
+    signature, consts, attrs = {}, dict(consts), {}
     divisible = [["tt.divisibility", 16]]
     for idx, param in enumerate(fn.params):
         name = param.name
         if param.is_constexpr:
             signature[name] = "constexpr"
-        elif name in _SIZE_ARGS:
+            continue
+        k = kind(name)
+        if k == "one":
+            signature[name] = "constexpr"
+            consts[name] = 1
+        elif k == "i32:16":
             signature[name] = "i32"
-        elif name in _FLOAT_ARGS:
-            signature[name] = "fp32"
-        elif name.startswith("stride_"):
-            if _UNIT_STRIDES.match(name):
-                signature[name] = "constexpr"
-                consts[name] = 1
-            else:
-                signature[name] = "i32"
-                if name not in _ODD_STRIDES:
-                    attrs[(idx,)] = divisible
-        else:
-            elem = "fp32" if name in _F32_PTRS else "i32" if name in _I32_PTRS else dtype
-            signature[name] = "*" + elem
             attrs[(idx,)] = divisible
+        else:
+            signature[name] = k
+            if k.startswith("*"):
+                attrs[(idx,)] = divisible
     missing = [p.name for p in fn.params if p.is_constexpr and p.name not in consts]
     if missing:
         raise ValueError(f"{fn.__name__}: no value for constexpr {missing}")
@@ -194,7 +135,7 @@ def _ast_source(fn, signature, consts, attrs):
     from triton.compiler import ASTSource
 
     params = inspect.signature(ASTSource.__init__).parameters
-    if "constexprs" in params:  # triton >= 3.3 (3.6 on the GPU machines, 3.9 here)
+    if "constexprs" in params:  # the newer name of the argument
         return ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
     return ASTSource(fn=fn, signature=signature, constants=consts, attrs=attrs)
 
@@ -215,23 +156,19 @@ def compile_job(job: Job) -> Result:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")  # triton 3.9's notice, per compile
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")  # a notice the compiler prints per compile
 
-    from ..ops.segment_attention.triton_launch import _block_d, _dot_precision
-
-    fn, _, flags = _kernel_table()[job.kernel]
+    mod = _op_aot(job.op)
+    fn, _, flags = mod.kernel_table()[job.kernel]
     cfg = dict(job.config)
-    options = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
+    options = {key: cfg.pop(key) for key in ("num_warps", "num_stages") if key in cfg}
     consts = dict(flags, **cfg)
-    block_d = _block_d(job.head_dim)
-    consts.update(BLOCK_D=block_d, EVEN_D=block_d == job.head_dim)
-    if "DOT_PREC" in fn.arg_names:
-        consts["DOT_PREC"] = _dot_precision(_torch_dtype(job.dtype))
+    consts.update(mod.derived_constexprs(fn, job.dtype, job.head_dim))
     consts.update(job.variant or {})
     result = Result(job.kernel, job.config, job.arch, job.dtype, job.head_dim, None, None, None, None, None,
                     variant=_variant_name(job.variant))
     try:
-        signature, consts, attrs = _signature(fn, job.dtype, consts)
+        signature, consts, attrs = _signature(fn, consts, lambda name: mod.arg_kind(job.kernel, name, job.dtype))
         compiled = triton.compile(_ast_source(fn, signature, consts, attrs), target=GPUTarget("cuda", job.arch, 32),
                                   options=options)
         result.shared_bytes = int(compiled.metadata.shared)
@@ -254,7 +191,8 @@ def compile_job(job: Job) -> Result:
 
 
 def _config_str(cfg: dict) -> str:
-    short = {"BLOCK_M": "M", "BLOCK_N": "N", "num_warps": "w", "num_stages": "s"}
+    short = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_ROWS": "R", "BLOCK_T": "T", "BLOCK_D": "BD", "num_warps": "w",
+             "num_stages": "s"}
     return " ".join(f"{short.get(k, k)}{v}" for k, v in cfg.items())
 
 
@@ -281,14 +219,48 @@ def format_table(results: List[Result]) -> str:
     return "\n".join(lines)
 
 
+class _Progress:
+    """Progress of one arch's compile on stderr, flushed: a line when it starts, then ``done/total`` at
+    most every :data:`PROGRESS_EVERY_S` seconds and after the last job (a full compile takes minutes)."""
+
+    def __init__(self, arch: int, total: int, workers: int):
+        self.arch, self.total, self.done, self.failed = arch, total, 0, 0
+        self.start = self.last = time.monotonic()
+        plural = "" if workers == 1 else "s"
+        self._print(f"compiling {total} kernels for sm_{arch} with {workers} worker{plural}...")
+
+    @staticmethod
+    def _print(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    def step(self, result: Result) -> None:
+        self.done += 1
+        self.failed += not result.ok
+        now = time.monotonic()
+        if self.done == self.total or now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            failed = f", {self.failed} not ok" if self.failed else ""
+            self._print(f"  sm_{self.arch}: {self.done}/{self.total} compiled{failed} ({now - self.start:.0f} s)")
+
+
 def run_aot(arch: int, quick: bool = False, workers: Optional[int] = None) -> List[Result]:
     """Compile every job for ``arch`` (80 or 90) and return the results in job order."""
     jobs = jobs_for(arch, quick)
-    workers = workers or min(len(jobs), os.cpu_count() or 1)
-    if workers <= 1:
-        return [compile_job(j) for j in jobs]
+    workers = max(1, workers or min(len(jobs), os.cpu_count() or 1))
+    progress = _Progress(arch, len(jobs), workers)
+    if workers == 1:
+        results = []
+        for job in jobs:
+            results.append(compile_job(job))
+            progress.step(results[-1])
+        return results
+    results: List[Optional[Result]] = [None] * len(jobs)
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(compile_job, jobs))
+        futures = {pool.submit(compile_job, job): i for i, job in enumerate(jobs)}
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+            progress.step(results[futures[future]])
+    return results
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -297,13 +269,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                         help="write the results as a JSON list to PATH (stdout with no PATH: then no table)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"only head dims {list(QUICK_HEAD_DIMS)} and {list(QUICK_DTYPES)}")
+                        help="a short list per op: segment attention at head dims 64 and 128, the handoff at "
+                             "d=768, bfloat16, plus each op's variants")
     parser.add_argument("--workers", type=int, default=None, help="parallel compiles (default: CPU count)")
     parser.add_argument("--cuda", action="store_true",
-                        help="compile the CUDA C++ kernels of csrc/ with nvcc instead (sm_80 and sm_90a)")
+                        help="compile the CUDA C++ kernels of csrc/ with nvcc instead (sm_80 and sm_90a); "
+                             "takes --arch and --json, not --quick or --workers")
+    parser.set_defaults(aot_parser=parser)
+
+
+def _reject_cuda_options(args) -> None:
+    """``--cuda`` with an option of the Triton compile is a usage error (status 2), raised before any work."""
+    given = [flag for flag, value in (("--quick", args.quick), ("--workers", args.workers is not None)) if value]
+    if args.cuda and given:
+        parser = getattr(args, "aot_parser", None) or argparse.ArgumentParser(prog="rmt-kernels aot")
+        parser.error(f"argument --cuda: not allowed with {' or '.join(given)} (--quick and --workers apply "
+                     f"to the Triton compile only)")
 
 
 def run(args) -> int:
+    _reject_cuda_options(args)
     if args.cuda:
         from .aot_cuda import main as cuda_main
 

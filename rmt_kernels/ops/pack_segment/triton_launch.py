@@ -3,6 +3,10 @@
 Same contract as ``torch_impl`` and ``cuda``: validated inputs, outputs allocated here (or the
 caller's ``out``), no autograd. Importing this module does not import triton: the kernel modules are
 imported on the first launch, so ``import rmt_kernels`` works without triton and without a GPU.
+
+The meta-parameters come from :func:`pack_config`, :func:`memory_grad_config` and
+:func:`embedding_grad_config`, which ``aot.py`` reads too: ``rmt-kernels aot`` compiles the tiles the
+launches use.
 """
 
 from __future__ import annotations
@@ -34,10 +38,35 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _block_rows(rows: int, batch: int, block_d: int, device: torch.device) -> int:
-    """Rows per program: as many as fill one tile, fewer when that would leave the GPU's SMs idle
+def pack_config(dim: int) -> dict:
+    """Meta-parameters of ``_pack_segment_fwd_kernel`` for feature dim ``dim``: ``BLOCK_D`` and the
+    largest ``BLOCK_ROWS`` (the launch may halve it to fill the GPU: :func:`_block_rows`)."""
+    block_d = _block_d(dim)
+    return {"BLOCK_ROWS": max(1, _TILE_ELEMS // block_d), "BLOCK_D": block_d, "num_warps": _NUM_WARPS}
+
+
+def memory_grad_config(rows: int, dim: int) -> dict:
+    """Meta-parameters of ``_pack_memory_grad_kernel`` for a ``[rows, dim]`` memory."""
+    block_d = min(_block_d(dim), 128)
+    block_rows = max(1, min(_next_pow2(rows), _TILE_ELEMS // block_d // 4))
+    return {"BLOCK_ROWS": block_rows, "BLOCK_D": block_d, "num_warps": _NUM_WARPS}
+
+
+def embedding_grad_config(seg_len: int, dim: int, deterministic: bool) -> dict:
+    """Meta-parameters of ``_embedding_grad_sorted_kernel`` (``deterministic``) or
+    ``_embedding_grad_atomic_kernel`` for ``seg_len`` tokens of feature dim ``dim``."""
+    if deterministic:
+        # One warp: 8 elements per thread along d, i.e. 16-byte accesses for 16-bit dtypes.
+        return {"BLOCK_D": min(_block_d(dim), 256), "num_warps": 1}
+    block_d = _block_d(dim)
+    block_t = max(1, min(_next_pow2(seg_len), _TILE_ELEMS // block_d))
+    return {"BLOCK_T": block_t, "BLOCK_D": block_d, "num_warps": _NUM_WARPS}
+
+
+def _block_rows(block_rows: int, rows: int, batch: int, device: torch.device) -> int:
+    """Rows per program: ``block_rows`` (one full tile), fewer when that would leave the GPU's SMs idle
     (small batches at short lengths)."""
-    br = max(1, _TILE_ELEMS // block_d)
+    br = block_rows
     if device.type == "cuda":
         target = 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
         while br > 1 and _cdiv(rows, br) * batch < target:
@@ -50,7 +79,6 @@ def _strides3(t: torch.Tensor):
     if t.dim() == 2:
         return 0, t.stride(0), t.stride(1)
     return t.stride(0), t.stride(1), t.stride(2)
-
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -89,15 +117,14 @@ def _launch_pack(out, seg_src, ids, read, write, num_read, num_write, tied, segm
         ss = _strides3(seg_src)
         si = (0, 0)
         ids_t = out
-    block_d = _block_d(dim)
-    block_rows = _block_rows(n, batch, block_d, out.device)
-    grid = (_cdiv(n, block_rows), batch)
+    meta = pack_config(dim)
+    meta["BLOCK_ROWS"] = _block_rows(meta["BLOCK_ROWS"], n, batch, out.device)
+    grid = (_cdiv(n, meta["BLOCK_ROWS"]), batch)
     _kernels()[0]._pack_segment_fwd_kernel[grid](
         out, seg_src, ids_t, read_t, write_t,
         num_read, segment_len, num_write, dim,
         *out.stride(), *ss, *si, *sr, *sw,
-        FROM_IDS=from_ids, HAS_READ=has_read, HAS_WRITE=has_write,
-        BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=_NUM_WARPS,
+        FROM_IDS=from_ids, HAS_READ=has_read, HAS_WRITE=has_write, **meta,
     )
     return out
 
@@ -119,15 +146,13 @@ def memory_grad_triton(grad, start, start2, rows, broadcast):
     dmem = torch.empty(shape, dtype=grad.dtype, device=grad.device)
     if dmem.numel() == 0:
         return dmem.zero_()
-    block_d = min(_block_d(dim), 128)
-    block_rows = max(1, min(_next_pow2(rows), _TILE_ELEMS // block_d // 4))
-    grid = (_cdiv(rows, block_rows), _cdiv(dim, block_d), 1 if broadcast else batch)
+    meta = memory_grad_config(rows, dim)
+    grid = (_cdiv(rows, meta["BLOCK_ROWS"]), _cdiv(dim, meta["BLOCK_D"]), 1 if broadcast else batch)
     so = (0, *dmem.stride()) if broadcast else dmem.stride()
     _kernels()[1]._pack_memory_grad_kernel[grid](
         dmem, grad, batch, rows, dim, start, max(start2, 0),
         *grad.stride(), *so,
-        TWO_SLOTS=start2 >= 0, REDUCE_BATCH=broadcast,
-        BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=_NUM_WARPS,
+        TWO_SLOTS=start2 >= 0, REDUCE_BATCH=broadcast, **meta,
     )
     return dmem
 
@@ -146,25 +171,21 @@ def embedding_grad_triton(grad, input_ids, num_weights, start, deterministic):
         if total == 0 or dim == 0:
             return dw
         sorted_ids, order = torch.sort(input_ids.reshape(-1), stable=True)
-        block_d = min(_block_d(dim), 256)
-        grid = (total, _cdiv(dim, block_d))
+        meta = embedding_grad_config(seg_len, dim, True)
+        grid = (total, _cdiv(dim, meta["BLOCK_D"]))
         _kernels()[1]._embedding_grad_sorted_kernel[grid](
             dw, grad, sorted_ids, order,
             total, seg_len, dim, start,
-            *grad.stride(), *dw.stride(),
-            # One warp: 8 elements per thread along d, i.e. 16-byte accesses for 16-bit dtypes.
-            BLOCK_D=block_d, num_warps=1,
+            *grad.stride(), *dw.stride(), **meta,
         )
         return dw
     acc = accum_dtype(grad.dtype)
     dw = torch.zeros((num_weights, dim), dtype=acc, device=grad.device)
     if batch * seg_len and dim:
-        block_d = _block_d(dim)
-        block_t = max(1, min(_next_pow2(seg_len), _TILE_ELEMS // block_d))
-        _kernels()[1]._embedding_grad_atomic_kernel[(_cdiv(seg_len, block_t), batch)](
+        meta = embedding_grad_config(seg_len, dim, False)
+        _kernels()[1]._embedding_grad_atomic_kernel[(_cdiv(seg_len, meta["BLOCK_T"]), batch)](
             dw, grad, input_ids,
             seg_len, dim, start,
-            *grad.stride(), *input_ids.stride(), *dw.stride(),
-            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=_NUM_WARPS,
+            *grad.stride(), *input_ids.stride(), *dw.stride(), **meta,
         )
     return dw if dw.dtype == grad.dtype else dw.to(grad.dtype)

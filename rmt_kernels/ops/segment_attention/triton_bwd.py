@@ -22,7 +22,7 @@ With ``P = exp(scale * Q K^T - lse)`` (the forward's log-sum-exp) and ``delta = 
 
 ``_bwd_dq_kernel``
     grid ``(cdiv(N, BLOCK_M), H_q, B)``; one program keeps a query block, dO, lse and delta in registers
-    and visits exactly the key tiles of the forward's schedule (``triton_fwd._packed_key_tiles``,
+    and visits exactly the key tiles of the forward's schedule (``triton_common._packed_key_tiles``,
     ``_prefix_key_tiles``), accumulating dQ in float32.
 
 Recomputing ``Q K^T`` and ``dO V^T`` in the dQ kernel costs two products per visited tile over an
@@ -36,13 +36,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_fwd import (
-    LOG2E,
+from .triton_common import (
+    _LOG2E,
     TRACE_FULL,
     TRACE_MASKED,
     _first_row,
     _gap,
     _key_end,
+    _load_kv_tile,
     _load_rows,
     _masked_tile_index,
     _packed_key_tiles,
@@ -51,8 +52,6 @@ from .triton_fwd import (
     _prefix_rows,
     pick_configs,
 )
-
-_LOG2E = tl.constexpr(LOG2E)
 
 
 @triton.jit
@@ -125,13 +124,9 @@ def _bwd_dkdv_kernel(
     col_ok = cols < KEYS
     d_ok = offs_d < D
 
-    k = _load_rows(K + b64 * stride_kb + hk64 * stride_kh + n64 * stride_kn + offs_n[:, None] * stride_kn
-                   + offs_d[None, :] * stride_kd, col_ok, d_ok, True, EVEN_D)  # [BN, BD]
-    v = _load_rows(V + b64 * stride_vb + hk64 * stride_vh + n64 * stride_vn + offs_n[:, None] * stride_vn
-                   + offs_d[None, :] * stride_vd, col_ok, d_ok, True, EVEN_D)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k, v = _load_kv_tile(K + b64 * stride_kb + hk64 * stride_kh, V + b64 * stride_vb + hk64 * stride_vh, n64,
+                         offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, col_ok, d_ok, True, EVEN_D,
+                         UPCAST)  # [BN, BD]
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
@@ -300,13 +295,8 @@ def _bwd_dq_kernel(
         p_full, p_end = _prefix_key_tiles(m_first, m_last, R, S, P, BLOCK_N, PREFIX_ALL)
         for t in range(0, p_full):
             start = tl.cast(t * BLOCK_N, tl.int64)
-            k = _load_rows(pk_base + start * stride_pkn + offs_n[:, None] * stride_pkn
-                           + offs_d[None, :] * stride_pkd, offs_n, d_ok, False, EVEN_D)
-            v = _load_rows(pv_base + start * stride_pvn + offs_n[:, None] * stride_pvn
-                           + offs_d[None, :] * stride_pvd, offs_n, d_ok, False, EVEN_D)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k, v = _load_kv_tile(pk_base, pv_base, start, offs_n, offs_d, stride_pkn, stride_pkd, stride_pvn,
+                                 stride_pvd, offs_n, d_ok, False, EVEN_D, UPCAST)
             dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, 0, False, DOT_PREC)
             if TRACE:
                 tl.store(trace_row + t, TRACE_FULL)
@@ -315,13 +305,8 @@ def _bwd_dq_kernel(
             cols = t * BLOCK_N + offs_n
             col_ok = cols < P
             start = tl.cast(t * BLOCK_N, tl.int64)
-            k = _load_rows(pk_base + start * stride_pkn + offs_n[:, None] * stride_pkn
-                           + offs_d[None, :] * stride_pkd, col_ok, d_ok, True, EVEN_D)
-            v = _load_rows(pv_base + start * stride_pvn + offs_n[:, None] * stride_pvn
-                           + offs_d[None, :] * stride_pvd, col_ok, d_ok, True, EVEN_D)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k, v = _load_kv_tile(pk_base, pv_base, start, offs_n, offs_d, stride_pkn, stride_pkd, stride_pvn,
+                                 stride_pvd, col_ok, d_ok, True, EVEN_D, UPCAST)
             vis = p_vis[:, None] & col_ok[None, :]
             dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, vis, True, DOT_PREC)
             if TRACE:
@@ -334,13 +319,8 @@ def _bwd_dq_kernel(
     for t in range(0, f1 + (c1 - c0)):
         tile = t + tl.where(t >= f1, c0 - f1, 0)
         start = tl.cast(tile * BLOCK_N, tl.int64)
-        k = _load_rows(k_base + start * stride_kn + offs_n[:, None] * stride_kn
-                       + offs_d[None, :] * stride_kd, offs_n, d_ok, False, EVEN_D)
-        v = _load_rows(v_base + start * stride_vn + offs_n[:, None] * stride_vn
-                       + offs_d[None, :] * stride_vd, offs_n, d_ok, False, EVEN_D)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_kv_tile(k_base, v_base, start, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                             offs_n, d_ok, False, EVEN_D, UPCAST)
         dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, 0, False, DOT_PREC)
         if TRACE:
             tl.store(trace_row + n_ptiles + tile, TRACE_FULL)
@@ -350,13 +330,8 @@ def _bwd_dq_kernel(
         cols = tile * BLOCK_N + offs_n
         col_ok = cols < N
         start = tl.cast(tile * BLOCK_N, tl.int64)
-        k = _load_rows(k_base + start * stride_kn + offs_n[:, None] * stride_kn
-                       + offs_d[None, :] * stride_kd, col_ok, d_ok, True, EVEN_D)
-        v = _load_rows(v_base + start * stride_vn + offs_n[:, None] * stride_vn
-                       + offs_d[None, :] * stride_vd, col_ok, d_ok, True, EVEN_D)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_kv_tile(k_base, v_base, start, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                             col_ok, d_ok, True, EVEN_D, UPCAST)
         vis = _packed_visible(rows_end, cols, gap_lo, gap_hi, HAS_LENGTHS)
         dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, vis, True, DOT_PREC)
         if TRACE:

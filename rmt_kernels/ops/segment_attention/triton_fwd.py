@@ -1,4 +1,5 @@
-"""Triton forward of segment attention, and the tile schedule the backward shares.
+"""Triton forward kernel of segment attention and its launch configs (the tile schedule, tile loads and
+config picking it shares with the backward live in ``triton_common``).
 
 Kernel ``_segment_attention_fwd_kernel``
 
@@ -34,133 +35,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-_LN2 = tl.constexpr(LN2)
-
-
-# Tile codes written by the TRACE debug path (tests compare them with MemoryLayout.classify_tiles).
-TRACE_MASKED = tl.constexpr(1)
-TRACE_FULL = tl.constexpr(2)
-
-
-@triton.jit
-def _key_end(rows, R, S, N, MASK: tl.constexpr):  # MASK: layout.MASK_CODES
-    """Packed keys ``j < key_end`` are in reach of row ``rows`` (before padding): MemoryLayout.key_end."""
-    if MASK == 0:
-        end = rows + 1
-    elif MASK == 2:
-        end = rows * 0 + N
-    else:
-        end = tl.where(rows < R, R, tl.where(rows < R + S, rows + 1, N))
-    return end
-
-
-@triton.jit
-def _first_row(j, R, S, MASK: tl.constexpr):
-    """Smallest row whose key_end exceeds key ``j`` (key_end is non-decreasing, so every later row
-    reaches ``j`` too)."""
-    if MASK == 0:
-        row = j
-    elif MASK == 2:
-        row = j * 0
-    else:
-        row = tl.where(j < R, 0, tl.where(j < R + S, j, R + S))
-    return row
-
-
-@triton.jit
-def _gap(SegLen, b, R, S, N, HAS_LENGTHS: tl.constexpr):
-    """Packed keys ``[gap_lo, gap_hi)`` are right padding, invisible to every row (``[N, N)`` when
-    the batch row is not padded)."""
-    if HAS_LENGTHS:
-        length = tl.load(SegLen + b)
-        gap_lo = tl.where(length < S, R + length, N)
-        gap_hi = tl.where(length < S, R + S, N)
-    else:
-        gap_lo = N
-        gap_hi = N
-    return gap_lo, gap_hi
-
-
-@triton.jit
-def _packed_key_tiles(m_first, m_last, R, S, N, gap_lo, gap_hi, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
-    """Packed key tiles of the query rows ``[m_first, m_last]``.
-
-    Returns ``f1, e1, s2, c0, c1, e2`` with ``f1 <= e1 <= s2 <= c0 <= c1 <= e2``: the tiles
-    ``[0, f1)`` and ``[c0, c1)`` are seen entirely by every row (unmasked path); ``[f1, e1)``,
-    ``[s2, c0)`` and ``[c1, e2)`` hold a visible pair but not only visible ones (masked path); every
-    other tile holds none and is never loaded.
-    """
-    lo = _key_end(m_first, R, S, N, MASK)  # key_end is non-decreasing: the block's min and max
-    hi = _key_end(m_last, R, S, N, MASK)
-    # Keys before the gap: the last row reaches [0, min(hi, gap_lo)); every row [0, min(lo, gap_lo)).
-    e1 = (tl.minimum(hi, gap_lo) + BLOCK_N - 1) // BLOCK_N
-    f1 = tl.minimum(lo, gap_lo) // BLOCK_N
-    # Keys after the gap: [gap_hi, hi), starting at the tile holding gap_hi unless already visited.
-    s2 = tl.maximum(gap_hi // BLOCK_N, e1)
-    e2 = tl.where(hi > gap_hi, (hi + BLOCK_N - 1) // BLOCK_N, s2)
-    c0 = tl.minimum(tl.maximum((gap_hi + BLOCK_N - 1) // BLOCK_N, s2), e2)
-    c1 = tl.minimum(tl.maximum(lo // BLOCK_N, c0), e2)
-    return f1, e1, s2, c0, c1, e2
-
-
-@triton.jit
-def _prefix_key_tiles(m_first, m_last, R, S, P, BLOCK_N: tl.constexpr, PREFIX_ALL: tl.constexpr):
-    """Prefix tiles of the query rows ``[m_first, m_last]``: ``[0, full)`` unmasked, ``[full, end)``
-    masked (the rows of the block that see the prefix differ, or the bounds tail)."""
-    if PREFIX_ALL:
-        full = P // BLOCK_N
-        end = (P + BLOCK_N - 1) // BLOCK_N
-    else:
-        some = (m_last >= R) & (m_first < R + S) & (S > 0)
-        every = (m_first >= R) & (m_last < R + S)
-        full = tl.where(every, P // BLOCK_N, 0)
-        end = tl.where(some, (P + BLOCK_N - 1) // BLOCK_N, 0)
-    return full, end
-
-
-@triton.jit
-def _prefix_rows(rows, R, S, PREFIX_ALL: tl.constexpr):
-    """Whether each row sees the prefix: MemoryLayout.prefix_visible."""
-    if PREFIX_ALL:
-        vis = rows >= 0
-    else:
-        vis = (rows >= R) & (rows < R + S)
-    return vis
-
-
-@triton.jit
-def _packed_visible(rows_end, cols, gap_lo, gap_hi, HAS_LENGTHS: tl.constexpr):
-    """``[rows, cols]`` visibility of packed keys: ``j < key_end[i]`` and ``j`` not padding."""
-    vis = cols[None, :] < rows_end[:, None]
-    if HAS_LENGTHS:
-        vis = vis & ((cols < gap_lo) | (cols >= gap_hi))[None, :]
-    return vis
-
-
-@triton.jit
-def _masked_tile_index(t, f1, e1, s2, c0, c1):
-    """The ``t``-th tile of ``[f1, e1) + [s2, c0) + [c1, e2)``."""
-    a1 = e1 - f1
-    a2 = a1 + (c0 - s2)
-    return f1 + t + tl.where(t >= a1, s2 - e1, 0) + tl.where(t >= a2, c1 - c0, 0)
-
-
-@triton.jit
-def _load_rows(ptrs, row_ok, d_ok, ROW_MASK: tl.constexpr, EVEN_D: tl.constexpr):
-    """Load a ``[rows, BLOCK_D]`` tile; masks only where rows or head-dim columns can be out of range."""
-    if ROW_MASK:
-        if EVEN_D:
-            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
-        else:
-            x = tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    else:
-        if EVEN_D:
-            x = tl.load(ptrs)
-        else:
-            x = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
-    return x
+from .triton_common import (
+    _LN2,
+    TRACE_FULL,
+    TRACE_MASKED,
+    _gap,
+    _key_end,
+    _load_kv_tile,
+    _load_rows,
+    _masked_tile_index,
+    _packed_key_tiles,
+    _packed_visible,
+    _prefix_key_tiles,
+    _prefix_rows,
+    pick_configs,
+)
 
 
 @triton.jit
@@ -239,13 +128,8 @@ def _segment_attention_fwd_kernel(
         p_full, p_end = _prefix_key_tiles(m_first, m_last, R, S, P, BLOCK_N, PREFIX_ALL)
         for t in range(0, p_full):
             start = tl.cast(t * BLOCK_N, tl.int64)
-            k = _load_rows(pk_base + start * stride_pkn + offs_n[:, None] * stride_pkn
-                           + offs_d[None, :] * stride_pkd, offs_n, d_ok, False, EVEN_D)
-            v = _load_rows(pv_base + start * stride_pvn + offs_n[:, None] * stride_pvn
-                           + offs_d[None, :] * stride_pvd, offs_n, d_ok, False, EVEN_D)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k, v = _load_kv_tile(pk_base, pv_base, start, offs_n, offs_d, stride_pkn, stride_pkd, stride_pvn,
+                                 stride_pvd, offs_n, d_ok, False, EVEN_D, UPCAST)
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, qk_scale, 0, False, DOT_PREC)
             if TRACE:
                 tl.store(trace_row + t, TRACE_FULL)
@@ -254,13 +138,8 @@ def _segment_attention_fwd_kernel(
             cols = t * BLOCK_N + offs_n
             col_ok = cols < P
             start = tl.cast(t * BLOCK_N, tl.int64)
-            k = _load_rows(pk_base + start * stride_pkn + offs_n[:, None] * stride_pkn
-                           + offs_d[None, :] * stride_pkd, col_ok, d_ok, True, EVEN_D)
-            v = _load_rows(pv_base + start * stride_pvn + offs_n[:, None] * stride_pvn
-                           + offs_d[None, :] * stride_pvd, col_ok, d_ok, True, EVEN_D)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k, v = _load_kv_tile(pk_base, pv_base, start, offs_n, offs_d, stride_pkn, stride_pkd, stride_pvn,
+                                 stride_pvd, col_ok, d_ok, True, EVEN_D, UPCAST)
             vis = p_vis[:, None] & col_ok[None, :]
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, qk_scale, vis, True, DOT_PREC)
             if TRACE:
@@ -274,13 +153,8 @@ def _segment_attention_fwd_kernel(
     for t in range(0, f1 + (c1 - c0)):
         tile = t + tl.where(t >= f1, c0 - f1, 0)
         start = tl.cast(tile * BLOCK_N, tl.int64)
-        k = _load_rows(k_base + start * stride_kn + offs_n[:, None] * stride_kn
-                       + offs_d[None, :] * stride_kd, offs_n, d_ok, False, EVEN_D)
-        v = _load_rows(v_base + start * stride_vn + offs_n[:, None] * stride_vn
-                       + offs_d[None, :] * stride_vd, offs_n, d_ok, False, EVEN_D)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_kv_tile(k_base, v_base, start, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                             offs_n, d_ok, False, EVEN_D, UPCAST)
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, qk_scale, 0, False, DOT_PREC)
         if TRACE:
             tl.store(trace_row + n_ptiles + tile, TRACE_FULL)
@@ -290,13 +164,8 @@ def _segment_attention_fwd_kernel(
         cols = tile * BLOCK_N + offs_n
         col_ok = cols < N
         start = tl.cast(tile * BLOCK_N, tl.int64)
-        k = _load_rows(k_base + start * stride_kn + offs_n[:, None] * stride_kn
-                       + offs_d[None, :] * stride_kd, col_ok, d_ok, True, EVEN_D)
-        v = _load_rows(v_base + start * stride_vn + offs_n[:, None] * stride_vn
-                       + offs_d[None, :] * stride_vd, col_ok, d_ok, True, EVEN_D)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_kv_tile(k_base, v_base, start, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                             col_ok, d_ok, True, EVEN_D, UPCAST)
         # key_end <= N, so the visibility expression also masks the bounds tail.
         vis = _packed_visible(rows_end, cols, gap_lo, gap_hi, HAS_LENGTHS)
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, qk_scale, vis, True, DOT_PREC)
@@ -323,13 +192,9 @@ def _segment_attention_fwd_kernel(
 INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 
 
-def _cfg(block_m, block_n, num_warps, num_stages):
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
-
-
 # Autotuning candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim (BLOCK_D; an
-# entry for the head dim itself, such as 96, wins), checked with `rmt-kernels aot` under triton 3.6
-# and 3.9 to compile without spills (and, on sm_90, with HGMMA for 16-bit inputs). float32 products
+# entry for the head dim itself, such as 96, wins), checked with `rmt-kernels aot` to compile without
+# spills (and, on sm_90, with HGMMA for 16-bit inputs). float32 products
 # in IEEE precision run on FMA units, whose operands live in registers: small tiles.
 _FWD_16BIT = {
     90: {16: [(128, 64, 4, 3), (128, 128, 8, 3)], 32: [(128, 64, 4, 3), (128, 128, 8, 3)],
@@ -341,16 +206,6 @@ _FWD_16BIT = {
 }
 _FWD_32BIT = {16: [(16, 32, 4, 2)], 32: [(32, 32, 4, 2)], 64: [(32, 32, 4, 2)], 128: [(16, 16, 4, 1)],
               256: [(16, 16, 8, 2)]}
-
-
-def pick_configs(table_16bit, table_32bit, head_dim: int, dtype, arch: int):
-    """Configs of one kernel for ``head_dim`` on ``arch`` (sm_90 tables for sm_90 and newer)."""
-    import torch
-
-    block_d = 1 << max(4, (head_dim - 1).bit_length())
-    table = table_32bit if dtype == torch.float32 else table_16bit[90 if arch >= 90 else 80]
-    rows = table.get(head_dim, table[block_d])
-    return [_cfg(*row) for row in rows]
 
 
 def fwd_configs(head_dim: int, dtype, arch):

@@ -16,6 +16,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ... import backends
+from ..._checks import check_kernel_support
 from ...errors import BackendUnavailableError
 from ...layout import MASK_CODES, MemoryLayout
 from .._alloc import (
@@ -43,9 +44,9 @@ def _interpreting() -> bool:
 
 def _kernels():
     """The kernel modules, imported on first use (they import triton)."""
-    from . import triton_bwd, triton_fwd
+    from . import triton_bwd, triton_common, triton_fwd
 
-    return triton_fwd, triton_bwd
+    return triton_common, triton_fwd, triton_bwd
 
 
 def _check_device(t: torch.Tensor) -> None:
@@ -58,15 +59,10 @@ def _check_device(t: torch.Tensor) -> None:
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k, prefix_v) -> None:
-    if q.dtype not in DTYPES:
-        raise TypeError(f"q has dtype {q.dtype}; the triton backend supports {list(DTYPES)}")
+    check_kernel_support(q, DTYPES, HEAD_DIMS, "triton")
     for name, t in (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
         if t is not None and t.dtype != q.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
-    if q.shape[-1] not in HEAD_DIMS:
-        raise ValueError(
-            f"head dim D={q.shape[-1]} is not supported by the triton backend (supported: {list(HEAD_DIMS)})"
-        )
     _check_device(q)
 
 
@@ -132,7 +128,7 @@ def _select(kernel, configs_fn, key_args, q: torch.Tensor, config: Optional[dict
     return tuned, {}
 
 
-def _common_meta(q: torch.Tensor, layout: MemoryLayout, fwd_mod) -> dict:
+def _common_meta(q: torch.Tensor, layout: MemoryLayout) -> dict:
     d = q.shape[-1]
     return dict(
         MASK=MASK_CODES[layout.mask],
@@ -233,7 +229,7 @@ def segment_attention_fwd_triton(
         >>> out, lse = segment_attention_fwd_triton(q, k, v, None, None, None, layout, 0.125)
     """
     _check_inputs(q, k, v, prefix_k, prefix_v)
-    fwd_mod, _ = _kernels()
+    common_mod, fwd_mod, _ = _kernels()
     b, hq, n, d = q.shape
     s = layout.segment_len(n)
     p = 0 if prefix_k is None else prefix_k.shape[2]
@@ -258,17 +254,24 @@ def segment_attention_fwd_triton(
         *q.stride(), *k.stride(), *v.stride(),
         *_strides(prefix_k if p else None, q), *_strides(prefix_v if p else None, q),
         *out.stride(), *lse.stride(),
-        n, layout.num_read, s, p, d, hq // k.shape[1], scale * fwd_mod.LOG2E, _tune_bucket(n + p),
+        n, layout.num_read, s, p, d, hq // k.shape[1], scale * common_mod.LOG2E, _tune_bucket(n + p),
         HAS_PREFIX=p > 0,
         HAS_LENGTHS=lengths is not None,
         TRACE=trace,
-        **_common_meta(q, layout, fwd_mod),
+        **_common_meta(q, layout),
         **meta,
     )
     return (out, lse, trace_buf) if trace else (out, lse)
 
 
 # --------------------------------------------------------------------------- backward
+
+
+def _bwd_buffers(q: torch.Tensor, k: torch.Tensor, prefix_k: Optional[torch.Tensor]):
+    """``(dq, dk, dv, dprefix_k, dprefix_v, delta)``: the gradients of ``ops._alloc.alloc_grads`` and
+    the float32 ``delta = rowsum(dO * O)`` ``[B, H_q, N]``; the kernels write every element."""
+    delta = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    return (*alloc_grads(q, k, prefix_k), delta)
 
 
 def segment_attention_bwd_triton(
@@ -313,20 +316,19 @@ def segment_attention_bwd_triton(
         ...                                                  layout, 0.125, False)
     """
     _check_inputs(q, k, v, prefix_k, prefix_v)
-    fwd_mod, bwd_mod = _kernels()
+    common_mod, _, bwd_mod = _kernels()
     b, hq, n, d = q.shape
     hkv = k.shape[1]
     s = layout.segment_len(n)
     p = 0 if prefix_k is None else prefix_k.shape[2]
     want_prefix = p > 0 and need_prefix_grad
-    dq, dk, dv, dpk, dpv = alloc_grads(q, k, prefix_k if want_prefix else None)
+    dq, dk, dv, dpk, dpv, delta = _bwd_buffers(q, k, prefix_k if want_prefix else None)
     if is_empty(q):
         return zero_grads(dq, dk, dv, dpk, dpv)
-    delta = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)  # rowsum(dO * O), every row written
     dout, q, k, v, prefix_k, prefix_v, out = (_fit(t) for t in (dout, q, k, v, prefix_k, prefix_v, out))
     lengths = kernel_lengths(segment_lengths, q.device)
     config = config or {}
-    common = _common_meta(q, layout, fwd_mod)
+    common = _common_meta(q, layout)
     dummy = q
     seg = lengths if lengths is not None else dummy
     traces = {}
@@ -351,7 +353,7 @@ def segment_attention_bwd_triton(
             q, kk, vv, dout, lse, delta, gk, gv, seg, trace_buf if trace_buf is not None else dummy,
             *q.stride(), *kk.stride(), *vv.stride(), *dout.stride(), *lse.stride(), *delta.stride(),
             *gk.stride(), *gv.stride(),
-            n, layout.num_read, s, keys, d, hq // hkv, scale * fwd_mod.LOG2E, scale, _tune_bucket(n + p),
+            n, layout.num_read, s, keys, d, hq // hkv, scale * common_mod.LOG2E, scale, _tune_bucket(n + p),
             IS_PREFIX=is_prefix,
             HAS_LENGTHS=lengths is not None,
             TRACE=trace,
@@ -371,7 +373,7 @@ def segment_attention_bwd_triton(
         *q.stride(), *k.stride(), *v.stride(),
         *_strides(prefix_k if p else None, q), *_strides(prefix_v if p else None, q),
         *dout.stride(), *lse.stride(), *delta.stride(), *dq.stride(),
-        n, layout.num_read, s, p, d, hq // hkv, scale * fwd_mod.LOG2E, scale, _tune_bucket(n + p),
+        n, layout.num_read, s, p, d, hq // hkv, scale * common_mod.LOG2E, scale, _tune_bucket(n + p),
         HAS_PREFIX=p > 0,
         HAS_LENGTHS=lengths is not None,
         TRACE=trace,

@@ -1,0 +1,131 @@
+"""Ahead-of-time job table of segment attention: what ``rmt-kernels aot`` compiles for this op.
+
+Every kernel is compiled for every head dim, dtype and launch config it can run with (the autotuning
+candidates of ``fwd_configs`` / ``dkdv_configs`` / ``dq_configs``), with the constexpr flags of the
+heaviest variant (``memory_bidirectional`` mask, a prefix visible to the segment rows, right padding).
+The other variants the launchers produce (mask families, prefix visibility, no prefix or padding, the
+trace path, TF32 products) are compiled once each with a D=64 config, so that a compile error in a
+rarely used branch shows up here, not on a user's GPU.
+
+The driver (``rmt_kernels.tools.aot_triton``) reads four things from this module: ``OP``,
+:func:`kernel_table`, :func:`jobs`, and :func:`derived_constexprs` / :func:`arg_kind`, which describe
+the kernels' arguments the way the JIT specializes them for ``[B, H, N, D]`` and ``[B, N, H, D]``
+tensors. Importing this module does not import triton.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, List
+
+OP = "segment_attention"
+DTYPES = ("fp16", "bf16", "fp32")
+QUICK_HEAD_DIMS = (64, 128)
+QUICK_DTYPES = ("bf16",)
+
+# Runtime integer arguments that are sizes (not 16-divisible: they take any value).
+_SIZE_ARGS = {"N", "R", "S", "P", "D", "GROUP", "TUNE_N", "KEYS"}
+_FLOAT_ARGS = {"qk_scale", "scale"}
+# float32 buffers and int32 buffers among the pointer arguments; the others have the input dtype.
+_F32_PTRS = {"Lse", "Delta"}
+_I32_PTRS = {"SegLen", "Trace"}
+# Strides equal to 1 for the tensors the launchers pass (last dims; delta is contiguous): the JIT
+# turns an integer argument equal to 1 into a constant, and so does the ahead-of-time compile.
+_UNIT_STRIDES = re.compile(r"^stride_(q|k|v|pk|pv|o|d|dk|dv|dq)d$|^stride_tn$")
+# Strides that need not be 16-divisible (the log-sum-exp rows are H_q apart).
+_ODD_STRIDES = {"stride_ln"}
+
+# Other constexpr variants the launchers produce, each compiled once (first config, D=64, bfloat16, plus
+# float32 with TF32 products). "full" in the report is the heaviest variant of kernel_table.
+_VARIANTS = {
+    "segment_attention_fwd": [
+        dict(MASK=0, PREFIX_ALL=True, HAS_PREFIX=False, HAS_LENGTHS=False, TRACE=True),
+        dict(MASK=2, PREFIX_ALL=True, HAS_PREFIX=True, HAS_LENGTHS=False),
+        dict(MASK=0, PREFIX_ALL=False, HAS_PREFIX=True, HAS_LENGTHS=True),
+    ],
+    "segment_attention_bwd_dkdv": [
+        dict(MASK=0, HAS_LENGTHS=False, TRACE=True),
+        dict(MASK=2, IS_PREFIX=True, PREFIX_ALL=True, TRACE=True),
+        dict(IS_PREFIX=True, PREFIX_ALL=False),
+    ],
+    "segment_attention_bwd_dq": [
+        dict(MASK=0, PREFIX_ALL=True, HAS_PREFIX=False, HAS_LENGTHS=False, TRACE=True),
+        dict(MASK=2, PREFIX_ALL=True, HAS_PREFIX=True, HAS_LENGTHS=False),
+    ],
+}
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def kernel_table() -> Dict[str, tuple]:
+    """name -> (jit function, configs function or None, fixed constexprs of the heaviest variant)."""
+    from . import triton_bwd, triton_fwd
+
+    flags = dict(MASK=1, PREFIX_ALL=False, HAS_LENGTHS=True, UPCAST=False, TRACE=False)
+    return {
+        "segment_attention_fwd": (triton_fwd._segment_attention_fwd_kernel, triton_fwd.fwd_configs,
+                                  dict(flags, HAS_PREFIX=True)),
+        "segment_attention_bwd_preprocess": (triton_bwd._bwd_preprocess_kernel, None, {}),
+        "segment_attention_bwd_dkdv": (triton_bwd._bwd_dkdv_kernel, triton_bwd.dkdv_configs,
+                                       dict(flags, IS_PREFIX=False)),
+        "segment_attention_bwd_dq": (triton_bwd._bwd_dq_kernel, triton_bwd.dq_configs, dict(flags, HAS_PREFIX=True)),
+    }
+
+
+def jobs(arch: int, quick: bool) -> List[dict]:
+    """Every ``(kernel, dtype, head_dim, config, variant)`` the launchers can run on ``arch``; ``quick``:
+    head dims :data:`QUICK_HEAD_DIMS` in :data:`QUICK_DTYPES` only (the variants stay)."""
+    from . import triton_bwd
+    from .triton_launch import HEAD_DIMS
+
+    table = kernel_table()
+    head_dims = QUICK_HEAD_DIMS if quick else HEAD_DIMS
+    dtypes = QUICK_DTYPES if quick else DTYPES
+    rows = []
+    for name, (_, configs_fn, _) in table.items():
+        for dtype in dtypes:
+            for d in head_dims:
+                if configs_fn is None:
+                    configs = [{"BLOCK_M": triton_bwd.PREPROCESS_BLOCK_M, "num_warps": 4, "num_stages": 1}]
+                else:
+                    configs = configs_fn(d, _torch_dtype(dtype), arch)
+                rows.extend(dict(kernel=name, dtype=dtype, head_dim=d, config=dict(c)) for c in configs)
+    for name, variants in _VARIANTS.items():
+        configs_fn = table[name][1]
+        for dtype, extra in (("bf16", {}), ("fp32", {"DOT_PREC": "tf32"})):
+            config = configs_fn(64, _torch_dtype(dtype), arch)[0]
+            chosen = variants[:1] if extra else variants
+            rows.extend(dict(kernel=name, dtype=dtype, head_dim=64, config=dict(config), variant=dict(v, **extra))
+                        for v in chosen)
+    return rows
+
+
+def derived_constexprs(fn, dtype: str, head_dim: int) -> dict:
+    """The constexprs the launchers derive from the inputs (``BLOCK_D``, ``EVEN_D``, ``DOT_PREC``)."""
+    from .triton_launch import _block_d, _dot_precision
+
+    block_d = _block_d(head_dim)
+    consts = dict(BLOCK_D=block_d, EVEN_D=block_d == head_dim)
+    if "DOT_PREC" in fn.arg_names:
+        consts["DOT_PREC"] = _dot_precision(_torch_dtype(dtype))
+    return consts
+
+
+def arg_kind(kernel: str, name: str, dtype: str) -> str:
+    """How the JIT sees argument ``name`` of ``kernel`` run on ``dtype`` inputs (the same for every
+    kernel of this op): ``"one"`` (an integer
+    equal to 1, a constant), ``"i32"``, ``"i32:16"`` (16-divisible), ``"fp32"`` or ``"*<elem>"`` (a
+    16-byte aligned pointer)."""
+    if name in _SIZE_ARGS:
+        return "i32"
+    if name in _FLOAT_ARGS:
+        return "fp32"
+    if name.startswith("stride_"):
+        if _UNIT_STRIDES.match(name):
+            return "one"
+        return "i32" if name in _ODD_STRIDES else "i32:16"
+    return "*" + ("fp32" if name in _F32_PTRS else "i32" if name in _I32_PTRS else dtype)
