@@ -9,13 +9,14 @@ silently broadcast or cast.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
 
-from .layout import MemoryLayout
+from .layout import MemoryLayout, as_int
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ID_DTYPES = (torch.int32, torch.int64)
@@ -59,6 +60,14 @@ def device_check(ok: torch.Tensor, message: str) -> None:
         torch._assert_async(ok, message)
 
 
+def as_lengths(segment_lengths):
+    """``segment_lengths`` as given, or a list/tuple of ints as an int64 CPU tensor (as
+    :meth:`MemoryLayout.dense_mask` takes them)."""
+    if isinstance(segment_lengths, (list, tuple)):
+        return torch.tensor([as_int(x, "segment_lengths[i]") for x in segment_lengths], dtype=torch.int64)
+    return segment_lengths
+
+
 def check_segment_lengths(segment_lengths, batch: int, segment_len: int, device: torch.device) -> None:
     """An integer ``[B]`` tensor on the CPU or ``device`` with values in ``[0, S]`` (the values: on
     the host for CPU tensors, on the device otherwise, see :func:`host_value_checks`)."""
@@ -70,7 +79,8 @@ def check_segment_lengths(segment_lengths, batch: int, segment_len: int, device:
     if tuple(segment_lengths.shape) != (batch,):
         raise ValueError(f"segment_lengths must have shape [B] = [{batch}], got {tuple(segment_lengths.shape)}")
     if segment_lengths.device.type not in ("cpu", device.type):
-        raise ValueError(f"segment_lengths is on {segment_lengths.device}; expected the CPU or {device}")
+        expected = "the CPU" if device.type == "cpu" else f"the CPU or {device}"
+        raise ValueError(f"segment_lengths is on {segment_lengths.device}; expected {expected}")
     if _is_compiling() or not segment_lengths.numel():
         return
     message = f"segment_lengths must lie in [0, S] = [0, {segment_len}]"
@@ -132,7 +142,9 @@ def check_attention_inputs(
         raise ValueError(f"k/v have {nk} positions but q has {n}; both are the packed length N")
     if dk != d:
         raise ValueError(f"k/v head dim {dk} differs from q head dim {d}")
-    if hkv == 0 or hq % hkv != 0:
+    if hkv == 0:
+        raise ValueError("k/v have no head (H_kv = 0); k and v must be [B, H_kv, N, D] with H_kv >= 1")
+    if hq % hkv != 0:
         raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv}) for grouped-query attention")
     if d == 0 or (head_dims is not None and d not in head_dims):
         supported = "any >= 1" if head_dims is None else sorted(head_dims)
@@ -141,7 +153,8 @@ def check_attention_inputs(
     if s < 0:
         raise ValueError(
             f"packed length N={n} is shorter than num_read + num_write = "
-            f"{layout.num_read} + {layout.num_write}"
+            f"{layout.num_read} + {layout.num_write} (q, k and v are [B, H, N, D]: a [B, N, H, D] "
+            f"projection is passed as .transpose(1, 2))"
         )
 
     if (prefix_k is None) != (prefix_v is None):
@@ -171,7 +184,7 @@ def check_attention_inputs(
     if scale is None:
         scale = 1.0 / math.sqrt(d)
     else:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
         scale = float(scale)
         if not math.isfinite(scale):

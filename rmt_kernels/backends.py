@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
@@ -98,8 +99,39 @@ def backend_status(op: str, backend: str, device: torch.device) -> Tuple[bool, s
     return True, "pure PyTorch"
 
 
-def resolve_backend(op: str, backend: str, device: torch.device) -> str:
-    """Turn ``backend`` (possibly "auto") into a concrete backend that can run, or raise."""
+def unsupported(impl: BackendImpl, dtype: Optional[torch.dtype], head_dim: Optional[int]) -> Optional[str]:
+    """Why ``impl`` cannot take a call of this dtype and head dim (None: it can)."""
+    if dtype is not None and dtype not in impl.dtypes:
+        return f"dtype {dtype}"
+    if head_dim is not None and impl.head_dims is not None and head_dim not in impl.head_dims:
+        return f"head dim {head_dim} (supported: {list(impl.head_dims)})"
+    return None
+
+
+_WARNED = set()
+
+
+def _warn_fallback(op: str, skipped: str, reason: str, chosen: str) -> None:
+    key = (op, skipped, reason, chosen)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(
+            f"rmt_kernels: the {skipped} backend of {op} does not support {reason}; backend='auto' runs "
+            f"it on the {chosen} backend instead (slower). Warned once.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def resolve_backend(
+    op: str, backend: str, device: torch.device, dtype: Optional[torch.dtype] = None,
+    head_dim: Optional[int] = None,
+) -> str:
+    """Turn ``backend`` (possibly "auto") into a concrete backend that can run, or raise.
+
+    ``"auto"`` takes the fastest backend that runs on ``device`` and supports ``dtype`` and
+    ``head_dim`` (when given); passing over a faster one that runs here but not with these warns once.
+    An explicit backend (argument or ``RMT_KERNELS_BACKEND``) is never replaced."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     ops = _REGISTRY.get(op, {})
@@ -114,9 +146,18 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
                 backend = env
     if backend == "auto":
         order = ("triton", "cuda", "torch") if device.type == "cuda" else ("torch",)
+        passed_over = None
         for name in order:
-            if backend_status(op, name, device)[0]:
+            if not backend_status(op, name, device)[0]:
+                continue
+            reason = unsupported(ops[name], dtype, head_dim)
+            if reason is None:
+                if passed_over is not None:
+                    _warn_fallback(op, *passed_over, name)
                 return name
+            passed_over = passed_over or (name, reason)
+        if passed_over is not None:
+            return passed_over[0]  # nothing supports the call: the fastest one raises a clear error
         raise BackendUnavailableError(f"no backend of {op} can run on {device}")
     ok, reason = backend_status(op, backend, device)
     if not ok:

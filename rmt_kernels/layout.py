@@ -35,6 +35,7 @@ the X rows only; ``"all"``: every row). Kernels evaluate exactly this expression
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -86,12 +87,22 @@ class AttentionBlock(NamedTuple):
     offset: int = 0
 
 
-def _check_nonneg_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+def as_int(value, name: str, minimum: Optional[int] = None) -> int:
+    """``value`` as a Python int: ints, numpy integers and 0-d integer tensors (anything with
+    ``__index__``) are accepted, bools and floats are not (TypeError); below ``minimum``: ValueError."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def _check_nonneg_int(value, name: str) -> int:
+    return as_int(value, name, 0)
 
 
 @dataclass(frozen=True)
@@ -123,8 +134,9 @@ class MemoryLayout:
     prefix_visible_to: str = "segment"
 
     def __post_init__(self):
-        _check_nonneg_int(self.num_read, "num_read")
-        _check_nonneg_int(self.num_write, "num_write")
+        # Plain ints whatever integral type came in (numpy, 0-d tensors), so layouts hash and compare.
+        object.__setattr__(self, "num_read", _check_nonneg_int(self.num_read, "num_read"))
+        object.__setattr__(self, "num_write", _check_nonneg_int(self.num_write, "num_write"))
         if self.mask not in MASK_FAMILIES:
             raise ValueError(f"mask must be one of {MASK_FAMILIES}, got {self.mask!r}")
         if self.prefix_visible_to not in PREFIX_VISIBILITY:
@@ -327,7 +339,7 @@ class MemoryLayout:
         rows are merged, so a stock attention kernel runs as few calls as the mask allows; rows
         covered by several blocks are combined by log-sum-exp.
         """
-        r, s, w = self.num_read, segment_len, self.num_write
+        r, s = self.num_read, segment_len
         n = self.seq_len(segment_len)
         _check_nonneg_int(prefix_len, "prefix_len")
         length = s if segment_length is None else _check_nonneg_int(segment_length, "segment_length")

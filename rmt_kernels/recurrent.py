@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from .layout import MemoryLayout
+from .layout import MemoryLayout, as_int
 from . import _checks
 from .ops.pack_segment.interface import pack_validated
 from .ops.pack_segment.interface import resolve_backend as resolve_pack_backend
@@ -292,14 +292,11 @@ class SegmentDriver:
                 f"layout.num_read must be 0 or num_write ({layout.num_write}): the memory of M = num_write "
                 f"rows is what the R block reads; got num_read={layout.num_read}"
             )
-        if isinstance(segment_size, bool) or not isinstance(segment_size, int) or segment_size < 1:
-            raise ValueError(f"segment_size must be an int >= 1, got {segment_size!r}")
+        segment_size = as_int(segment_size, "segment_size", 1)
         if segment_alignment not in ALIGNMENTS:
             raise ValueError(f"segment_alignment must be one of {ALIGNMENTS}, got {segment_alignment!r}")
-        if k2 is not None and (isinstance(k2, bool) or not isinstance(k2, int)):
-            raise TypeError(f"k2 must be an int or None, got {type(k2).__name__}")
-        if max_n_segments is not None and (isinstance(max_n_segments, bool) or not isinstance(max_n_segments, int)):
-            raise TypeError(f"max_n_segments must be an int or None, got {type(max_n_segments).__name__}")
+        k2 = None if k2 is None else as_int(k2, "k2")
+        max_n_segments = None if max_n_segments is None else as_int(max_n_segments, "max_n_segments")
         if k2 not in (-1, None) and max_n_segments is None:
             raise ValueError(f"k2={k2} needs max_n_segments (the truncation rule is i + k2 <= max_n_segments)")
         self.layout = layout

@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_attention_inputs
+from ._checks import as_lengths, check_attention_inputs
 from .layout import MemoryLayout
 
 REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -61,6 +61,7 @@ def segment_attention_ref(
         >>> segment_attention_ref(q, k, v, MemoryLayout(2, 2)).shape
         torch.Size([1, 2, 8, 16])
     """
+    segment_lengths = as_lengths(segment_lengths)
     shape = check_attention_inputs(
         q, k, v, layout, segment_lengths, prefix_k, prefix_v, scale, dtypes=REFERENCE_DTYPES
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 
 import pytest
 import torch
@@ -107,7 +108,8 @@ BAD_INPUTS = [
                  id="segment_lengths-float"),
     pytest.param(dict(segment_lengths=torch.tensor([True, False])), TypeError, r"segment_lengths.*integer",
                  id="segment_lengths-bool"),
-    pytest.param(dict(segment_lengths=[S, 1]), TypeError, r"segment_lengths.*Tensor", id="segment_lengths-list"),
+    pytest.param(dict(segment_lengths=[S, 1.5]), TypeError, r"segment_lengths\[i\] must be an int, got float",
+                 id="segment_lengths-list-of-floats"),
     # prefix
     pytest.param(dict(prefix_v=None), ValueError, r"prefix_k and prefix_v.*together", id="only-prefix_k"),
     pytest.param(dict(prefix_k=None), ValueError, r"prefix_k and prefix_v.*together", id="only-prefix_v"),
@@ -240,3 +242,86 @@ def test_triton_status_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     ok, reason = backends.triton_status(torch.device("cpu"))
     assert not ok and ("TRITON_INTERPRET=1" in reason or "not installed" in reason)
+
+
+# --------------------------------------------------------------------------- integral and real arguments
+
+
+def test_layout_takes_numpy_and_tensor_integers():
+    np = pytest.importorskip("numpy")
+    layout = MemoryLayout(np.int64(2), torch.tensor(3), "causal")
+    assert layout == MemoryLayout(2, 3, "causal") and hash(layout) == hash(MemoryLayout(2, 3, "causal"))
+    assert type(layout.num_read) is int and type(layout.num_write) is int
+    with pytest.raises(TypeError, match="num_read must be an int, got float"):
+        MemoryLayout(2.0, 2)
+    with pytest.raises(TypeError, match="num_write must be an int, got bool"):
+        MemoryLayout(2, True)
+
+
+def test_driver_sizes_are_integers():
+    from rmt_kernels import SegmentDriver
+
+    np = pytest.importorskip("numpy")
+    with pytest.raises(TypeError, match="segment_size must be an int, got float"):
+        SegmentDriver(MemoryLayout(2, 2), 4.0)
+    driver = SegmentDriver(MemoryLayout(2, 2), np.int64(4), k2=np.int32(1), max_n_segments=np.int64(3))
+    assert (driver.segment_size, driver.k2, driver.max_n_segments) == (4, 1, 3)
+
+
+def test_segment_lengths_as_a_list():
+    q, k, v = (torch.randn(2, 2, 12, 16) for _ in range(3))
+    layout = MemoryLayout(2, 2)
+    want = segment_attention(q, k, v, layout, segment_lengths=torch.tensor([8, 3]))
+    assert torch.equal(segment_attention(q, k, v, layout, segment_lengths=[8, 3]), want)
+    assert torch.equal(segment_attention_ref(q, k, v, layout, segment_lengths=[8, 3]),
+                       segment_attention_ref(q, k, v, layout, segment_lengths=torch.tensor([8, 3])))
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.5])
+def test_non_positive_scale_is_exact_on_the_torch_backend(scale):
+    q, k, v = (torch.randn(2, 2, 12, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    for layout in (MemoryLayout(0, 0, "causal"), MemoryLayout(2, 2)):
+        out = segment_attention(q, k, v, layout, scale=scale, backend="torch")
+        ref = segment_attention_ref(q, k, v, layout, scale=scale)
+        assert torch.isfinite(out).all()
+        assert torch.allclose(out, ref, atol=1e-12, rtol=0)
+        g = torch.autograd.grad(out.sum(), (q, k, v))
+        g_ref = torch.autograd.grad(ref.sum(), (q, k, v))
+        for a, b in zip(g, g_ref):
+            assert torch.allclose(a, b, atol=1e-12, rtol=0)
+
+
+def test_messages_name_the_real_problem():
+    q = torch.randn(1, 2, 12, 16)
+    with pytest.raises(ValueError, match=r"H_kv >= 1"):
+        segment_attention(q, q[:, :0], q[:, :0], MemoryLayout(2, 2))
+    with pytest.raises(ValueError, match=r"expected the CPU$"):
+        segment_attention(q, q, q, MemoryLayout(2, 2), segment_lengths=torch.tensor([3], device="meta"))
+    bnhd = torch.randn(1, 6, 2, 16)  # [B, N, H, D] passed without the transpose
+    with pytest.raises(ValueError, match=r"\.transpose\(1, 2\)"):
+        segment_attention(bnhd, bnhd, bnhd, MemoryLayout(4, 4))
+
+
+def test_auto_passes_over_a_backend_that_cannot_take_the_call(monkeypatch):
+    ran = []
+
+    def fake(name, head_dims):
+        def fwd(*args):
+            ran.append(name)
+
+        return backends.BackendImpl(fwd=fwd, bwd=fwd, dtypes=(torch.float32,), head_dims=head_dims,
+                                    devices=("cuda",), status=lambda device: (True, "fake"))
+
+    op = "fake_op_for_auto"
+    monkeypatch.setitem(backends._REGISTRY, op, {"triton": fake("triton", (64,)), "torch": fake("torch", None)})
+    monkeypatch.setattr(backends, "_WARNED", set())
+    monkeypatch.delenv(backends.ENV_BACKEND, raising=False)
+    cuda = torch.device("cuda")
+    assert backends.resolve_backend(op, "auto", cuda, torch.float32, 64) == "triton"
+    with pytest.warns(RuntimeWarning, match="triton backend of fake_op_for_auto does not support head dim 80"):
+        assert backends.resolve_backend(op, "auto", cuda, torch.float32, 80) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.resolve_backend(op, "auto", cuda, torch.float32, 80) == "torch"  # warned once
+    # An explicit choice is never replaced: the backend itself then raises its clear error.
+    assert backends.resolve_backend(op, "triton", cuda, torch.float32, 80) == "triton"

@@ -454,7 +454,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, from
     """The concrete backend of :func:`pack_segment` (``from_ids``: :func:`pack_segment_from_ids`) for
     ``dtype`` tensors on ``device``, to pass to :func:`pack_validated`. Raises as the public functions."""
     op = OP_IDS if from_ids else OP
-    name = backends.resolve_backend(op, backend, device)
+    name = backends.resolve_backend(op, backend, device, dtype)
     table = BACKEND_TABLE_IDS if from_ids else BACKEND_TABLE
     _checks.check_backend_dtype(op, name, dtype, table[name].dtypes)
     return name

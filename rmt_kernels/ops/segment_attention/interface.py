@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ... import _extension, backends
-from ..._checks import _is_compiling, check_attention_inputs
+from ..._checks import _is_compiling, as_lengths, check_attention_inputs
 from ...layout import MemoryLayout
 from .._alloc import alloc_outputs, as_bnh, as_bnhd, empty_bnhd
 from . import cuda, torch_impl, triton_launch
@@ -171,13 +171,15 @@ def segment_attention(
             strides (a ``[B, N, H, D]`` tensor viewed with ``.transpose(1, 2)`` works without a copy).
         k, v: ``[B, H_kv, N, D]``, same dtype and device; ``H_q`` a multiple of ``H_kv`` (GQA).
         layout: :class:`MemoryLayout`: R, W, mask family, prefix visibility. ``N >= R + W``.
-        segment_lengths: integer ``[B]`` with values in ``[0, S]`` (``S = N - R - W``): the valid
+        segment_lengths: integer ``[B]`` tensor (on the CPU or q's device) or a list of ints, with
+            values in ``[0, S]`` (``S = N - R - W``): the valid
             segment tokens of each batch row (right padding). Default: all S valid.
         prefix_k, prefix_v: ``[B, H_kv, P, D]`` keys/values seen before the packed ones (an XL cache,
             a learned null key), read from their own tensors; both or neither. May require grad.
-        scale: softmax scale, default ``1 / sqrt(D)``.
-        backend: ``"auto"`` (default: ``RMT_KERNELS_BACKEND`` if set, else the fastest available),
-            ``"torch"``, ``"triton"`` or ``"cuda"``.
+        scale: softmax scale, a finite real number, default ``1 / sqrt(D)``.
+        backend: ``"auto"`` (default: ``RMT_KERNELS_BACKEND`` if set, else the fastest backend that
+            runs on q's device and supports its dtype and head dim; passing over a faster one warns
+            once), ``"torch"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
         ``[B, H_q, N, D]`` in q's dtype. Softmax and accumulation run in float32. A row that sees no
@@ -198,7 +200,8 @@ def segment_attention(
     """
     if not isinstance(q, Tensor):
         raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
-    name = backends.resolve_backend(OP, backend, q.device)
+    segment_lengths = as_lengths(segment_lengths)
+    name = backends.resolve_backend(OP, backend, q.device, q.dtype, q.shape[-1] if q.dim() == 4 else None)
     impl = BACKEND_TABLE[name]
     shape = check_attention_inputs(
         q, k, v, layout, segment_lengths, prefix_k, prefix_v, scale,

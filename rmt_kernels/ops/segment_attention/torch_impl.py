@@ -77,14 +77,20 @@ def _unit_last_stride(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
+def _stock(q, scale: float) -> bool:
+    """Whether the stock CPU kernel computes this call exactly: CPU tensors and a positive scale (it
+    returns NaN rows for a scale <= 0; the math path does not)."""
+    return q.device.type == "cpu" and scale > 0
+
+
 def _block_fwd(q, k, v, causal: bool, scale: float):
-    if q.device.type == "cpu":
+    if _stock(q, scale):
         return _cpu_fwd(q, k, v, 0.0, causal, scale=scale)
     return _math_block_fwd(q, k, v, causal, scale)
 
 
 def _block_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
-    if q.device.type == "cpu":
+    if _stock(q, scale):
         return _cpu_bwd(do, q, k, v, o, lse, 0.0, causal, scale=scale)
     return _math_block_bwd(do, q, k, v, o, lse, causal, scale)
 
@@ -248,7 +254,7 @@ def segment_attention_fwd_torch(
     if prefix_k is not None:
         prefix_k, prefix_v = _unit_last_stride(prefix_k), _unit_last_stride(prefix_v)
     plan = _plan_of(q, prefix_k, segment_lengths, layout)
-    if plan.masked:
+    if plan.masked and scale > 0:
         bias = _additive_mask(layout, layout.segment_len(q.shape[2]), plan.lengths, q.dtype, q.device)
         return _cpu_fwd(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
     if plan.whole is not None:
@@ -290,7 +296,7 @@ def segment_attention_bwd_torch(
     there is no prefix or ``need_prefix_grad`` is False."""
     dout, q, k, v, prefix_k, prefix_v = map(_unit_last_stride, (dout, q, k, v, prefix_k, prefix_v))
     plan = _plan_of(q, prefix_k, segment_lengths, layout)
-    if plan.masked:
+    if plan.masked and scale > 0:
         bias = _additive_mask(layout, layout.segment_len(q.shape[2]), plan.lengths, q.dtype, q.device)
         return (*_cpu_bwd(dout, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale), None, None)
     if plan.whole is not None:
