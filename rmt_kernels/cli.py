@@ -23,6 +23,7 @@ COMMANDS = {
     "aot": ("rmt_kernels.tools.aot_triton", "configure", "run",
             "compile every kernel for a GPU target without a GPU and report resources"),
     "build": ("rmt_kernels.tools.build", "configure", "run", "build the CUDA extension rmt_kernels._C just in time"),
+    "validate": ("rmt_kernels.tools.validate", "configure", "run", "time-boxed GPU tests and benchmarks in one run"),
 }
 
 DESCRIPTION = "Kernels for Recurrent Memory Transformers: inspect, check, benchmark and build them."
