@@ -84,10 +84,13 @@ setup(
             "pytest-benchmark",
             "hypothesis",
             "transformers>=5.3,<6",
-            "recurrent-memory-transformer-pytorch",
+            "recurrent-memory-transformer-pytorch>=0.7,<0.8",
+            "peft",  # the integration tests wrap backbones with LoRA
             "matplotlib",  # tests/test_bench.py writes the benchmark plot
         ],
         "hf": ["transformers>=5.3,<6"],
+        # the releases rmt_kernels.integrations.lucidrains patches
+        "lucidrains": ["recurrent-memory-transformer-pytorch>=0.7,<0.8"],
         "bench": ["matplotlib", "tqdm", "transformers>=5.3,<6"],
     },
     entry_points={"console_scripts": ["rmt-kernels=rmt_kernels.cli:main"]},

@@ -10,6 +10,7 @@ import copy
 import subprocess
 import sys
 import uuid
+import warnings
 
 import pytest
 import torch
@@ -175,6 +176,7 @@ def _compare_layout(build, layout, lengths, via: str, hole: bool, monkeypatch):
     if via == "kwarg":
         out, out_g = _run(model, "rmt_kernels", upstream, input_ids=ids, attention_mask=mask2d, rmt_layout=layout)
     else:
+        model.set_attn_implementation("rmt_kernels")
         hf.set_memory_layout(model, layout)
         out, out_g = _run(model, "rmt_kernels", upstream, input_ids=ids, attention_mask=mask2d)
     assert counter.calls == (0 if hole else 2)
@@ -282,7 +284,8 @@ def test_greedy_generation_left_padded(build):
 def test_registered_before_build_from_pretrained_and_config_layout_saved(tmp_path):
     model = _gpt2().eval()
     layout = MemoryLayout(2, 2, mask="memory_bidirectional")
-    hf.set_memory_layout(model, layout)
+    with pytest.warns(UserWarning, match="'sdpa', which ignores it"):
+        hf.set_memory_layout(model, layout)
     model.save_pretrained(tmp_path)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="rmt_kernels")
     assert loaded.config._attn_implementation == "rmt_kernels"
@@ -360,3 +363,108 @@ def test_importing_the_package_does_not_import_transformers():
         "assert 'recurrent_memory_transformer_pytorch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------- issue #14
+
+
+def _autocast_run(model, attn: str, ids, mask, layout=None):
+    """bf16 autocast forward (as accelerate's bf16 runs it), backward outside the region."""
+    model.set_attn_implementation(attn)
+    model.zero_grad(set_to_none=True)
+    kw = {} if layout is None else {"rmt_layout": layout}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=ids, attention_mask=mask, **kw).logits
+    logits.float().square().mean().backward()
+    grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach().float(), grads
+
+
+@pytest.mark.parametrize(
+    "build",
+    [pytest.param(_llama, id="llama_gqa"), pytest.param(_neox, id="gpt_neox"), pytest.param(_gpt2, id="gpt2")],
+)
+@pytest.mark.parametrize("padding", [pytest.param("none", id="no_padding"), pytest.param("right", id="right")])
+def test_bf16_autocast_matches_sdpa(build, padding, monkeypatch):
+    # Rotary models hand float32 queries/keys and a bfloat16 value to the attention under autocast;
+    # SDPA casts all three to bfloat16 and so must "rmt_kernels".
+    model = build().eval()
+    model64 = copy.deepcopy(model).double()
+    ids = torch.randint(0, VOCAB, (3, SEQ))
+    mask, _ = _mask(padding)
+    model64.set_attn_implementation("sdpa")
+    ref = model64(input_ids=ids, attention_mask=mask).logits
+    ref.square().mean().backward()
+    ref_g = {n: p.grad for n, p in model64.named_parameters() if p.grad is not None}
+    base, base_g = _autocast_run(model, "sdpa", ids, mask)
+    counter = _Counter(monkeypatch)
+    out, out_g = _autocast_run(model, "rmt_kernels", ids, mask)
+    assert counter.calls == 2
+    assert_close(out, ref.detach(), base, name="logits")
+    assert set(out_g) == set(ref_g)
+    for name in ref_g:
+        assert_close(out_g[name], ref_g[name], base_g[name], name=f"grad {name}")
+
+
+def test_bf16_autocast_with_layout(monkeypatch):
+    layout = MemoryLayout(2, 2, mask="memory_bidirectional")
+    ids, mask2d, dense = _layout_inputs(layout, [12, 7, 3])
+    model = _llama().eval()
+    base, _ = _autocast_run(model, "sdpa", ids, dense)
+    counter = _Counter(monkeypatch)
+    out, _ = _autocast_run(model, "rmt_kernels", ids, mask2d, layout)
+    assert counter.calls == 2
+    model.set_attn_implementation("sdpa")
+    ref = copy.deepcopy(model).double()(input_ids=ids, attention_mask=dense).logits
+    assert_close(out, ref.detach(), base, name="logits")
+
+
+def test_mixed_dtypes_outside_autocast_still_refused():
+    module = torch.nn.Module()
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.raises(TypeError, match="dtype"):
+        hf.rmt_kernels_attention(module, q, q, q.bfloat16(), None)
+
+
+def test_layout_on_other_attention_warns():
+    model = _gpt2().eval()
+    layout = MemoryLayout(2, 2)
+    with pytest.warns(UserWarning, match=r"'sdpa', which ignores it.*set_attn_implementation\('rmt_kernels'\)"):
+        hf.set_memory_layout(model, layout)
+    model.set_attn_implementation("rmt_kernels")
+    unset = transformers.GPT2Config()  # no implementation chosen yet
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hf.set_memory_layout(model, layout)
+        hf.set_memory_layout(model, None)
+        hf.set_memory_layout(unset, layout)
+    assert not [w for w in caught if "memory layout" in str(w.message)]
+    eager = transformers.GPT2Config(attn_implementation="eager")
+    with pytest.warns(UserWarning, match="'eager'"):
+        hf.set_memory_layout(eager, layout)
+
+
+def test_generate_with_a_stored_layout_says_what_to_do(tmp_path):
+    model = _gpt2().eval()
+    model.set_attn_implementation("rmt_kernels")
+    hf.set_memory_layout(model, MemoryLayout(2, 2, mask="memory_bidirectional"))
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="rmt_kernels").eval()
+    ids = torch.randint(1, VOCAB, (1, 8))
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with pytest.raises(ValueError, match=r"stored on the config.*hf\.set_memory_layout\(model, None\)"):
+        loaded.generate(ids, **kw)
+    hf.set_memory_layout(loaded, None)
+    out = loaded.generate(ids, **kw)
+    model.set_attn_implementation("sdpa")
+    hf.set_memory_layout(model, None)
+    assert torch.equal(out, model.generate(ids, **kw))
+    with pytest.raises(ValueError, match="drop rmt_layout= from this call"):
+        loaded(input_ids=ids, attention_mask=torch.ones(1, 1, 8, 8, dtype=torch.bool), rmt_layout=MemoryLayout(1, 1))
+
+
+def test_import_without_transformers_names_the_extra():
+    code = "import sys; sys.modules['transformers'] = None; import rmt_kernels.integrations.hf"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode != 0
+    assert "ImportError" in res.stderr and 'pip install "rmt_kernels[hf]"' in res.stderr

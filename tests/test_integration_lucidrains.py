@@ -9,6 +9,8 @@ segment and right padding including a fully padded segment row.
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -174,3 +176,69 @@ def test_refuses_what_it_cannot_patch():
         lucidrains.apply_rmt_kernels(_model(memory_not_causal=False))
     with pytest.raises(TypeError, match="backend"):
         lucidrains.apply_rmt_kernels(_model(), backend=None)
+
+
+# --------------------------------------------------------------------------- issue #14
+
+
+@pytest.mark.parametrize("version", ["0.5.6", "0.6.0", "0.4.3"])
+def test_refuses_older_releases(version, monkeypatch):
+    monkeypatch.setattr(lucidrains, "installed_version", lambda: version)
+    with pytest.raises(RuntimeError, match=rf"{version} is installed.*>=0\.7,<0\.8.*rmt_kernels\[lucidrains\]"):
+        lucidrains.apply_rmt_kernels(_model())
+
+
+def test_refuses_a_model_without_what_the_patch_reads(monkeypatch):
+    # A stand-in for 0.5.6 / 0.6.0 whatever version metadata says: their Attention has no value
+    # residual (the first patched forward failed with AttributeError there).
+    monkeypatch.setattr(lucidrains, "installed_version", lambda: None)
+    model = _model()
+    for module in model.modules():
+        if isinstance(module, lucidrains.Attention):
+            del module.learned_value_residual_mix
+    with pytest.raises(RuntimeError, match=r"Attention\.learned_value_residual_mix.*>=0\.7,<0\.8"):
+        lucidrains.apply_rmt_kernels(model)
+    assert "forward" not in vars(model)  # nothing was patched
+
+
+def test_newer_release_warns_once(monkeypatch):
+    monkeypatch.setattr(lucidrains, "installed_version", lambda: "0.9.1")
+    monkeypatch.setattr(lucidrains, "_newer_warned", False)
+    with pytest.warns(UserWarning, match="0.9.1 is newer"):
+        lucidrains.apply_rmt_kernels(_model())
+    lucidrains.apply_rmt_kernels(_model())
+    assert lucidrains._newer_warned
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [pytest.param({}, id="default"), pytest.param({"rotary_pos_emb": True, "abs_pos_emb": False}, id="rotary")],
+)
+def test_bf16_autocast_matches_unpatched(overrides, monkeypatch):
+    # Under autocast the learned null key stays float32 and rotary queries/keys come out float32
+    # while the values are bfloat16: cast as SDPA casts, like the original's attention runs.
+    model = _model(**overrides)
+    model64 = copy.deepcopy(model).double()
+    patched = lucidrains.apply_rmt_kernels(copy.deepcopy(model))
+    tokens = torch.randint(0, VOCAB, (BATCH, SEG))
+    mask = torch.arange(SEG)[None, :] < torch.tensor([SEG, 5, 2])[:, None]
+    ref = model64(tokens, mask=mask)[0]
+    outs = []
+    counter = _Counter(monkeypatch)
+    for m in (model, patched):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = m(tokens, mask=mask)[0]
+        logits.float().sum().backward()
+        outs.append(logits.detach().float())
+    assert counter.calls == 2
+    assert_close(outs[1], ref.detach(), outs[0], name="logits")
+
+
+def test_import_without_the_package_names_the_extra():
+    code = (
+        "import sys; sys.modules['recurrent_memory_transformer_pytorch'] = None; "
+        "import rmt_kernels.integrations.lucidrains"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode != 0
+    assert "ImportError" in res.stderr and 'pip install "rmt_kernels[lucidrains]"' in res.stderr

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import copy
 import math
+import subprocess
+import sys
+import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -141,7 +145,7 @@ def _neox():
 def _pair(build, **wrapper_kw):
     """(oracle float64, oracle float32, drop-in float32), the drop-in loaded from the oracle's state."""
     oracle = OracleWrapper(OracleCell(build().eval(), M), **wrapper_kw)
-    ours = rmt.RecurrentWrapper(rmt.MemoryCell(copy.deepcopy(oracle.memory_cell.model), M), **wrapper_kw)
+    ours = rmt.RecurrentWrapper(rmt.MemoryCell(copy.deepcopy(oracle.memory_cell.model), M, "rmt_kernels"), **wrapper_kw)
     assert list(ours.state_dict()) == list(oracle.state_dict())
     ours.load_state_dict(oracle.state_dict(), strict=True)
     return copy.deepcopy(oracle).double(), oracle, ours
@@ -314,7 +318,7 @@ def test_gradient_checkpointing():
 
 def test_memory_cell_single_segment():
     oracle = OracleCell(_gpt2().eval(), M)
-    cell = rmt.MemoryCell(copy.deepcopy(oracle.model), M)
+    cell = rmt.MemoryCell(copy.deepcopy(oracle.model), M, "rmt_kernels")
     cell.load_state_dict(oracle.state_dict(), strict=True)
     assert cell.model.config._attn_implementation == "rmt_kernels"
     ids = torch.randint(1, VOCAB, (2, 9))
@@ -330,8 +334,10 @@ def test_memory_cell_single_segment():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="num_mem_tokens"):
         rmt.MemoryCell(_gpt2(), 0)
+    with pytest.raises(ValueError, match="num_mem_tokens"):
+        rmt.MemoryCell(_gpt2(), 2.5)
     with pytest.raises(TypeError, match="num_mem_tokens"):
-        rmt.MemoryCell(_gpt2(), 2.0)
+        rmt.MemoryCell(_gpt2(), "2")
     cell = rmt.MemoryCell(_gpt2(), 2)
     with pytest.raises(ValueError, match="segment_size"):
         rmt.RecurrentWrapper(cell, max_n_segments=2)
@@ -341,3 +347,128 @@ def test_bad_arguments():
         rmt.RecurrentWrapper(cell, segment_size=4, segment_alignment="middle")
     with pytest.raises(TypeError, match="memory_cell"):
         rmt.RecurrentWrapper(torch.nn.Linear(2, 2), segment_size=4)
+
+
+# --------------------------------------------------------------------------- issue #14
+
+
+def _peft(build, vocab=VOCAB):
+    """``build``'s model wrapped by PEFT LoRA (random LoRA weights, so the adapters change the output)."""
+    peft = pytest.importorskip("peft")
+    model = build(vocab).eval()
+    targets = {
+        "gpt2": (["c_attn"], True),
+        "gpt_neox": (["query_key_value"], False),
+        "llama": (["q_proj", "v_proj"], False),
+    }
+    modules, fan_in_fan_out = targets[model.config.model_type]
+    config = peft.LoraConfig(task_type=peft.TaskType.CAUSAL_LM, r=4, target_modules=modules,
+                             fan_in_fan_out=fan_in_fan_out, lora_dropout=0.0, init_lora_weights=False)
+    return peft.get_peft_model(model, config)
+
+
+def _sized(build):
+    def sized(vocab):
+        model = build()
+        model.resize_token_embeddings(vocab)
+        return model
+    return sized
+
+
+@pytest.mark.parametrize(
+    "build, vocab",
+    [
+        pytest.param(_gpt2, VOCAB, id="gpt2"),
+        pytest.param(_gpt2, 64, id="gpt2_vocab_equals_hidden"),  # logits as memory would fit the shape
+        pytest.param(_neox, VOCAB, id="gpt_neox"),
+        pytest.param(_llama, VOCAB, id="llama_gqa"),
+    ],
+)
+def test_peft_lora_backbone_matches_official(build, vocab):
+    oracle = OracleWrapper(OracleCell(_peft(_sized(build), vocab), M), segment_size=8)
+    ours = rmt.RecurrentWrapper(rmt.MemoryCell(copy.deepcopy(oracle.memory_cell.model), M, "rmt_kernels"),
+                                segment_size=8)
+    assert list(ours.state_dict()) == list(oracle.state_dict())
+    ours.load_state_dict(oracle.state_dict(), strict=True)
+    ref_w = copy.deepcopy(oracle).double()
+    ids, mask, _ = _inputs("right", None)
+    ids = ids % vocab
+
+    def run(w, is_ours):
+        w.zero_grad(set_to_none=True)
+        if is_ours:
+            out = w(input_ids=ids, labels=ids, attention_mask=mask)
+            loss, logits = out.loss, out.logits
+        else:
+            loss, logits, _ = w(ids, labels=ids, attention_mask=mask)
+        loss.backward()
+        return loss.detach(), logits.detach(), _grads(w)
+
+    ref, base, out = run(ref_w, False), run(oracle, False), run(ours, True)
+    assert_close(out[0], ref[0], base[0], name="loss")
+    assert_close(out[1], ref[1], base[1], name="logits")
+    assert any("lora_" in name for name in out[2]) and "memory_cell.memory" in out[2]
+    for name in ref[2]:
+        assert_close(out[2][name], ref[2][name], base[2][name], name=f"grad {name}")
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(ours.generate(ids[:, :19], **kw), oracle.generate(ids[:, :19], **kw))
+
+
+def test_integer_hyper_parameters_accept_numpy_torch_and_integral_floats():
+    _, _, plain = _pair(_gpt2, segment_size=8, max_n_segments=3, k2=1)
+    cell = plain.memory_cell
+    total = 22
+    # What run_finetuning_babilong_rmt.py passes: max_n_segments = np.ceil(T / S), a numpy float64.
+    odd = rmt.RecurrentWrapper(cell, segment_size=np.int64(8), max_n_segments=np.ceil(total / 8), k2=torch.tensor(1))
+    assert odd.rmt_config["max_n_segments"] == 3 and type(odd.rmt_config["max_n_segments"]) is int
+    assert (odd.driver.segment_size, odd.driver.max_n_segments, odd.driver.k2) == (8, 3, 1)
+    assert rmt.MemoryCell(_gpt2(), np.int32(2), "rmt_kernels").num_mem_tokens == 2
+    assert rmt.MemoryCell(_gpt2(), torch.tensor(2.0), "rmt_kernels").num_mem_tokens == 2
+    ids = torch.randint(1, VOCAB, (2, total))
+    with torch.no_grad():
+        assert torch.equal(odd(input_ids=ids, labels=ids).logits, plain(input_ids=ids, labels=ids).logits)
+    with pytest.raises(ValueError, match="max_n_segments.*non-integral"):
+        rmt.RecurrentWrapper(cell, segment_size=8, max_n_segments=2.5)
+    with pytest.raises(ValueError, match="segment_size.*non-integral"):
+        rmt.RecurrentWrapper(cell, segment_size=np.float32(7.5))
+    with pytest.raises(ValueError, match="k2"):
+        rmt.RecurrentWrapper(cell, segment_size=8, max_n_segments=3, k2=float("nan"))
+    for bad in (True, "8", torch.tensor([8])):
+        with pytest.raises(TypeError, match="segment_size"):
+            rmt.RecurrentWrapper(cell, segment_size=bad)
+
+
+def test_integer_labels_mask_is_refused():
+    _, _, ours = _pair(_gpt2, segment_size=8)
+    ids = torch.randint(1, VOCAB, (2, 22))
+    keep = torch.rand(2, 22) < 0.5
+    with torch.no_grad():
+        ours(input_ids=ids, labels=ids, labels_mask=keep)
+        for bad in (keep.long(), keep.float(), keep.tolist()):
+            with pytest.raises(TypeError, match=r"labels_mask must be a bool tensor.*\.bool\(\)"):
+                ours(input_ids=ids, labels=ids, labels_mask=bad)
+
+
+def test_memory_cell_says_it_switches_the_attention(monkeypatch):
+    monkeypatch.setattr(rmt, "_switch_warned", False)
+    model = _gpt2()
+    with pytest.warns(UserWarning, match="switched the attention.*'sdpa' to 'rmt_kernels' in place"):
+        rmt.MemoryCell(model, M)
+    assert model.config._attn_implementation == "rmt_kernels"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rmt.MemoryCell(_gpt2(), M)  # once per process
+        monkeypatch.setattr(rmt, "_switch_warned", False)
+        rmt.MemoryCell(_gpt2(), M, attn_implementation="rmt_kernels")  # asked for explicitly: no warning
+        kept = _gpt2()
+        rmt.MemoryCell(kept, M, attn_implementation=None)
+    assert kept.config._attn_implementation == "sdpa"
+    assert not [w for w in caught if "MemoryCell switched" in str(w.message)]
+
+
+def test_import_without_transformers_names_the_extra():
+    code = "import sys; sys.modules['transformers'] = None; import rmt_kernels.integrations.rmt"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode != 0
+    assert "ImportError" in res.stderr and 'pip install "rmt_kernels[hf]"' in res.stderr

@@ -9,7 +9,9 @@ Each submodule is imported explicitly by the user, and only it imports its third
 - :mod:`rmt_kernels.integrations.lucidrains` -- ``apply_rmt_kernels(model)`` patches a
   ``recurrent_memory_transformer_pytorch.RecurrentMemoryTransformer`` in place.
 
-Importing this package imports none of them.
+Importing this package imports none of them. Their packages come with the extras
+``rmt_kernels[hf]`` (``hf``, ``rmt``) and ``rmt_kernels[lucidrains]``; importing a submodule without
+its package raises an ``ImportError`` that names the extra.
 """
 
 __all__ = ["hf", "rmt", "lucidrains"]

@@ -33,20 +33,37 @@ Other fallbacks, all to ``transformers``' own SDPA attention with the same mask 
 - queries and keys of different lengths (decoding with a KV cache, cross-attention), a 4-D mask
   (a custom mask, sliding-window or packed-sequence masks), a ``position_bias``: not expressible as a
   memory layout. With a layout set these raise ``ValueError`` instead, since the layout could not be
-  honoured.
+  honoured; the message says where the layout came from and how to remove a stored one (a layout
+  stored with :func:`set_memory_layout` applies to ``generate``'s decoding steps too).
 
-Needs ``transformers >= 5`` (importing this module raises ImportError on 4.x); verified with 5.24.
+Mixed precision: under ``torch.autocast`` the inputs are cast to the autocast dtype as SDPA's are, and
+the kernel runs on them (rotary models pass float32 queries and keys with a lower-precision value).
+
+Only this attention reads a layout. :func:`set_memory_layout` warns when the model's attention is
+another one; a forward ``rmt_layout=`` given to a model running another attention is dropped by
+``transformers`` without any code of this module running (:func:`uses_rmt_kernels` tells which runs).
+
+Needs ``transformers >= 5`` (importing this module raises ImportError on 4.x, and without
+``transformers`` one that names the ``rmt_kernels[hf]`` extra); verified with 5.24.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import weakref
 from collections.abc import Mapping
 from typing import Optional, Tuple
 
 import torch
-import transformers
+
+try:
+    import transformers
+except ImportError as exc:
+    raise ImportError(
+        "rmt_kernels.integrations.hf needs Hugging Face transformers >= 5: "
+        'pip install "rmt_kernels[hf]"'
+    ) from exc
 
 if int(transformers.__version__.split(".")[0]) < 5:
     raise ImportError(
@@ -62,6 +79,7 @@ from transformers.modeling_utils import AttentionInterface  # noqa: E402
 
 from ..layout import MemoryLayout  # noqa: E402
 from ..ops.segment_attention.interface import segment_attention  # noqa: E402
+from . import _amp  # noqa: E402
 
 ATTN_IMPLEMENTATION = "rmt_kernels"
 LAYOUT_KWARG = "rmt_layout"
@@ -127,7 +145,11 @@ def as_layout(value) -> Optional[MemoryLayout]:
 def set_memory_layout(model_or_config, layout) -> None:
     """Store ``layout`` on a model's config (as a plain dict, so ``save_pretrained`` keeps working).
 
-    Every attention call of the model then uses it unless a forward ``rmt_layout=`` overrides it.
+    Every attention call of the model then uses it unless a forward ``rmt_layout=`` overrides it,
+    including the decoding steps of ``generate`` (which no layout describes: they raise
+    ``ValueError``). Only the ``"rmt_kernels"`` attention reads the layout; every other
+    implementation ignores it and runs its plain mask, so storing a layout on a model or config
+    whose attention is something else warns (``UserWarning``).
 
     Args:
         model_or_config: a ``PreTrainedModel`` (its ``.config`` is used) or a ``PretrainedConfig``.
@@ -145,6 +167,22 @@ def set_memory_layout(model_or_config, layout) -> None:
         raise TypeError(f"model_or_config must be a transformers model or config, got {type(model_or_config).__name__}")
     layout = as_layout(layout)
     setattr(config, CONFIG_ATTR, None if layout is None else dataclasses.asdict(layout))
+    impl = getattr(config, "_attn_implementation", None)
+    if layout is not None and impl is not None and not uses_rmt_kernels(config):
+        warnings.warn(
+            f"the memory layout is stored, but this model's attention is {impl!r}, which ignores it and "
+            f"runs its plain mask: call hf.register() and model.set_attn_implementation({ATTN_IMPLEMENTATION!r}) "
+            f"(or load with from_pretrained(..., attn_implementation={ATTN_IMPLEMENTATION!r}))",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+def uses_rmt_kernels(model_or_config) -> bool:
+    """Whether a model (or config) runs this module's attention (under any name it was registered as)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    impl = getattr(config, "_attn_implementation", None)
+    return isinstance(impl, str) and AttentionInterface._global_mapping.get(impl) is rmt_kernels_attention
 
 
 # --------------------------------------------------------------------------- mask function
@@ -256,6 +294,32 @@ def _dense_mask(layout: MemoryLayout, seq_len: int, mask2d: Optional[torch.Tenso
 # --------------------------------------------------------------------------- attention
 
 
+def _not_expressible(from_config: bool, q_len: int, kv_len: int, attention_mask, position_bias) -> ValueError:
+    """The error for a call that a memory layout cannot describe, with where the layout came from."""
+    got = (
+        f"got {q_len} queries, {kv_len} keys, attention_mask of shape "
+        f"{None if attention_mask is None else tuple(attention_mask.shape)}"
+        f"{', a position bias' if position_bias is not None else ''}"
+    )
+    if from_config:
+        source = (
+            "the memory layout stored on the config (hf.set_memory_layout; save_pretrained keeps it) "
+            "applies to every attention call"
+        )
+        fix = (
+            "; to generate or decode with a KV cache, remove it first with hf.set_memory_layout(model, None) "
+            f"and pass {LAYOUT_KWARG}= only to the forward calls that run one packed segment (or generate "
+            "through rmt_kernels.integrations.rmt.RecurrentWrapper.generate, which needs no stored layout)"
+        )
+    else:
+        source = f"the memory layout passed as {LAYOUT_KWARG}="
+        fix = f"; drop {LAYOUT_KWARG}= from this call (a KV-cache decoding step, a custom 4-D mask)"
+    return ValueError(
+        f"{source} needs queries and keys of one packed segment, a 2-D padding mask and no position bias; "
+        f"{got}{fix}"
+    )
+
+
 def rmt_kernels_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -284,9 +348,14 @@ def rmt_kernels_attention(
     Returns:
         ``(attn_output [B, N, H_q, D] contiguous, None)``, as ``transformers``' SDPA attention.
 
+    Mixed precision: under ``torch.autocast`` the inputs are cast to the autocast dtype exactly as
+    SDPA's are (float16/bfloat16/float32 inputs; rotary models pass float32 queries and keys with a
+    lower-precision value) and the kernel runs on them with autocast off.
+
     Raises:
         ValueError: a layout is set but the call cannot honour it (query and key lengths differ, a
-            4-D mask, a position bias), or the layout does not fit ``N``.
+            4-D mask, a position bias; the message says how to remove a stored layout), or the layout
+            does not fit ``N``.
         TypeError: ``rmt_layout`` of the wrong type.
 
     Example::
@@ -294,8 +363,12 @@ def rmt_kernels_attention(
         >>> out, _ = rmt_kernels_attention(module, q, k, v, None, scaling=0.125)
     """
     layout = as_layout(kwargs.pop(LAYOUT_KWARG, None))
+    from_config = layout is None
     if layout is None:
         layout = as_layout(getattr(getattr(module, "config", None), CONFIG_ATTR, None))
+    device_type = query.device.type
+    autocast_dtype = _amp.autocast_dtype(device_type)
+    query, key, value = _amp.cast_like_sdpa(autocast_dtype, query, key, value)
     q_len, kv_len = query.shape[2], key.shape[2]
     mask_is_2d = attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2)
     position_bias = kwargs.get("position_bias")
@@ -315,12 +388,7 @@ def rmt_kernels_attention(
                 module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=causal, **kwargs
             )
     elif not expressible:
-        raise ValueError(
-            f"a memory layout ({LAYOUT_KWARG}) needs queries and keys of one packed segment, a 2-D "
-            f"padding mask and no position bias; got {q_len} queries, {kv_len} keys, "
-            f"attention_mask of shape {None if attention_mask is None else tuple(attention_mask.shape)}"
-            f"{', a position bias' if position_bias is not None else ''}"
-        )
+        raise _not_expressible(from_config, q_len, kv_len, attention_mask, position_bias)
     if q_len < layout.num_read + layout.num_write:
         raise ValueError(
             f"{LAYOUT_KWARG} has num_read + num_write = {layout.num_read + layout.num_write} memory "
@@ -340,5 +408,6 @@ def rmt_kernels_attention(
             dense = _dense_mask(layout, q_len, attention_mask, query.device)
             return sdpa_attention_forward(module, query, key, value, dense, scaling=scaling, is_causal=False)
 
-    out = segment_attention(query, key, value, layout, segment_lengths=lengths, scale=scaling)
+    with _amp.kernel_region(device_type, autocast_dtype):
+        out = segment_attention(query, key, value, layout, segment_lengths=lengths, scale=scaling)
     return out.transpose(1, 2).contiguous(), None

@@ -24,25 +24,52 @@ instead (exact, it is the original) for a ``mask`` that is not right padding, fo
 ``mask_out_read_memories=True``, and for attention dropout in training mode (the kernel has no
 dropout). ``causal=True`` with ``memory_not_causal=False`` fails in the original package itself (its
 causal mask does not cover the null key), so it is refused here with a ``ValueError``.
+
+Under ``torch.autocast`` the attention inputs are cast as SDPA's are (see ``_amp``).
+
+Supported releases: ``recurrent-memory-transformer-pytorch`` 0.7.x (``pip install
+"rmt_kernels[lucidrains]"``). Older releases (0.5.x, 0.6.0 with its hyper-connections or
+``resi_dual``) have another attention and are refused by :func:`apply_rmt_kernels`; a newer release
+is patched with a warning, and refused when its modules lack what the patch reads.
 """
 
 from __future__ import annotations
 
+import inspect
+import re
 import types
+import warnings
+from importlib import metadata
 from typing import Optional
 
 import torch
-from recurrent_memory_transformer_pytorch.recurrent_memory_transformer import (
-    Attention,
-    RecurrentMemoryTransformer,
-    RecurrentMemoryTransformerWrapper,
-    apply_rotary_pos_emb,
-)
 
-from ..layout import MemoryLayout
-from ..ops.segment_attention.interface import segment_attention
+try:
+    from recurrent_memory_transformer_pytorch.recurrent_memory_transformer import (
+        Attention,
+        RecurrentMemoryTransformer,
+        RecurrentMemoryTransformerWrapper,
+        apply_rotary_pos_emb,
+    )
+except ImportError as exc:
+    raise ImportError(
+        "rmt_kernels.integrations.lucidrains needs lucidrains' recurrent-memory-transformer-pytorch 0.7.x: "
+        'pip install "rmt_kernels[lucidrains]"'
+    ) from exc
+
+from ..layout import MemoryLayout  # noqa: E402
+from ..ops.segment_attention.interface import segment_attention  # noqa: E402
+from . import _amp  # noqa: E402
 
 _STATE_ATTR = "_rmt_kernels_state"
+DISTRIBUTION = "recurrent-memory-transformer-pytorch"
+SUPPORTED = ((0, 7), (0, 8))  # [low, high) of (major, minor)
+# What the patched forwards read: the attention's modules and the model's segment settings.
+_ATTENTION_ATTRS = ("norm", "heads", "attend", "null_kv", "to_q", "to_kv", "to_out", "learned_value_residual_mix")
+_ATTENTION_ARGS = ("x", "rotary_emb", "mask", "xl_memories", "value_residual")
+_MODEL_ATTRS = ("causal", "use_custom_causal_attn_mask", "always_have_read_memories", "num_memory_tokens",
+                "xl_mem_len", "use_xl_memories")
+_newer_warned = False
 
 
 class _SegmentState:
@@ -73,6 +100,8 @@ def apply_rmt_kernels(model, *, backend: str = "auto"):
     Raises:
         TypeError: ``model`` is not one of those classes.
         ValueError: ``causal=True`` with ``memory_not_causal=False`` (broken in the original package).
+        RuntimeError: the installed ``recurrent-memory-transformer-pytorch`` is older than 0.7, or its
+            modules lack an attribute or argument the patch reads.
 
     Example::
 
@@ -88,6 +117,7 @@ def apply_rmt_kernels(model, *, backend: str = "auto"):
         )
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    _check_release(transformer)
     if transformer.causal and not transformer.use_custom_causal_attn_mask:
         raise ValueError(
             "causal=True with memory_not_causal=False is not supported: the original package's causal "
@@ -106,6 +136,53 @@ def apply_rmt_kernels(model, *, backend: str = "auto"):
             object.__setattr__(module, _STATE_ATTR, state)
             module.forward = types.MethodType(_attention_forward, module)
     return model
+
+
+def installed_version() -> Optional[str]:
+    """The installed release of lucidrains' package (None: not installed as a distribution)."""
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _supported_range() -> str:
+    (a, b), (c, d) = SUPPORTED
+    return f">={a}.{b},<{c}.{d}"
+
+
+def _check_release(transformer) -> None:
+    """Refuse a release the patch was not written for: by version, then by what its modules hold."""
+    global _newer_warned
+    version = installed_version()
+    release = None
+    if version is not None:
+        found = re.match(r"(\d+)\.(\d+)", version)
+        release = (int(found.group(1)), int(found.group(2))) if found else None
+    hint = f"apply_rmt_kernels supports {DISTRIBUTION}{_supported_range()}: pip install \"rmt_kernels[lucidrains]\""
+    if release is not None and release < SUPPORTED[0]:
+        raise RuntimeError(f"{DISTRIBUTION} {version} is installed, whose attention differs; {hint}")
+    missing = [f"{type(transformer).__name__}.{a}" for a in _MODEL_ATTRS if not hasattr(transformer, a)]
+    for module in transformer.modules():
+        if isinstance(module, Attention):
+            missing += [f"Attention.{a}" for a in _ATTENTION_ATTRS if not hasattr(module, a)]
+            params = inspect.signature(type(module).forward).parameters
+            missing += [f"Attention.forward({a}=)" for a in _ATTENTION_ARGS if a not in params]
+            break
+    if missing:
+        raise RuntimeError(
+            f"{DISTRIBUTION} {version or '(version unknown)'} does not have what the patch reads "
+            f"({', '.join(sorted(set(missing)))}); {hint}"
+        )
+    if release is not None and release >= SUPPORTED[1] and not _newer_warned:
+        _newer_warned = True
+        warnings.warn(
+            f"{DISTRIBUTION} {version} is newer than the releases apply_rmt_kernels was checked against "
+            f"({_supported_range()}); it has the attributes the patch reads, but compare a few outputs "
+            "with the unpatched model",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _right_padded_lengths(mask: torch.Tensor):
@@ -191,9 +268,12 @@ def _attention_forward(self, x, rotary_emb=None, mask=None, xl_memories=None, va
         prefix_k = apply_rotary_pos_emb(k_rot[:p], prefix_k)
         k = apply_rotary_pos_emb(k_rot[p:], k)
 
-    out = segment_attention(
-        q, k, v, state.layout,
-        segment_lengths=state.segment_lengths, prefix_k=prefix_k, prefix_v=prefix_v, backend=state.backend,
-    )
+    dtype = _amp.autocast_dtype(q.device.type)
+    q, k, v, prefix_k, prefix_v = _amp.cast_like_sdpa(dtype, q, k, v, prefix_k, prefix_v)
+    with _amp.kernel_region(q.device.type, dtype):
+        out = segment_attention(
+            q, k, v, state.layout,
+            segment_lengths=state.segment_lengths, prefix_k=prefix_k, prefix_v=prefix_v, backend=state.backend,
+        )
     out = out.transpose(1, 2).reshape(b, n, h * d)
     return self.to_out(out), next_xl, orig_v

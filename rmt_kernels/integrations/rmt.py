@@ -32,21 +32,57 @@ Outputs: ``loss`` (0 when no labels, as the original), ``logits`` ``[B, T, V]``,
 ``[B, T, d]`` per layer, memory rows removed) and ``hidden_states_{i}``. ``output_attentions`` is
 accepted and, as in the original (which never forwards it to the backbone), returns nothing.
 ``num_mem_tokens`` must be at least 1.
+
+Where it deliberately differs from the original: ``labels_mask`` must be a bool tensor (the original
+indexes with it, so an integer 0/1 mask there gathers rows 0 and 1; refused here with ``TypeError``);
+integer hyper-parameters given as integral numpy/torch scalars or floats are converted to ``int``;
+the backbone may be a PEFT model (the last hidden state is read at the input of the output
+embeddings, not from ``base_model``, which under PEFT is the whole LM); building a ``MemoryCell``
+switches the backbone's attention in place and says so once (see ``attn_implementation``).
 """
 
 from __future__ import annotations
 
+import numbers
+import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
-from ..layout import MemoryLayout
-from ..recurrent import SegmentDriver, StepOutput
-from . import hf
+from . import hf  # first: without transformers it raises the ImportError that names the extra
+
+from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions  # noqa: E402
+
+from ..layout import MemoryLayout  # noqa: E402
+from ..recurrent import SegmentDriver, StepOutput  # noqa: E402
 
 __all__ = ["MemoryCell", "RecurrentWrapper"]
+
+
+_AUTO = "auto"
+_switch_warned = False
+
+
+def _as_int(name: str, value, allow_none: bool = False):
+    """``value`` as a Python int: ints, integral numpy/torch scalars (0-d arrays and tensors
+    included) and integral floats such as ``np.ceil(T / S)``.
+
+    Raises:
+        TypeError: a bool, a non-number, or None when ``allow_none`` is False.
+        ValueError: a number that is not integral (``2.5``, ``nan``, ``inf``).
+    """
+    if value is None and allow_none:
+        return None
+    if getattr(value, "shape", None) == () and hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if not float(value).is_integer():
+        raise ValueError(f"{name} must be an integer, got the non-integral value {value!r}")
+    return int(value)
 
 
 def _plain_embedding(module) -> bool:
@@ -64,20 +100,29 @@ def _plain_embedding(module) -> bool:
 class MemoryCell(torch.nn.Module):
     """One RMT segment step around a Hugging Face causal LM, with a learned memory.
 
+    The next memory is the last hidden state after the final norm, read as the input of the model's
+    output embeddings (``get_output_embeddings()``, the LM head), so the same code serves GPT-2,
+    GPT-NeoX, Llama and the like, bare or wrapped by PEFT (``get_peft_model``, LoRA). A model without
+    output embeddings is asked for every layer's hidden states instead and the last one is used.
+
     Args:
         base_model: a ``transformers`` causal LM (``get_input_embeddings``, ``.logits`` output,
-            ``generate``). Stored as ``self.model``.
-        num_mem_tokens: M >= 1, memory rows (read block and write block).
-        attn_implementation: attention implementation the backbone is switched to (default
-            ``"rmt_kernels"``, registered on the fly); None leaves the backbone as it is (the memory
-            layout is then only used if it already runs ``"rmt_kernels"``).
+            ``generate``), or a PEFT model around one. Stored as ``self.model``.
+        num_mem_tokens: M >= 1, memory rows (read block and write block); an integer (integral numpy
+            and torch scalars and integral floats are accepted).
+        attn_implementation: the attention implementation ``base_model`` is switched to, in place
+            (the object passed in is changed, also for other code that holds it). ``"auto"`` (default):
+            ``"rmt_kernels"`` (registered on the fly), with a one-time ``UserWarning`` saying that the
+            base model was switched; a name: that implementation, switched without a warning; None:
+            leave the base model as it is (the memory layout is then used only if it already runs
+            ``"rmt_kernels"``).
 
     Attributes:
         memory: ``Parameter [M, d]``, ``randn * std(input embedding weight)``.
 
     Raises:
-        TypeError: ``num_mem_tokens`` not an int; a backbone without input embeddings.
-        ValueError: ``num_mem_tokens < 1``.
+        TypeError: ``num_mem_tokens`` not an integer; a backbone without input embeddings.
+        ValueError: ``num_mem_tokens < 1`` or not integral.
 
     Example::
 
@@ -87,10 +132,10 @@ class MemoryCell(torch.nn.Module):
         (torch.Size([2, 16, 50257]), torch.Size([2, 4, 768]))
     """
 
-    def __init__(self, base_model, num_mem_tokens: int, attn_implementation: Optional[str] = hf.ATTN_IMPLEMENTATION):
+    def __init__(self, base_model, num_mem_tokens: int, attn_implementation: Optional[str] = _AUTO):
+        global _switch_warned
         super().__init__()
-        if isinstance(num_mem_tokens, bool) or not isinstance(num_mem_tokens, int):
-            raise TypeError(f"num_mem_tokens must be an int, got {type(num_mem_tokens).__name__}")
+        num_mem_tokens = _as_int("num_mem_tokens", num_mem_tokens)
         if num_mem_tokens < 1:
             raise ValueError(
                 f"num_mem_tokens must be >= 1 (a memory of 0 tokens has no recurrence), got {num_mem_tokens}"
@@ -99,11 +144,27 @@ class MemoryCell(torch.nn.Module):
             raise TypeError(f"base_model must be a transformers model, got {type(base_model).__name__}")
         self.model = base_model
         self.create_memory(num_mem_tokens)
-        if attn_implementation is not None:
-            if attn_implementation == hf.ATTN_IMPLEMENTATION:
-                hf.register()
-            if base_model.config._attn_implementation != attn_implementation:
-                base_model.set_attn_implementation(attn_implementation)
+        if attn_implementation is None:
+            return
+        auto = attn_implementation == _AUTO
+        if auto:
+            attn_implementation = hf.ATTN_IMPLEMENTATION
+        if attn_implementation == hf.ATTN_IMPLEMENTATION:
+            hf.register()
+        current = base_model.config._attn_implementation
+        if current == attn_implementation:
+            return
+        base_model.set_attn_implementation(attn_implementation)
+        if auto and not _switch_warned:
+            _switch_warned = True
+            warnings.warn(
+                f"MemoryCell switched the attention of the {type(base_model).__name__} it was given from "
+                f"{current!r} to {attn_implementation!r} in place (that object is changed for all its users); "
+                f"pass attn_implementation={attn_implementation!r} to do this without a warning, or "
+                "attn_implementation=None to leave the model as it is",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def create_memory(self, num_mem_tokens: int) -> None:
         """Create ``self.memory`` exactly as the original (same shape, init and RNG use)."""
@@ -127,14 +188,10 @@ class MemoryCell(torch.nn.Module):
 
     # ------------------------------------------------------------------ backbone step
 
-    def _uses_kernels(self) -> bool:
-        impl = getattr(self.model.config, "_attn_implementation", None)
-        return impl is not None and hf.AttentionInterface._global_mapping.get(impl) is hf.rmt_kernels_attention
-
     def _step(self, attention_mask: Optional[torch.Tensor]):
         """The driver's backbone step: HF forward on the packed embeddings, last hidden state kept."""
-        backbone = self.model.base_model
-        uses_kernels = self._uses_kernels()
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        uses_kernels = hf.uses_rmt_kernels(self.model)
 
         def step(packed: torch.Tensor, info) -> StepOutput:
             mask = None
@@ -143,11 +200,14 @@ class MemoryCell(torch.nn.Module):
                 mask = torch.ones(packed.shape[:2], dtype=torch.int64, device=attention_mask.device)
                 mask[:, r : r + info.segment_len] = attention_mask[:, info.start : info.end]
             kwargs = {"rmt_layout": info.layout} if uses_kernels else {}
-            # The last hidden state comes from the backbone's own output (a hook), so the model is
+            # The last hidden state is what the LM head reads (a hook on its input), so the model is
             # not asked for every layer's hidden states unless the caller wants them.
-            all_layers = info.output_hidden_states or backbone is self.model
+            all_layers = info.output_hidden_states or head is None
             captured = []
-            hook = None if all_layers else backbone.register_forward_hook(lambda _m, _a, out: captured.append(out))
+            hook = None if all_layers else head.register_forward_pre_hook(
+                lambda _m, args, kw: captured.append(args[0] if args else next(iter(kw.values()), None)),
+                with_kwargs=True,
+            )
             try:
                 out = self.model(
                     inputs_embeds=packed,
@@ -165,9 +225,12 @@ class MemoryCell(torch.nn.Module):
             if all_layers:
                 layers = out.hidden_states if info.output_hidden_states else None
                 return StepOutput(out.hidden_states[-1], logits, layers)
-            last = captured[-1]
-            hidden = last.last_hidden_state if hasattr(last, "last_hidden_state") else last[0]
-            return StepOutput(hidden, logits)
+            if len(captured) != 1 or not isinstance(captured[0], torch.Tensor):
+                raise RuntimeError(
+                    f"MemoryCell reads the last hidden state as the input of {type(self.model).__name__}'s "
+                    f"output embeddings, which were called {len(captured)} times in one forward (expected once)"
+                )
+            return StepOutput(captured[0], logits)
 
         return step
 
@@ -242,8 +305,13 @@ class RecurrentWrapper(torch.nn.Module):
         k2: gradient truncation (-1 or None: full backpropagation through time).
         rmt_kwargs: other options the original accepts and stores in ``rmt_config`` (ignored here).
 
+    ``segment_size``, ``max_n_segments`` and ``k2`` are integers; integral numpy and torch scalars
+    and integral floats (``np.ceil(T / S)``, as the BABILong scripts pass) are accepted and stored as
+    ``int``.
+
     Raises:
-        TypeError / ValueError: bad sizes or alignment, ``k2`` without ``max_n_segments``.
+        TypeError / ValueError: bad sizes or alignment, a non-integral size, ``k2`` without
+            ``max_n_segments``.
 
     Example::
 
@@ -258,6 +326,11 @@ class RecurrentWrapper(torch.nn.Module):
         if not isinstance(memory_cell, MemoryCell):
             raise TypeError(f"memory_cell must be a rmt_kernels MemoryCell, got {type(memory_cell).__name__}")
         self.memory_cell = memory_cell
+        if segment_size is None:
+            raise ValueError("segment_size is required: the tokens per segment, an integer >= 1")
+        segment_size = _as_int("segment_size", segment_size)
+        max_n_segments = _as_int("max_n_segments", max_n_segments, allow_none=True)
+        k2 = _as_int("k2", k2, allow_none=True)
         self.rmt_config = dict(segment_size=segment_size, max_n_segments=max_n_segments,
                                segment_alignment=segment_alignment, k2=k2, **rmt_kwargs)
         self.driver = SegmentDriver(memory_cell.layout, segment_size, max_n_segments=max_n_segments, k2=k2,
@@ -272,7 +345,9 @@ class RecurrentWrapper(torch.nn.Module):
             labels: ``[B, T]``; the loss is ``cross_entropy(logits[:, :-1], labels[:, 1:])`` (mean,
                 ``-100`` ignored).
             labels_mask: bool ``[B, T]``: only positions ``t`` with ``labels_mask[:, t]`` (``t < T - 1``)
-                predict ``labels[:, t + 1]``.
+                predict ``labels[:, t + 1]``. Any other dtype raises ``TypeError``: the official
+                wrapper indexes the logits with the mask, so there an integer 0/1 mask gathers rows 0
+                and 1 instead of selecting positions, and a different loss would be silent.
             attention_mask: ``[B, T]`` 0/1 or bool padding mask.
             output_attentions: accepted; nothing is returned for it (as the original).
             output_hidden_states: also return every layer's hidden states.
@@ -283,10 +358,18 @@ class RecurrentWrapper(torch.nn.Module):
 
         Raises:
             ValueError: neither ``input_ids`` nor ``inputs_embeds``; shapes that do not match.
+            TypeError: ``labels_mask`` is not a bool tensor.
         """
         cell = self.memory_cell
         if input_ids is None and inputs_embeds is None:
             raise ValueError("pass input_ids or inputs_embeds")
+        if labels_mask is not None and not (isinstance(labels_mask, torch.Tensor) and labels_mask.dtype == torch.bool):
+            got = labels_mask.dtype if isinstance(labels_mask, torch.Tensor) else type(labels_mask).__name__
+            raise TypeError(
+                f"labels_mask must be a bool tensor, got {got}: pass labels_mask.bool(). (The official "
+                "wrapper indexes the logits with an integer mask, gathering rows 0 and 1, which is not "
+                "a mask; this drop-in refuses it rather than differ silently.)"
+            )
         res = cell.run_segments(self.driver, None, input_ids, inputs_embeds, attention_mask,
                                 bool(output_hidden_states))
         logits = res.outputs
@@ -295,7 +378,7 @@ class RecurrentWrapper(torch.nn.Module):
             flat_logits = logits[..., :-1, :].reshape(-1, logits.shape[-1])
             flat_labels = labels[..., 1:].reshape(-1)
             if labels_mask is not None:
-                keep = labels_mask[..., :-1].reshape(-1).to(torch.bool)
+                keep = labels_mask[..., :-1].reshape(-1)
                 flat_logits, flat_labels = flat_logits[keep], flat_labels[keep]
             out["loss"] = F.cross_entropy(flat_logits, flat_labels)
         else:
