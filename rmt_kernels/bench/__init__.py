@@ -1,4 +1,5 @@
-"""Benchmark suites of ``rmt-kernels bench``: attention, handoff and one RMT training step.
+"""Benchmark suites of ``rmt-kernels bench``: attention, handoff, one RMT training step and per-call
+overhead.
 
 Each suite measures ``rmt_kernels`` against its peers (SPEC §5) in the same process and run, and
 returns result rows (one dict per point, schema :data:`~rmt_kernels.bench.records.ROW_FIELDS`). The
@@ -12,6 +13,7 @@ suite or the plot needs them.
 - :mod:`.attention`: ``segment_attention`` vs the reference, dense-mask SDPA, FlexAttention, ...
 - :mod:`.handoff`: ``pack_segment`` vs ``torch.cat`` vs a plain copy of the same bytes.
 - :mod:`.step`: one RMT training step, official semantics vs the ``rmt_kernels`` drop-in.
+- :mod:`.overhead`: per-call time of each public op vs its stock counterpart, eager and compiled.
 - :mod:`.report`: the printed tables; :mod:`.plot`: TFLOP/s against segment length (matplotlib PNG).
 - :mod:`.cli`: the ``rmt-kernels bench`` command, which runs the suites of :data:`SUITES`.
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import attention, handoff, report, step
+from . import attention, handoff, overhead, report, step
 from .plot import plot_attention
 from .shapes import shapes_for
 
@@ -62,6 +64,8 @@ SUITES: Dict[str, Suite] = {
                        report.print_attention, plot=plot_attention),
     "handoff": Suite("handoff", handoff.PROVIDERS, _run_handoff, _one_point_per_shape, report.print_handoff),
     "step": Suite("step", step.PROVIDERS, _run_step, _one_point_per_shape, report.print_step),
+    "overhead": Suite("overhead", overhead.PROVIDERS, overhead.run_overhead, overhead.count_points,
+                      report.print_overhead),
 }
 
 __all__ = ["SUITES", "Suite"]

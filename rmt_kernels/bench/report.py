@@ -6,6 +6,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from . import overhead
 from .records import is_speed_of_light
 from .shapes import GOAL_SHAPE
 from .step import memory_kind
@@ -110,3 +111,40 @@ def print_step(rows: List[dict], env: dict) -> None:
     header = ["shape", "sizes", "mode", "provider", "median ms", "p20-p80 ms", "memory MB*", "vs best peer"]
     _print_table(f"step ({env['device_name']}, {rows[0]['dtype']})", header, body, notes)
     print(f"  * memory: {memory_kind(torch.device(env['device']))}")
+
+
+def _per_call(row: Optional[dict], notes: _Footnotes) -> List[str]:
+    if row is None:
+        return ["-", ""]
+    if row["status"] != "ok":
+        return [notes.ref(row), ""]
+    return [f"{row['median_ms'] * 1e3:.1f}", f"{row['p20_ms'] * 1e3:.1f}-{row['p80_ms'] * 1e3:.1f}"]
+
+
+def print_overhead(rows: List[dict], env: dict) -> None:
+    """One line per point: per-call µs of ``rmt_kernels`` and ``stock``, their ratio, the goal."""
+    notes = _Footnotes()
+    groups: Dict[tuple, Dict[str, dict]] = {}
+    for r in rows:
+        key = (r["series"], r["shape"], r["mask"] or "-", r["mode"], overhead.execution(r))
+        groups.setdefault(key, {})[r["provider"]] = r
+    body = []
+    for key, point in groups.items():
+        ours, stock = point.get("rmt_kernels"), point.get("stock")
+        ratio = None
+        if ours is not None and ours["ratio_to_best_peer"]:
+            ratio = 1.0 / ours["ratio_to_best_peer"]
+        goal = overhead.goal_for(ours or stock)
+        verdict = ""
+        if goal is not None:
+            verdict = f"<= {goal:g}x" + ("" if ratio is None else " met" if ratio <= goal else " MISSED")
+        ratio_cell = "-" if ratio is None else f"{ratio:.2f}x"
+        body.append([*key, *_per_call(ours, notes), *_per_call(stock, notes), ratio_cell, verdict])
+    header = ["op", "shape", "mask", "mode", "run", "rmt_kernels us", "p20-p80", "stock us", "p20-p80",
+              "rmt/stock", "goal"]
+    where = rows[0]["device_name"] or env["device_name"]
+    _print_table(f"overhead ({where}, {rows[0]['dtype']})", header, body, notes)
+    print("  per-call microseconds (median, p20-p80 of samples of many calls); rmt/stock: rmt_kernels time over")
+    print("  stock time (< 1: faster). stock: SDPA is_causal (for memory_bidirectional a floor: a cheaper mask),")
+    print("  torch.cat for pack_segment; compiled: both wrapped in torch.compile(fullgraph=True).")
+    print(f"  goals: CPU, 1 thread, shape {overhead.GOAL_SHAPE}, eager.")

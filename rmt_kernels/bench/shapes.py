@@ -88,6 +88,34 @@ class StepShape:
         }
 
 
+@dataclass(frozen=True)
+class OverheadShape:
+    """One size of the overhead suite: attention ``[B, H, N, D]`` (``H_q = H_kv``) over a packed
+    ``R | S | W`` segment with ``R = W = num_mem``, under each mask family of ``attention_masks``, and the
+    pack of a ``[B, S, dim]`` segment between one ``[num_mem, dim]`` memory fed as both R and W."""
+
+    name: str
+    batch: int
+    heads: int
+    head_dim: int
+    segment_len: int
+    num_mem: int
+    dim: int
+    attention_masks: Tuple[str, ...] = ("causal", "memory_bidirectional")
+
+    @property
+    def seq_len(self) -> int:
+        return self.segment_len + 2 * self.num_mem
+
+    def sizes(self, op: str) -> dict:
+        """The row fields of ``op`` (``"segment_attention"`` or ``"pack_segment"``) at this size."""
+        common = {"batch": self.batch, "segment_len": self.segment_len, "num_read": self.num_mem,
+                  "num_write": self.num_mem, "seq_len": self.seq_len}
+        if op == "pack_segment":
+            return {**common, "dim": self.dim}
+        return {**common, "heads_q": self.heads, "heads_kv": self.heads, "head_dim": self.head_dim}
+
+
 # The goal point of the CPU quick run: the torch backend vs dense-mask SDPA, fwd+bwd.
 GOAL_SHAPE = AttnShape("goal-S1024-M64", "goal", 2, 8, 8, 64, 1024, 64, 64, ("memory_bidirectional",))
 
@@ -156,6 +184,12 @@ _STEP_TINY = (
 )
 
 
+# The overhead suite: a tiny shape, where the call and not the math is the cost (the goals of
+# report.print_overhead are set there), and one GPT-2 RMT layer (H12, D64, S512, M16: N = 544; d = 768).
+_OVERHEAD_TINY = OverheadShape("tiny", 1, 2, 16, 8, 2, 16)
+_OVERHEAD_GPT2 = OverheadShape("gpt2-rmt-layer", 1, 12, 64, 512, 16, 768)
+
+
 def _reduce_for_cpu(shape: AttnShape) -> AttnShape:
     """A full-size attention shape at B=1 and a quarter of the heads (GQA ratio kept)."""
     return AttnShape(
@@ -165,12 +199,16 @@ def _reduce_for_cpu(shape: AttnShape) -> AttnShape:
 
 
 # (suite, profile, "cpu" | "cuda") -> shapes. On CPU, "full" keeps every SPEC §4 attention shape at
-# B=1 with a quarter of the heads; the handoff and step suites run their reduced shapes on CPU.
+# B=1 with a quarter of the heads; the handoff and step suites run their reduced shapes on CPU; the
+# overhead suite runs the same two shapes everywhere (tiny alone in the "tiny" profile).
 _TABLE: Dict[Tuple[str, str, str], tuple] = {}
 for _device in ("cpu", "cuda"):
     _TABLE["attention", "tiny", _device] = _ATTN_TINY
     _TABLE["handoff", "tiny", _device] = _HANDOFF_TINY
     _TABLE["step", "tiny", _device] = _STEP_TINY
+    _TABLE["overhead", "tiny", _device] = (_OVERHEAD_TINY,)
+    _TABLE["overhead", "quick", _device] = (_OVERHEAD_TINY, _OVERHEAD_GPT2)
+    _TABLE["overhead", "full", _device] = (_OVERHEAD_TINY, _OVERHEAD_GPT2)
 _TABLE.update({
     ("attention", "quick", "cpu"): _ATTN_QUICK_CPU,
     ("attention", "full", "cpu"): (GOAL_SHAPE,) + tuple(_reduce_for_cpu(s) for s in _ATTN_FULL),
