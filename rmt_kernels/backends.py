@@ -35,7 +35,9 @@ Status = Callable[[torch.device], Tuple[bool, str]]
 class BackendImpl:
     """One op's implementation on one backend.
 
-    ``fwd``/``bwd``: the launchers; ``dtypes``/``head_dims`` (None: any): what they support;
+    ``fwd``/``bwd``: the launchers; ``eager``: optionally, a forward for eager calls that runs the
+    same kernels through an entry with autograd of its own and returns the output, or None where it
+    does not apply; ``dtypes``/``head_dims`` (None: any): what they support;
     ``devices``: device types they run on; ``status``: ``device -> (available, reason)`` for what the
     backend needs beyond the device type (triton installed, the extension built); None: nothing.
     """
@@ -46,6 +48,7 @@ class BackendImpl:
     head_dims: Optional[Tuple[int, ...]] = None
     devices: Tuple[str, ...] = ("cpu", "cuda")
     status: Optional[Status] = None
+    eager: Optional[Callable] = None
 
 
 _REGISTRY: Dict[str, Dict[str, BackendImpl]] = {}

@@ -26,6 +26,7 @@ BACKEND_TABLE = backends.register_op(OP, {
     "torch": backends.BackendImpl(
         fwd=torch_impl.segment_attention_fwd_torch,
         bwd=torch_impl.segment_attention_bwd_torch,
+        eager=torch_impl.segment_attention_eager_torch,
         dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
         devices=("cpu", "cuda", "mps", "xpu"),
     ),
@@ -215,8 +216,12 @@ def segment_attention(
             layout.num_read, layout.num_write, layout.mask, layout.prefix_visible_to, shape.scale, name,
         )
         return out
-    # Eager: the same launchers without the custom-op machinery (dispatch through torch.library
+    # Eager: the same kernels without the custom-op machinery (dispatch through torch.library
     # costs several times a small attention call).
+    if impl.eager is not None:
+        out = impl.eager(q, k, v, prefix_k, prefix_v, segment_lengths, layout, shape.scale)
+        if out is not None:
+            return out
     if torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad
         or (prefix_k is not None and (prefix_k.requires_grad or prefix_v.requires_grad))

@@ -27,8 +27,9 @@ import torch
 from ...layout import MemoryLayout
 from .._alloc import accum_dtype, alloc_outputs, empty_bnhd, is_bnhd
 
-_cpu_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_cpu_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+_cpu_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+_cpu_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+_sdpa = torch._C._nn.scaled_dot_product_attention
 
 # Packed lengths up to which a mask of several blocks runs as one stock call with an additive mask
 # (CPU, no prefix, no row without keys); measured in ``rmt-kernels bench --suite overhead``.
@@ -286,6 +287,25 @@ def segment_attention_fwd_torch(
                 o_seg.copy_(acc)
                 l_seg.copy_(l_m)
     return out, lse
+
+
+def segment_attention_eager_torch(
+    q, k, v, prefix_k, prefix_v, segment_lengths, layout: MemoryLayout, scale: float
+):
+    """Eager calls where one stock call is the whole op (a single causal or rectangular block, or
+    the masked call): SDPA's own entry runs that CPU kernel, and its C++ autograd node runs the
+    kernel's backward, the launchers' formula without a Python autograd node. None elsewhere (the
+    caller then takes the launchers)."""
+    if q.device.type != "cpu" or scale <= 0 or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return None
+    plan = _plan_of(q, prefix_k, segment_lengths, layout)
+    gqa = q.shape[1] != k.shape[1]
+    if plan.whole is not None:
+        return _sdpa(q, k, v, None, 0.0, plan.whole.causal, scale=scale, enable_gqa=gqa)
+    if plan.masked:
+        bias = _additive_mask(layout, layout.segment_len(q.shape[2]), plan.lengths, q.dtype, q.device)
+        return _sdpa(q, k, v, bias, 0.0, False, scale=scale, enable_gqa=gqa)
+    return None
 
 
 def segment_attention_bwd_torch(
