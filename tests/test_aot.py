@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -205,3 +206,153 @@ def test_cuda_rejects_triton_only_options(monkeypatch, capsys, extra):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "usage:" in err and "argument --cuda: not allowed with " + extra[0] in err, err
+
+
+# --------------------------------------------------------------------------------------- specializations
+
+_TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
+                  torch.int64: "i64"}
+
+
+def _jit_view(value):
+    """What Triton's JIT makes of a runtime argument: ``("constexpr", 1)`` for an integer equal to 1,
+    else ``(type, 16-divisible / 16-byte aligned)``."""
+    if isinstance(value, torch.Tensor):
+        return "*" + _TRITON_DTYPES[value.dtype], value.data_ptr() % 16 == 0
+    if isinstance(value, float):
+        return "fp32", False
+    if value == 1:
+        return "constexpr", 1
+    return "i32", value % 16 == 0
+
+
+def _aot_view(kernel, specialization):
+    """``{argument: view}`` of the runtime arguments of ``kernel`` as ``rmt-kernels aot`` compiles it."""
+    fn, _, flags = aot._kernel_table()[kernel]
+    fn = getattr(fn, "kernel", fn)  # the kernel itself while _launched records its launches
+    op = next(op for op in aot.OPS if kernel in aot._op_aot(op).kernel_table())
+    mod = aot._op_aot(op)
+    dtype = "fp16" if op == "segment_attention" else "fp32"
+    consts = dict(flags, BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, EVEN_D=True, DOT_PREC="ieee", BLOCK_ROWS=16, BLOCK_T=16)
+    signature, consts, attrs = aot._signature(fn, consts, lambda name: mod.arg_kind(kernel, name, dtype, consts),
+                                              specialization)
+    views = {}
+    for idx, (name, is_constexpr) in enumerate(aot._params(fn)):
+        if not is_constexpr:
+            views[name] = ("constexpr", consts[name]) if signature[name] == "constexpr" else (
+                signature[name], (idx,) in attrs)
+    return fn, flags, views
+
+
+def _launched(monkeypatch, run):
+    """``[(jit function, {argument: value}, constexpr kwargs)]`` of every kernel launch of ``run()``."""
+    from rmt_kernels.ops.pack_segment import triton_bwd as pack_bwd
+    from rmt_kernels.ops.pack_segment import triton_fwd as pack_fwd
+    from rmt_kernels.ops.segment_attention import triton_bwd, triton_fwd
+
+    launches = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                names = [name for name, _ in aot._params(self.kernel)]
+                launches.append((self.kernel, dict(zip(names, args)), kwargs))
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    for mod in (triton_fwd, triton_bwd, pack_fwd, pack_bwd):
+        for name in list(vars(mod)):
+            if name.endswith("_kernel"):
+                kernel = getattr(mod, name)
+                monkeypatch.setattr(mod, name, Spy(getattr(kernel, "kernel", kernel)))
+    run()
+    return launches
+
+
+def _attention_launches(monkeypatch, heads, s, num_mem, p):
+    from rmt_kernels import MemoryLayout
+    from rmt_kernels.ops.segment_attention import triton_launch
+
+    def run():
+        layout = MemoryLayout(num_mem, num_mem, "memory_bidirectional")
+        hq, hkv = heads
+        n = layout.seq_len(s)
+        q = torch.randn(2, hq, n, 16, dtype=torch.float16)
+        k, v = (torch.randn(2, hkv, n, 16, dtype=torch.float16) for _ in range(2))
+        pk, pv = (torch.randn(2, hkv, p, 16, dtype=torch.float16) for _ in range(2))
+        lengths = torch.tensor([s, s // 2])
+        out, lse = triton_launch.segment_attention_fwd_triton(q, k, v, pk, pv, lengths, layout, 0.25)
+        triton_launch.segment_attention_bwd_triton(torch.randn_like(out), q, k, v, pk, pv, lengths, out, lse, layout,
+                                                   0.25, True)
+
+    return _launched(monkeypatch, run)
+
+
+def _pack_launches(monkeypatch):
+    from rmt_kernels.ops.pack_segment import triton_launch
+
+    def run():
+        b, r, s, d, vocab = 16, 16, 32, 64, 7
+        seg = torch.randn(b, s, d)
+        read = torch.randn(r, d)
+        out = torch.empty(b, 2 * r + s, d)
+        ids = torch.randint(0, vocab, (b, s))
+        triton_launch.pack_fwd_triton(seg, read, read, r, r, True, out)
+        triton_launch.pack_ids_fwd_triton(ids, torch.randn(vocab, d), read, read, r, r, True, out)
+        triton_launch.memory_grad_triton(out, 0, r + s, r, True)
+        for deterministic in (False, True):
+            triton_launch.embedding_grad_triton(out, ids, vocab, r, deterministic)
+
+    return _launched(monkeypatch, run)
+
+
+def _check_views(launches, specialization, kernels):
+    for kernel in kernels:
+        fn, flags, expected = _aot_view(kernel, specialization)
+        mine = [(args, kw) for f, args, kw in launches
+                if getattr(f, "fn", f) is getattr(fn, "fn", fn) and all(kw.get(k, v) == v for k, v in flags.items())]
+        assert mine, f"{kernel} was not launched with its heaviest flags"
+        got = {name: _jit_view(value) for name, value in mine[0][0].items()}
+        diff = {name: (got[name], expected[name]) for name in got if got[name] != expected[name]}
+        assert not diff, f"{kernel} ({specialization}): argument: (JIT, aot)\n{diff}"
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="records launches under the interpreter")
+def test_common_specialization_is_what_the_jit_compiles(monkeypatch):
+    """A launch with every size a multiple of 16 (N, P, memory and segment lengths, 16 heads, d = 64) and no
+    grouped-query heads: each kernel argument is what the ``common`` job compiles (16-divisible, equal to
+    1 and constant, or neither), as Triton's JIT specializes it."""
+    _check_views(_attention_launches(monkeypatch, (16, 16), 32, 16, 16), "common", KERNELS
+                 + ("segment_attention_bwd_preprocess",))
+    _check_views(_pack_launches(monkeypatch), "common", PACK_KERNELS)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="records launches under the interpreter")
+def test_generic_specialization_is_what_the_jit_compiles(monkeypatch):
+    """A launch with sizes that are neither multiples of 16 nor 1 (N = 27, 3 query heads per K/V head):
+    each attention kernel argument is what the ``generic`` job compiles."""
+    _check_views(_attention_launches(monkeypatch, (6, 2), 19, 4, 5), "generic", KERNELS
+                 + ("segment_attention_bwd_preprocess",))
+
+
+def test_every_config_is_compiled_in_the_common_specialization():
+    for quick in (False, True):
+        jobs = aot.jobs_for(90, quick=quick)
+        configs = {(j.kernel, j.dtype, j.head_dim) for j in jobs if not j.variant}
+        common = {(j.kernel, j.dtype, j.head_dim) for j in jobs if j.specialization == "common"}
+        assert configs == common
+        if not quick:
+            assert sum(j.specialization == "common" for j in jobs) == len([j for j in jobs if not j.variant])
+
+
+def test_quick_reports_both_specializations(quick_results):
+    _, rows = quick_results
+    for arch in (80, 90):
+        for kernel in KERNELS + PACK_KERNELS:
+            specs = {r["specialization"] for r in rows if r["name"] == kernel and r["arch"] == arch}
+            assert specs == {"generic", "common"}, (kernel, arch, specs)
+    assert all(r["error"] is None and r["spill_bytes"] == 0 for r in rows if r["specialization"] == "common")

@@ -20,11 +20,13 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 
 from rmt_kernels import MemoryLayout, backends, segment_attention  # noqa: E402
 from rmt_kernels.layout import TILE_FULL, TILE_PARTIAL  # noqa: E402
 from rmt_kernels.ops.segment_attention import interface, triton_launch  # noqa: E402
+from rmt_kernels.ops.segment_attention.triton_common import _round_bf16  # noqa: E402
 
 from helpers import check_against_reference as _check_against_reference  # noqa: E402
 
@@ -138,6 +140,76 @@ def test_triton_dtypes(device, poisoned, layout, s, p, lengths, heads, dtype):
     q, k, v, pk, pv = make_inputs(device, b, heads, layout.seq_len(s), 32, p, dtype=dtype)
     sl = None if lengths is None else torch.tensor(lengths, dtype=torch.int32, device=device)
     check_against_reference(layout, q, k, v, pk, pv, sl)
+
+
+@triton.jit
+def _round_bf16_kernel(X, Y, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(Y + offs, _round_bf16(tl.load(X + offs)))
+
+
+def _run_bf16(device, monkeypatch=None):
+    """Forward and backward of the triton launchers on bfloat16 inputs, and on the same values in
+    float32: ``{dtype: [out, dq, dk, dv, dprefix_k, dprefix_v]}``. With ``monkeypatch``, the launchers'
+    outputs and gradients are float32 buffers whatever the inputs (the kernels then store their float32
+    results unrounded)."""
+    if monkeypatch is not None:
+        def as_fp32(t):
+            return None if t is None else torch.empty_strided(t.shape, t.stride(), dtype=torch.float32, device=t.device)
+
+        alloc_outputs, bwd_buffers = triton_launch.alloc_outputs, triton_launch._bwd_buffers
+        def fp32_outputs(q):
+            out, lse = alloc_outputs(q)
+            return as_fp32(out), lse
+
+        monkeypatch.setattr(triton_launch, "alloc_outputs", fp32_outputs)
+        monkeypatch.setattr(triton_launch, "_bwd_buffers", lambda *a: tuple(as_fp32(t) for t in bwd_buffers(*a)))
+    layout = MemoryLayout(4, 4, MB)
+    torch.manual_seed(0)  # the same inputs on every call
+    q, k, v, pk, pv = (t.detach().to(torch.bfloat16) for t in make_inputs(device, 2, (2, 1), 48, 32, 5))
+    sl = torch.tensor([40, 23], device=device)
+    dout = torch.randn(q.shape, device=device).to(torch.bfloat16)
+    results = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        args = [t.to(dtype) for t in (q, k, v, pk, pv)]
+        out, lse = triton_launch.segment_attention_fwd_triton(*args, sl, layout, 0.25)
+        grads = triton_launch.segment_attention_bwd_triton(dout.to(dtype), *args, sl, out.to(dtype), lse, layout,
+                                                           0.25, True)
+        results[dtype] = [out, *grads]
+    return results
+
+
+GRAD_NAMES = ("out", "dq", "dk", "dv", "dprefix_k", "dprefix_v")
+
+
+def test_bf16_products_round_p_and_ds(device, monkeypatch):
+    """P and dS are rounded to bfloat16 before their products with bfloat16 tiles (as a GPU's cast does),
+    also under the interpreter, which multiplies bfloat16 in float32: the unrounded float32 results of
+    bfloat16 inputs differ from those of the same values in float32 (they would be equal if the rounding
+    were skipped)."""
+    results = _run_bf16(device, monkeypatch)
+    for name, a, b in zip(GRAD_NAMES, *results.values()):
+        assert a.dtype == torch.float32
+        assert (a != b).float().mean() > 0.5, f"{name}: bfloat16 products are not rounded"
+
+
+def test_bf16_stores_round_to_nearest_even(device, monkeypatch):
+    """The kernels' bfloat16 outputs and gradients are their float32 results rounded to nearest even, as
+    on a GPU (the interpreter's own cast truncates)."""
+    rounded = _run_bf16(device)[torch.bfloat16]
+    unrounded = _run_bf16(device, monkeypatch)[torch.bfloat16]
+    for name, a, b in zip(GRAD_NAMES, rounded, unrounded):
+        assert a.dtype == torch.bfloat16 and b.dtype == torch.float32
+        assert torch.equal(a, b.to(torch.bfloat16)), name
+
+
+def test_round_bf16_rounds_to_nearest_even(device):
+    """``triton_common._round_bf16`` equals torch's float32 -> bfloat16 cast bit for bit (ties included)."""
+    ties = (torch.arange(256, dtype=torch.int32) << 16 | 0x8000).view(torch.float32)  # halfway cases
+    x = torch.cat([torch.randn(768) * 100, ties]).to(device)
+    y = torch.empty_like(x)
+    _round_bf16_kernel[(1,)](x, y, BLOCK=1024)
+    assert torch.equal(y, x.to(torch.bfloat16).to(torch.float32))
 
 
 # --------------------------------------------------------------------------------------- strides

@@ -4,11 +4,14 @@ The jobs come from each op's ahead-of-time table (``rmt_kernels/ops/<op>/aot.py`
 :data:`OPS`): which kernels, with which constexpr variants, launch configs, dtypes and head (or
 feature) dims. This driver compiles each job with ``triton.compile(ASTSource(...),
 target=GPUTarget("cuda", arch, 32))``, with the signature the op's ``arg_kind`` describes (pointers
-and strides 16-divisible, unit strides constant, as the JIT specializes them), in parallel worker
-processes, printing progress on stderr. ``cuobjdump`` from the triton wheel reads registers,
-stack/local bytes (spills) and, for sm_90, whether the SASS holds ``HGMMA`` (Hopper warpgroup MMA)
-rather than only ``HMMA``. Rows of the table marked ``[...]`` are variants other than an op's
-heaviest one.
+16-byte aligned and strides 16-divisible, ``tt.divisibility``; unit strides constant), in parallel
+worker processes, printing progress on stderr. The JIT specializes every integer argument that is a
+multiple of 16 or equal to 1, so each launch config is compiled for two of :data:`SPECIALIZATIONS`:
+``generic`` (sizes take any value, the op's job table) and ``common`` (every size a multiple of 16 and
+every count 1, the usual launch; reported as the variant ``specialization=common``). ``cuobjdump``
+from the triton wheel reads registers, stack/local bytes (spills) and, for sm_90, whether the SASS
+holds ``HGMMA`` (Hopper warpgroup MMA) rather than only ``HMMA``. Rows of the table marked ``[...]``
+are variants other than an op's heaviest one.
 
 Exit status: 0 when every kernel compiled with no spill and shared memory within the target's limit
 (sm_80: 163 KiB, sm_90: 227 KiB); 1 otherwise; 2 when it cannot run (no triton, interpreter mode, or
@@ -41,6 +44,17 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 # The ops whose kernels are compiled, each with its ahead-of-time table ``rmt_kernels.ops.<op>.aot``.
 OPS = ("segment_attention", "pack_segment")
 
+# What the JIT sees of the integer arguments an op's ``arg_kind`` calls "size" (lengths, offsets, strides
+# that are sizes) and "count" (e.g. query heads per K/V head), per specialization: any value, or a
+# multiple of 16 (``tt.divisibility``) and 1 (a constant), as in a launch with N = 1024, D = 64,
+# 16 heads and no grouped-query heads.
+SPECIALIZATIONS = {
+    "generic": {"size": "i32", "count": "i32"},
+    "common": {"size": "i32:16", "count": "one"},
+}
+# The key of a job's variant that names its specialization (the other keys are constexpr flags).
+SPEC_KEY = "specialization"
+
 # Seconds between two progress lines (the first and the last job always print one).
 PROGRESS_EVERY_S = 5.0
 
@@ -52,8 +66,12 @@ class Job:
     head_dim: int
     config: dict
     arch: int
-    variant: Optional[dict] = None  # constexpr flags replacing the heaviest variant's
+    variant: Optional[dict] = None  # constexpr flags replacing the heaviest variant's, and SPEC_KEY
     op: str = "segment_attention"
+
+    @property
+    def specialization(self) -> str:
+        return (self.variant or {}).get(SPEC_KEY, "generic")
 
 
 @dataclass
@@ -70,6 +88,7 @@ class Result:
     uses_mma: Optional[bool]
     variant: str = "full"
     error: Optional[str] = None
+    specialization: str = "generic"
 
     @property
     def ok(self) -> bool:
@@ -101,20 +120,41 @@ def _variant_name(variant: Optional[dict]) -> str:
 
 
 def jobs_for(arch: int, quick: bool, ops=OPS) -> List[Job]:
-    """Every job of every op in ``ops`` for ``arch``, in table order (``quick``: each op's short list)."""
-    return [Job(arch=arch, op=op, **row) for op in ops for row in _op_aot(op).jobs(arch, quick)]
+    """Every job of every op in ``ops`` for ``arch``, in table order (``quick``: each op's short list).
+
+    Each launch config of an op's table (a row without variant) is followed by the same job in the
+    ``common`` specialization; with ``quick``, only the first config of each kernel, dtype and dim."""
+    jobs = []
+    for op in ops:
+        seen = set()
+        for row in _op_aot(op).jobs(arch, quick):
+            jobs.append(Job(arch=arch, op=op, **row))
+            key = (row["kernel"], row["dtype"], row["head_dim"])
+            if not row.get("variant") and not (quick and key in seen):
+                seen.add(key)
+                jobs.append(Job(arch=arch, op=op, **dict(row, variant={SPEC_KEY: "common"})))
+    return jobs
 
 
-def _signature(fn, consts: dict, kind):
-    """ASTSource signature, constexprs and attributes of ``fn``; ``kind(name)`` is the op's ``arg_kind``."""
+def _params(fn):
+    """``(name, is_constexpr)`` of each parameter of the ``@triton.jit`` function ``fn`` (compiled or
+    interpreted), in order."""
+    params = inspect.signature(getattr(fn, "fn", fn)).parameters.values()
+    return [(p.name, "constexpr" in str(p.annotation)) for p in params]
+
+
+def _signature(fn, consts: dict, kind, specialization: str = "generic"):
+    """ASTSource signature, constexprs and attributes of ``fn``; ``kind(name)`` is the op's ``arg_kind``,
+    its "size" and "count" arguments as ``specialization`` (a key of :data:`SPECIALIZATIONS`) sees them."""
     signature, consts, attrs = {}, dict(consts), {}
     divisible = [["tt.divisibility", 16]]
-    for idx, param in enumerate(fn.params):
-        name = param.name
-        if param.is_constexpr:
+    resolve = SPECIALIZATIONS[specialization]
+    for idx, (name, is_constexpr) in enumerate(_params(fn)):
+        if is_constexpr:
             signature[name] = "constexpr"
             continue
         k = kind(name)
+        k = resolve.get(k, k)
         if k == "one":
             signature[name] = "constexpr"
             consts[name] = 1
@@ -125,7 +165,7 @@ def _signature(fn, consts: dict, kind):
             signature[name] = k
             if k.startswith("*"):
                 attrs[(idx,)] = divisible
-    missing = [p.name for p in fn.params if p.is_constexpr and p.name not in consts]
+    missing = [name for name, is_constexpr in _params(fn) if is_constexpr and name not in consts]
     if missing:
         raise ValueError(f"{fn.__name__}: no value for constexpr {missing}")
     return signature, consts, attrs
@@ -164,11 +204,12 @@ def compile_job(job: Job) -> Result:
     options = {key: cfg.pop(key) for key in ("num_warps", "num_stages") if key in cfg}
     consts = dict(flags, **cfg)
     consts.update(mod.derived_constexprs(fn, job.dtype, job.head_dim))
-    consts.update(job.variant or {})
+    consts.update({k: v for k, v in (job.variant or {}).items() if k != SPEC_KEY})
     result = Result(job.kernel, job.config, job.arch, job.dtype, job.head_dim, None, None, None, None, None,
-                    variant=_variant_name(job.variant))
+                    variant=_variant_name(job.variant), specialization=job.specialization)
     try:
-        signature, consts, attrs = _signature(fn, consts, lambda name: mod.arg_kind(job.kernel, name, job.dtype))
+        signature, consts, attrs = _signature(fn, consts, lambda name: mod.arg_kind(job.kernel, name, job.dtype,
+                                                                                    consts), job.specialization)
         compiled = triton.compile(_ast_source(fn, signature, consts, attrs), target=GPUTarget("cuda", job.arch, 32),
                                   options=options)
         result.shared_bytes = int(compiled.metadata.shared)

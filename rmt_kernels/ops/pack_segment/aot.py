@@ -32,7 +32,8 @@ _SEGMENT_LEN = 1024
 
 # Strides of the innermost (feature) dim, and of the contiguous token ids: 1, a constant for the JIT.
 _UNIT_STRIDES = {"so_d", "ss_d", "si_n", "sr_d", "sw_d", "sg_d"}
-# Integer arguments that take any value: sizes, slot offsets, the ids' batch stride (the segment length).
+# Integer arguments that are sizes: slot offsets, the ids' batch stride (the segment length); any value,
+# a multiple of 16 in the common launch.
 _ANY_INTS = {"R", "S", "W", "D", "B", "ROWS", "T", "start", "start2", "si_b"}
 # Token ids and their sort order: int64, as torch gives them.
 _ID_PTRS = {"ids_ptr", "sorted_ids_ptr", "order_ptr"}
@@ -101,13 +102,20 @@ def derived_constexprs(fn, dtype: str, head_dim: int) -> dict:
     return {}
 
 
-def arg_kind(kernel: str, name: str, dtype: str) -> str:
-    """How the JIT sees argument ``name`` of ``kernel`` run on ``dtype`` data (the kinds of
-    ``segment_attention.aot.arg_kind``). The atomic embedding gradient accumulates into float32."""
+def arg_kind(kernel: str, name: str, dtype: str, consts: dict) -> str:
+    """How the JIT sees argument ``name`` of ``kernel`` run on ``dtype`` data with the constexprs
+    ``consts`` (the kinds of ``segment_attention.aot.arg_kind``). The atomic embedding gradient
+    accumulates into float32. A source the flags switch off (the ids of the pack from embeddings, an
+    absent memory) is the output as a placeholder, with strides 0."""
+    for flag, prefix in (("FROM_IDS", "si_"), ("HAS_READ", "sr_"), ("HAS_WRITE", "sw_")):
+        if not consts.get(flag, True) and name.startswith(prefix):
+            return "i32:16"
+    if name == "ids_ptr" and not consts.get("FROM_IDS", True):
+        return "*" + dtype
     if name in _UNIT_STRIDES:
         return "one"
     if name in _ANY_INTS:
-        return "i32"
+        return "size"
     if name.endswith("_ptr"):
         if name in _ID_PTRS:
             return "*i64"

@@ -4,6 +4,10 @@ Same contract as ``torch_impl`` and ``cuda``: validated inputs, outputs allocate
 caller's ``out``), no autograd. Importing this module does not import triton: the kernel modules are
 imported on the first launch, so ``import rmt_kernels`` works without triton and without a GPU.
 
+Every launch goes through :func:`_launch`: it makes the tensors' GPU the current device (Triton launches
+on the current device and its current stream, not the tensors') and cuts a batch of more than
+:data:`GRID_YZ_MAX` rows into launches over chunks of the batch.
+
 The meta-parameters come from :func:`pack_config`, :func:`memory_grad_config` and
 :func:`embedding_grad_config`, which ``aot.py`` reads too: ``rmt-kernels aot`` compiles the tiles the
 launches use.
@@ -11,6 +15,7 @@ launches use.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -22,6 +27,8 @@ from .._alloc import accum_dtype
 _TILE_ELEMS = 4096
 _MAX_BLOCK_D = 512
 _NUM_WARPS = 4
+# CUDA's limit on grid axes y and z (axis x takes 2**31 - 1), where the kernels' grids put the batch.
+GRID_YZ_MAX = 65535
 
 
 def _block_d(dim: int) -> int:
@@ -89,6 +96,30 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _device_guard(t: torch.Tensor):
+    """A context in which ``t``'s GPU is the current device (cheap when it is already); a no-op for CPU
+    tensors (the interpreter)."""
+    if t.device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
+
+
+def _rows(t: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
+    """Batch rows ``[b0, b1)`` of ``t`` (a view; ``t`` itself when that is all of them)."""
+    return t if b0 == 0 and b1 == t.shape[0] else t[b0:b1]
+
+
+def _launch(kernel, grid, batch: int, args, device_tensor: torch.Tensor, meta: dict) -> None:
+    """``kernel[grid(rows)](*args(b0, b1), **meta)`` on the device of ``device_tensor``, over chunks
+    ``[b0, b1)`` of at most :data:`GRID_YZ_MAX` batch rows: ``grid(rows)`` is the grid of a launch over
+    ``rows`` batch rows, ``args(b0, b1)`` its arguments (views of the batched tensors' rows; the
+    strides, and with them the kernels, stay the same)."""
+    with _device_guard(device_tensor):
+        for b0 in range(0, batch, GRID_YZ_MAX):
+            b1 = min(b0 + GRID_YZ_MAX, batch)
+            kernel[grid(b1 - b0)](*args(b0, b1), **meta)
+
+
 def _kernels():
     """The kernel modules, imported on first use (they import triton)."""
     from . import triton_bwd, triton_fwd
@@ -119,13 +150,21 @@ def _launch_pack(out, seg_src, ids, read, write, num_read, num_write, tied, segm
         ids_t = out
     meta = pack_config(dim)
     meta["BLOCK_ROWS"] = _block_rows(meta["BLOCK_ROWS"], n, batch, out.device)
-    grid = (_cdiv(n, meta["BLOCK_ROWS"]), batch)
-    _kernels()[0]._pack_segment_fwd_kernel[grid](
-        out, seg_src, ids_t, read_t, write_t,
-        num_read, segment_len, num_write, dim,
-        *out.stride(), *ss, *si, *sr, *sw,
-        FROM_IDS=from_ids, HAS_READ=has_read, HAS_WRITE=has_write, **meta,
-    )
+
+    def args(b0, b1):
+        # The embedding weight, absent sources and broadcast [M, d] memories have no batch rows.
+        def rows(t, batched):
+            return _rows(t, b0, b1) if batched else t
+
+        return (
+            _rows(out, b0, b1), rows(seg_src, not from_ids), rows(ids_t, from_ids),
+            rows(read_t, has_read and read.dim() == 3), rows(write_t, has_write and write.dim() == 3),
+            num_read, segment_len, num_write, dim,
+            *out.stride(), *ss, *si, *sr, *sw,
+        )
+
+    _launch(_kernels()[0]._pack_segment_fwd_kernel, lambda rows: (_cdiv(n, meta["BLOCK_ROWS"]), rows), batch, args,
+            out, dict(FROM_IDS=from_ids, HAS_READ=has_read, HAS_WRITE=has_write, **meta))
     return out
 
 
@@ -147,13 +186,16 @@ def memory_grad_triton(grad, start, start2, rows, broadcast):
     if dmem.numel() == 0:
         return dmem.zero_()
     meta = memory_grad_config(rows, dim)
-    grid = (_cdiv(rows, meta["BLOCK_ROWS"]), _cdiv(dim, meta["BLOCK_D"]), 1 if broadcast else batch)
     so = (0, *dmem.stride()) if broadcast else dmem.stride()
-    _kernels()[1]._pack_memory_grad_kernel[grid](
-        dmem, grad, batch, rows, dim, start, max(start2, 0),
-        *grad.stride(), *so,
-        TWO_SLOTS=start2 >= 0, REDUCE_BATCH=broadcast, **meta,
-    )
+
+    def args(b0, b1):
+        # A broadcast memory's gradient sums the whole batch in one program (one launch).
+        g, d = (grad, dmem) if broadcast else (_rows(grad, b0, b1), _rows(dmem, b0, b1))
+        return (d, g, batch, rows, dim, start, max(start2, 0), *grad.stride(), *so)
+
+    _launch(_kernels()[1]._pack_memory_grad_kernel,
+            lambda n: (_cdiv(rows, meta["BLOCK_ROWS"]), _cdiv(dim, meta["BLOCK_D"]), n), 1 if broadcast else batch,
+            args, grad, dict(TWO_SLOTS=start2 >= 0, REDUCE_BATCH=broadcast, **meta))
     return dmem
 
 
@@ -172,20 +214,16 @@ def embedding_grad_triton(grad, input_ids, num_weights, start, deterministic):
             return dw
         sorted_ids, order = torch.sort(input_ids.reshape(-1), stable=True)
         meta = embedding_grad_config(seg_len, dim, True)
-        grid = (total, _cdiv(dim, meta["BLOCK_D"]))
-        _kernels()[1]._embedding_grad_sorted_kernel[grid](
-            dw, grad, sorted_ids, order,
-            total, seg_len, dim, start,
-            *grad.stride(), *dw.stride(), **meta,
-        )
+        # One launch: the batch is folded into grid axis x (up to 2**31 - 1 tokens).
+        _launch(_kernels()[1]._embedding_grad_sorted_kernel, lambda _: (total, _cdiv(dim, meta["BLOCK_D"])), 1,
+                lambda b0, b1: (dw, grad, sorted_ids, order, total, seg_len, dim, start, *grad.stride(),
+                                *dw.stride()), grad, meta)
         return dw
     acc = accum_dtype(grad.dtype)
     dw = torch.zeros((num_weights, dim), dtype=acc, device=grad.device)
     if batch * seg_len and dim:
         meta = embedding_grad_config(seg_len, dim, False)
-        _kernels()[1]._embedding_grad_atomic_kernel[(_cdiv(seg_len, meta["BLOCK_T"]), batch)](
-            dw, grad, input_ids,
-            seg_len, dim, start,
-            *grad.stride(), *input_ids.stride(), *dw.stride(), **meta,
-        )
+        _launch(_kernels()[1]._embedding_grad_atomic_kernel, lambda rows: (_cdiv(seg_len, meta["BLOCK_T"]), rows),
+                batch, lambda b0, b1: (dw, _rows(grad, b0, b1), _rows(input_ids, b0, b1), seg_len, dim, start,
+                                       *grad.stride(), *input_ids.stride(), *dw.stride()), grad, meta)
     return dw if dw.dtype == grad.dtype else dw.to(grad.dtype)

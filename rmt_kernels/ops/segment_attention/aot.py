@@ -23,17 +23,21 @@ DTYPES = ("fp16", "bf16", "fp32")
 QUICK_HEAD_DIMS = (64, 128)
 QUICK_DTYPES = ("bf16",)
 
-# Runtime integer arguments that are sizes (not 16-divisible: they take any value).
-_SIZE_ARGS = {"N", "R", "S", "P", "D", "GROUP", "TUNE_N", "KEYS"}
+# Runtime integer arguments that are sizes: any value, a multiple of 16 in the common launch. So are
+# the strides of the log-sum-exp (stored [B, N, H_q]) and of delta (contiguous [B, H_q, N]) that are not
+# 1: products of N and H_q. Neither are the head dim D (every supported one is a multiple of 16) nor the
+# autotuning bucket TUNE_N (a power of two, at least 16 past 8 keys).
+_SIZE_ARGS = {"N", "R", "S", "P", "KEYS", "stride_lb", "stride_ln", "stride_tb", "stride_th"}
+# Query heads per K/V head: any value, 1 in the common launch (no grouped-query heads).
+_COUNT_ARGS = {"GROUP"}
 _FLOAT_ARGS = {"qk_scale", "scale"}
 # float32 buffers and int32 buffers among the pointer arguments; the others have the input dtype.
 _F32_PTRS = {"Lse", "Delta"}
 _I32_PTRS = {"SegLen", "Trace"}
-# Strides equal to 1 for the tensors the launchers pass (last dims; delta is contiguous): the JIT
-# turns an integer argument equal to 1 into a constant, and so does the ahead-of-time compile.
-_UNIT_STRIDES = re.compile(r"^stride_(q|k|v|pk|pv|o|d|dk|dv|dq)d$|^stride_tn$")
-# Strides that need not be 16-divisible (the log-sum-exp rows are H_q apart).
-_ODD_STRIDES = {"stride_ln"}
+# Strides equal to 1 for the tensors the launchers pass (last dims; delta is contiguous, the log-sum-exp
+# is stored [B, N, H_q]): the JIT turns an integer argument equal to 1 into a constant, and so does the
+# ahead-of-time compile.
+_UNIT_STRIDES = re.compile(r"^stride_(q|k|v|pk|pv|o|d|dk|dv|dq)d$|^stride_(tn|lh)$")
 
 # Other constexpr variants the launchers produce, each compiled once (first config, D=64, bfloat16, plus
 # float32 with TF32 products). "full" in the report is the heaviest variant of kernel_table.
@@ -115,17 +119,22 @@ def derived_constexprs(fn, dtype: str, head_dim: int) -> dict:
     return consts
 
 
-def arg_kind(kernel: str, name: str, dtype: str) -> str:
-    """How the JIT sees argument ``name`` of ``kernel`` run on ``dtype`` inputs (the same for every
-    kernel of this op): ``"one"`` (an integer
-    equal to 1, a constant), ``"i32"``, ``"i32:16"`` (16-divisible), ``"fp32"`` or ``"*<elem>"`` (a
-    16-byte aligned pointer)."""
+def arg_kind(kernel: str, name: str, dtype: str, consts: dict) -> str:
+    """How the JIT sees argument ``name`` of ``kernel`` run on ``dtype`` inputs with the constexprs
+    ``consts`` (the same for every kernel of this op): ``"one"`` (an integer equal to 1, a constant),
+    ``"i32:16"`` (16-divisible), ``"size"`` / ``"count"`` (any value; a multiple of 16 / 1 in the common
+    launch: the driver's ``SPECIALIZATIONS``), ``"fp32"`` or ``"*<elem>"`` (a 16-byte aligned pointer).
+    A buffer the flags switch off (no lengths, no trace) is the placeholder the launchers pass: q."""
+    if (name == "SegLen" and not consts.get("HAS_LENGTHS", True)) or (name == "Trace" and not consts.get("TRACE")):
+        return "*" + dtype
     if name in _SIZE_ARGS:
-        return "i32"
+        return "size"
+    if name in _COUNT_ARGS:
+        return "count"
     if name in _FLOAT_ARGS:
         return "fp32"
     if name.startswith("stride_"):
-        if _UNIT_STRIDES.match(name):
-            return "one"
-        return "i32" if name in _ODD_STRIDES else "i32:16"
+        return "one" if _UNIT_STRIDES.match(name) else "i32:16"
+    if name in ("D", "TUNE_N"):
+        return "i32:16"
     return "*" + ("fp32" if name in _F32_PTRS else "i32" if name in _I32_PTRS else dtype)

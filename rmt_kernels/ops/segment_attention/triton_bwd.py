@@ -46,6 +46,8 @@ from .triton_common import (
     _load_kv_tile,
     _load_rows,
     _masked_tile_index,
+    _operand,
+    _stored,
     _packed_key_tiles,
     _packed_visible,
     _prefix_key_tiles,
@@ -80,16 +82,17 @@ def _bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, vis, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, vis, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+               UPCAST: tl.constexpr):
     """One query tile against the program's key tile, in the transposed ``[keys, rows]`` frame."""
     qk = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [BN, BM], base 2
     p = tl.math.exp2(qk - lse2[None, :])
     if MASKED:
         p = tl.where(vis, p, 0.0)
-    dv = tl.dot(p.to(do.dtype), do, dv, input_precision=DOT_PREC)
+    dv = tl.dot(_operand(p, do, UPCAST), do, dv, input_precision=DOT_PREC)
     dp = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # [BN, BM]
     ds = p * (dp - delta[None, :])
-    dk = tl.dot(ds.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    dk = tl.dot(_operand(ds, q, UPCAST), q, dk, input_precision=DOT_PREC)
     return dk, dv
 
 
@@ -179,7 +182,7 @@ def _bwd_dkdv_kernel(
             do = do.to(tl.float32)
         lse2 = tl.load(Lse + b64 * stride_lb + h64 * stride_lh + m64 * stride_ln + offs_m * stride_ln) * _LOG2E
         delta = tl.load(Delta + b64 * stride_tb + h64 * stride_th + m64 * stride_tn + offs_m * stride_tn)
-        dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, 0, False, DOT_PREC)
+        dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, 0, False, DOT_PREC, UPCAST)
         if TRACE:
             tl.store(trace_row + tile, TRACE_FULL)
     for it in range(0, GROUP * n_masked):
@@ -207,7 +210,7 @@ def _bwd_dkdv_kernel(
             # [keys, rows]: the forward's visibility expression, transposed.
             vis = tl.trans(_packed_visible(_key_end(rows, R, S, N, MASK), cols, gap_lo, gap_hi, HAS_LENGTHS))
             vis = vis & row_ok[None, :]
-        dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, vis, True, DOT_PREC)
+        dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, vis, True, DOT_PREC, UPCAST)
         if TRACE:
             tl.store(trace_row + tile, TRACE_MASKED)
 
@@ -220,12 +223,13 @@ def _bwd_dkdv_kernel(
         store_ok = col_ok[:, None]
     else:
         store_ok = col_ok[:, None] & d_ok[None, :]
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=store_ok)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=store_ok)
+    tl.store(dk_ptrs, _stored(dk, DK, UPCAST), mask=store_ok)
+    tl.store(dv_ptrs, _stored(dv, DV, UPCAST), mask=store_ok)
 
 
 @triton.jit
-def _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, vis, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+def _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, vis, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+             UPCAST: tl.constexpr):
     """One key tile of dQ for the program's query block."""
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BM, BN], base 2
     p = tl.math.exp2(qk - lse2[:, None])
@@ -233,7 +237,7 @@ def _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, vis, MASKED: tl.constexpr, 
         p = tl.where(vis, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
-    return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    return tl.dot(_operand(ds, k, UPCAST), k, dq, input_precision=DOT_PREC)
 
 
 @triton.jit
@@ -297,7 +301,7 @@ def _bwd_dq_kernel(
             start = tl.cast(t * BLOCK_N, tl.int64)
             k, v = _load_kv_tile(pk_base, pv_base, start, offs_n, offs_d, stride_pkn, stride_pkd, stride_pvn,
                                  stride_pvd, offs_n, d_ok, False, EVEN_D, UPCAST)
-            dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, 0, False, DOT_PREC)
+            dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, 0, False, DOT_PREC, UPCAST)
             if TRACE:
                 tl.store(trace_row + t, TRACE_FULL)
         p_vis = _prefix_rows(rows, R, S, PREFIX_ALL)
@@ -308,7 +312,7 @@ def _bwd_dq_kernel(
             k, v = _load_kv_tile(pk_base, pv_base, start, offs_n, offs_d, stride_pkn, stride_pkd, stride_pvn,
                                  stride_pvd, col_ok, d_ok, True, EVEN_D, UPCAST)
             vis = p_vis[:, None] & col_ok[None, :]
-            dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, vis, True, DOT_PREC)
+            dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, vis, True, DOT_PREC, UPCAST)
             if TRACE:
                 tl.store(trace_row + t, TRACE_MASKED)
 
@@ -321,7 +325,7 @@ def _bwd_dq_kernel(
         start = tl.cast(tile * BLOCK_N, tl.int64)
         k, v = _load_kv_tile(k_base, v_base, start, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                              offs_n, d_ok, False, EVEN_D, UPCAST)
-        dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, 0, False, DOT_PREC)
+        dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, 0, False, DOT_PREC, UPCAST)
         if TRACE:
             tl.store(trace_row + n_ptiles + tile, TRACE_FULL)
     rows_end = _key_end(rows, R, S, N, MASK)
@@ -333,7 +337,7 @@ def _bwd_dq_kernel(
         k, v = _load_kv_tile(k_base, v_base, start, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                              col_ok, d_ok, True, EVEN_D, UPCAST)
         vis = _packed_visible(rows_end, cols, gap_lo, gap_hi, HAS_LENGTHS)
-        dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, vis, True, DOT_PREC)
+        dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, vis, True, DOT_PREC, UPCAST)
         if TRACE:
             tl.store(trace_row + n_ptiles + tile, TRACE_MASKED)
 
@@ -341,9 +345,9 @@ def _bwd_dq_kernel(
     dq_ptrs = (DQ + b64 * stride_dqb + h64 * stride_dqh + m64 * stride_dqn + offs_m[:, None] * stride_dqn
                + offs_d[None, :] * stride_dqd)
     if EVEN_D:
-        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(dq_ptrs, _stored(dq, DQ, UPCAST), mask=row_ok[:, None])
     else:
-        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(dq_ptrs, _stored(dq, DQ, UPCAST), mask=row_ok[:, None] & d_ok[None, :])
 
 
 # --------------------------------------------------------------------------- configs

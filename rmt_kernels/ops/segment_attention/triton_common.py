@@ -7,6 +7,9 @@
 - tile loads: ``_load_rows`` (one ``[rows, BLOCK_D]`` tile) and ``_load_kv_tile`` (the K and V tiles
   of one key block: every step of the forward's and the dQ kernel's key loops, masked or not, and the
   key block a dK/dV program keeps on chip);
+- ``_operand`` and ``_stored``: a float32 tile cast for a product (P, dS) or for a store (O, dQ, dK,
+  dV); under ``UPCAST`` (the interpreter on bfloat16 inputs) rounded to bfloat16 to nearest even, as
+  the GPU's cast rounds (``_round_bf16``);
 - the trace codes of the ``TRACE`` debug path, ``LOG2E`` / ``LN2`` (scores run in base-2 units);
 - ``pick_configs``: the autotuning candidates of one kernel from its per-head-dim tables.
 
@@ -154,7 +157,7 @@ def _load_kv_tile(k_base, v_base, start, offs_n, offs_d, stride_kn, stride_kd, s
     """The ``[BLOCK_N, BLOCK_D]`` K and V tiles of the keys ``start + offs_n`` (``start`` int64: the
     batch/head bases and the tile start may exceed 2**31; in-tile offsets stay 32-bit). ``ROW_MASK``
     masks keys with ``row_ok`` (the bounds tail); ``UPCAST`` returns float32 tiles (bfloat16 products
-    are wrong in the interpreter)."""
+    are wrong in the interpreter; the upcast is exact)."""
     k = _load_rows(k_base + start * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                    row_ok, d_ok, ROW_MASK, EVEN_D)  # [BN, BD]
     v = _load_rows(v_base + start * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
@@ -163,6 +166,37 @@ def _load_kv_tile(k_base, v_base, start, offs_n, offs_d, stride_kn, stride_kd, s
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     return k, v
+
+
+@triton.jit
+def _round_bf16(x):
+    """float32 ``x`` rounded to the nearest bfloat16 (ties to even), kept in float32: the rounding of a
+    GPU's cast to bfloat16 (the interpreter's cast truncates). Finite inputs only."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _operand(x, like, UPCAST: tl.constexpr):
+    """The float32 tile ``x`` (P or dS) as an operand of a product with the loaded tile ``like``: in
+    ``like``'s dtype. Under ``UPCAST`` (bfloat16 products run in float32 in the interpreter, ``like`` is
+    float32) it is rounded to bfloat16 all the same, so the interpreter computes the GPU's numerics."""
+    if UPCAST:
+        y = _round_bf16(x)
+    else:
+        y = x.to(like.dtype)
+    return y
+
+
+@triton.jit
+def _stored(x, ptr, UPCAST: tl.constexpr):
+    """The float32 tile ``x`` in the element type of ``ptr``, for a store; under ``UPCAST`` a bfloat16
+    destination gets ``x`` rounded to nearest even first (the interpreter's cast would truncate)."""
+    if UPCAST:
+        if ptr.dtype.element_ty == tl.bfloat16:
+            x = _round_bf16(x)
+    return x.to(ptr.dtype.element_ty)
 
 
 # --------------------------------------------------------------------------- configs

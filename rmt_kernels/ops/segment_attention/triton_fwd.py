@@ -44,6 +44,8 @@ from .triton_common import (
     _load_kv_tile,
     _load_rows,
     _masked_tile_index,
+    _operand,
+    _stored,
     _packed_key_tiles,
     _packed_visible,
     _prefix_key_tiles,
@@ -53,7 +55,8 @@ from .triton_common import (
 
 
 @triton.jit
-def _fwd_step(acc, m_i, l_i, q, k, v, qk_scale, vis, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+def _fwd_step(acc, m_i, l_i, q, k, v, qk_scale, vis, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+              UPCAST: tl.constexpr):
     """One key tile of the online softmax. ``m_i`` and the scores are in base-2 units."""
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BM, BN]
     if MASKED:
@@ -68,7 +71,7 @@ def _fwd_step(acc, m_i, l_i, q, k, v, qk_scale, vis, MASKED: tl.constexpr, DOT_P
     p = tl.math.exp2(qk - m_shift[:, None])
     alpha = tl.math.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+    acc = tl.dot(_operand(p, v, UPCAST), v, acc * alpha[:, None], input_precision=DOT_PREC)
     return acc, m_new, l_i
 
 
@@ -130,7 +133,7 @@ def _segment_attention_fwd_kernel(
             start = tl.cast(t * BLOCK_N, tl.int64)
             k, v = _load_kv_tile(pk_base, pv_base, start, offs_n, offs_d, stride_pkn, stride_pkd, stride_pvn,
                                  stride_pvd, offs_n, d_ok, False, EVEN_D, UPCAST)
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, qk_scale, 0, False, DOT_PREC)
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, qk_scale, 0, False, DOT_PREC, UPCAST)
             if TRACE:
                 tl.store(trace_row + t, TRACE_FULL)
         p_vis = _prefix_rows(rows, R, S, PREFIX_ALL)
@@ -141,7 +144,7 @@ def _segment_attention_fwd_kernel(
             k, v = _load_kv_tile(pk_base, pv_base, start, offs_n, offs_d, stride_pkn, stride_pkd, stride_pvn,
                                  stride_pvd, col_ok, d_ok, True, EVEN_D, UPCAST)
             vis = p_vis[:, None] & col_ok[None, :]
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, qk_scale, vis, True, DOT_PREC)
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, qk_scale, vis, True, DOT_PREC, UPCAST)
             if TRACE:
                 tl.store(trace_row + t, TRACE_MASKED)
 
@@ -155,7 +158,7 @@ def _segment_attention_fwd_kernel(
         start = tl.cast(tile * BLOCK_N, tl.int64)
         k, v = _load_kv_tile(k_base, v_base, start, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                              offs_n, d_ok, False, EVEN_D, UPCAST)
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, qk_scale, 0, False, DOT_PREC)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, qk_scale, 0, False, DOT_PREC, UPCAST)
         if TRACE:
             tl.store(trace_row + n_ptiles + tile, TRACE_FULL)
     rows_end = _key_end(rows, R, S, N, MASK)
@@ -168,7 +171,7 @@ def _segment_attention_fwd_kernel(
                              col_ok, d_ok, True, EVEN_D, UPCAST)
         # key_end <= N, so the visibility expression also masks the bounds tail.
         vis = _packed_visible(rows_end, cols, gap_lo, gap_hi, HAS_LENGTHS)
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, qk_scale, vis, True, DOT_PREC)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, qk_scale, vis, True, DOT_PREC, UPCAST)
         if TRACE:
             tl.store(trace_row + n_ptiles + tile, TRACE_MASKED)
 
@@ -180,9 +183,9 @@ def _segment_attention_fwd_kernel(
     o_ptrs = (Out + b64 * stride_ob + h64 * stride_oh + m_first.to(tl.int64) * stride_on
               + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od)
     if EVEN_D:
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(o_ptrs, _stored(out, Out, UPCAST), mask=row_ok[:, None])
     else:
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(o_ptrs, _stored(out, Out, UPCAST), mask=row_ok[:, None] & d_ok[None, :])
     l_ptrs = Lse + b64 * stride_lb + h64 * stride_lh + m_first.to(tl.int64) * stride_ln + offs_m * stride_ln
     tl.store(l_ptrs, lse, mask=row_ok)
 

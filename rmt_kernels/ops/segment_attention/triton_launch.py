@@ -4,12 +4,17 @@ The launchers allocate outputs and gradients (``ops._alloc``), check what the ke
 need of their inputs, pass every stride, pick the grid and the configuration, and run the kernels of
 ``triton_fwd.py`` / ``triton_bwd.py``. They do no autograd (that is ``interface.py``'s custom op).
 
+Every launch goes through :func:`_launch`: it makes the inputs' GPU the current device (Triton launches
+on the current device and its current stream, not the tensors') and cuts a batch of more than
+:data:`GRID_YZ_MAX` rows into launches over chunks of the batch (grid axis z).
+
 Importing this module does not import triton: the kernel modules are imported on the first launch,
 so ``import rmt_kernels`` works without triton and without a GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Dict, Optional, Tuple
 
@@ -38,6 +43,11 @@ HEAD_DIMS = (16, 32, 64, 96, 128, 256)
 _MAX_TILE_STRIDE = (2**31 - 1) // 256
 
 
+# CUDA's limit on grid axes y and z (axis x takes 2**31 - 1). The kernels' grids put the heads on axis y
+# and the batch on axis z: a larger batch is launched in chunks, more heads are refused.
+GRID_YZ_MAX = 65535
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -63,7 +73,38 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k, p
     for name, t in (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
         if t is not None and t.dtype != q.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
+    if q.shape[1] > GRID_YZ_MAX:
+        raise ValueError(f"the triton backend of {OP} takes at most {GRID_YZ_MAX} query heads (CUDA's grid limit "
+                         f"on axis y), got {q.shape[1]}")
     _check_device(q)
+
+
+def _device_guard(t: torch.Tensor):
+    """A context in which ``t``'s GPU is the current device (cheap when it is already); a no-op for CPU
+    tensors (the interpreter)."""
+    if t.device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
+
+
+def _rows(t, b0: int, b1: int):
+    """Batch rows ``[b0, b1)`` of a kernel argument: a view of a tensor (all of them start with the batch
+    dim), any other argument as is."""
+    return t[b0:b1] if isinstance(t, torch.Tensor) else t
+
+
+def _launch(kernel, grid, batch: int, args, meta: dict) -> None:
+    """``kernel[grid(rows)](*args, **meta)`` on the device of ``args[0]``, over chunks of at most
+    :data:`GRID_YZ_MAX` batch rows (``grid(rows)``: the grid of a launch over ``rows`` rows, the batch on
+    axis z). Each chunk takes the views of its rows of every tensor argument: the strides, and with them
+    the kernels, stay the same."""
+    with _device_guard(args[0]):
+        if batch <= GRID_YZ_MAX:
+            kernel[grid(batch)](*args, **meta)
+            return
+        for b0 in range(0, batch, GRID_YZ_MAX):
+            b1 = min(b0 + GRID_YZ_MAX, batch)
+            kernel[grid(b1 - b0)](*(_rows(a, b0, b1) for a in args), **meta)
 
 
 def _fit(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -136,7 +177,8 @@ def _common_meta(q: torch.Tensor, layout: MemoryLayout) -> dict:
         BLOCK_D=_block_d(d),
         EVEN_D=_block_d(d) == d,
         DOT_PREC=_dot_precision(q.dtype),
-        # tl.dot on bfloat16 is wrong in the interpreter: products run in float32 there.
+        # tl.dot on bfloat16 is wrong in the interpreter: products run in float32 there, with P and dS
+        # rounded to bfloat16 first as on a GPU (triton_common._operand).
         UPCAST=_interpreting() and q.dtype == torch.bfloat16,
     )
 
@@ -219,8 +261,8 @@ def segment_attention_fwd_triton(
         ``[B, H_q, N]`` (layouts of ``ops._alloc.alloc_outputs``); ``(out, lse, trace)`` with ``trace``.
 
     Raises:
-        TypeError: unsupported or mismatched dtypes. ValueError: unsupported head dim.
-        BackendUnavailableError: CPU tensors without ``TRITON_INTERPRET=1``.
+        TypeError: unsupported or mismatched dtypes. ValueError: unsupported head dim, more than
+        :data:`GRID_YZ_MAX` query heads. BackendUnavailableError: CPU tensors without ``TRITON_INTERPRET=1``.
 
     Example::
 
@@ -245,7 +287,7 @@ def segment_attention_fwd_triton(
         out, lse = empty_attention_outputs(out, lse)
         return (out, lse, trace_buf) if trace else (out, lse)
     dummy = q
-    kernel[lambda m: (_cdiv(n, m["BLOCK_M"]), hq, b)](
+    args = (
         q, k, v,
         prefix_k if p else dummy, prefix_v if p else dummy,
         out, lse,
@@ -255,12 +297,9 @@ def segment_attention_fwd_triton(
         *_strides(prefix_k if p else None, q), *_strides(prefix_v if p else None, q),
         *out.stride(), *lse.stride(),
         n, layout.num_read, s, p, d, hq // k.shape[1], scale * common_mod.LOG2E, _tune_bucket(n + p),
-        HAS_PREFIX=p > 0,
-        HAS_LENGTHS=lengths is not None,
-        TRACE=trace,
-        **_common_meta(q, layout),
-        **meta,
     )
+    _launch(kernel, lambda rows: lambda m: (_cdiv(n, m["BLOCK_M"]), hq, rows), b, args,
+            dict(HAS_PREFIX=p > 0, HAS_LENGTHS=lengths is not None, TRACE=trace, **_common_meta(q, layout), **meta))
     return (out, lse, trace_buf) if trace else (out, lse)
 
 
@@ -334,10 +373,9 @@ def segment_attention_bwd_triton(
     traces = {}
 
     pre_m = bwd_mod.PREPROCESS_BLOCK_M
-    bwd_mod._bwd_preprocess_kernel[(_cdiv(n, pre_m), hq, b)](
-        out, dout, delta, *out.stride(), *dout.stride(), *delta.stride(), n, d,
-        BLOCK_M=pre_m, BLOCK_D=common["BLOCK_D"], EVEN_D=common["EVEN_D"],
-    )
+    _launch(bwd_mod._bwd_preprocess_kernel, lambda rows: (_cdiv(n, pre_m), hq, rows), b,
+            (out, dout, delta, *out.stride(), *dout.stride(), *delta.stride(), n, d),
+            dict(BLOCK_M=pre_m, BLOCK_D=common["BLOCK_D"], EVEN_D=common["EVEN_D"]))
 
     kernel, meta = _select(bwd_mod._bwd_dkdv_kernel, bwd_mod.dkdv_configs, _TUNE_KEY_DKDV, q, config.get("dkdv"), trace)
     key_sets = [("dkdv", k, v, dk, dv, n, False)]
@@ -349,17 +387,14 @@ def segment_attention_bwd_triton(
             trace_buf = torch.zeros((b, hkv, _cdiv(keys, meta["BLOCK_N"]), _cdiv(n, meta["BLOCK_M"])),
                                     dtype=torch.int32, device=q.device)
             traces[name] = trace_buf
-        kernel[lambda m, keys=keys: (_cdiv(keys, m["BLOCK_N"]), hkv, b)](
+        args = (
             q, kk, vv, dout, lse, delta, gk, gv, seg, trace_buf if trace_buf is not None else dummy,
             *q.stride(), *kk.stride(), *vv.stride(), *dout.stride(), *lse.stride(), *delta.stride(),
             *gk.stride(), *gv.stride(),
             n, layout.num_read, s, keys, d, hq // hkv, scale * common_mod.LOG2E, scale, _tune_bucket(n + p),
-            IS_PREFIX=is_prefix,
-            HAS_LENGTHS=lengths is not None,
-            TRACE=trace,
-            **common,
-            **meta,
         )
+        _launch(kernel, lambda rows, keys=keys: lambda m: (_cdiv(keys, m["BLOCK_N"]), hkv, rows), b, args,
+                dict(IS_PREFIX=is_prefix, HAS_LENGTHS=lengths is not None, TRACE=trace, **common, **meta))
 
     kernel, meta = _select(bwd_mod._bwd_dq_kernel, bwd_mod.dq_configs, _TUNE_KEY, q, config.get("dq"), trace)
     trace_buf = None
@@ -367,19 +402,16 @@ def segment_attention_bwd_triton(
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
         trace_buf = traces["dq"] = torch.zeros((b, hq, _cdiv(n, bm), _cdiv(p, bn) + _cdiv(n, bn)),
                                                dtype=torch.int32, device=q.device)
-    kernel[lambda m: (_cdiv(n, m["BLOCK_M"]), hq, b)](
+    args = (
         q, k, v, prefix_k if p else dummy, prefix_v if p else dummy, dout, lse, delta, dq, seg,
         trace_buf if trace_buf is not None else dummy,
         *q.stride(), *k.stride(), *v.stride(),
         *_strides(prefix_k if p else None, q), *_strides(prefix_v if p else None, q),
         *dout.stride(), *lse.stride(), *delta.stride(), *dq.stride(),
         n, layout.num_read, s, p, d, hq // hkv, scale * common_mod.LOG2E, scale, _tune_bucket(n + p),
-        HAS_PREFIX=p > 0,
-        HAS_LENGTHS=lengths is not None,
-        TRACE=trace,
-        **common,
-        **meta,
     )
+    _launch(kernel, lambda rows: lambda m: (_cdiv(n, m["BLOCK_M"]), hq, rows), b, args,
+            dict(HAS_PREFIX=p > 0, HAS_LENGTHS=lengths is not None, TRACE=trace, **common, **meta))
     grads = (dq, dk, dv, dpk, dpv)
     return (*grads, traces) if trace else grads
 
