@@ -12,11 +12,14 @@ module:
 - kernels read ``segment_lengths`` as contiguous int32 on the device (:func:`kernel_lengths`);
 - an empty input (``B * H * N == 0``) returns zero outputs with log-sum-exp ``-inf`` and zero
   gradients (:func:`empty_attention_outputs`, :func:`zero_grads`), without launching anything;
-- the packed segment ``[B, N, d]`` is contiguous (:func:`alloc_packed`).
+- the packed segment ``[B, N, d]`` is contiguous (:func:`alloc_packed`);
+- a kernel launches under its tensors' device (:func:`device_guard`), and over chunks of at most
+  :data:`GRID_YZ_MAX` batch rows where the batch is a grid axis other than x.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -103,3 +106,15 @@ def kernel_lengths(segment_lengths: Optional[torch.Tensor], device: torch.device
 def alloc_packed(batch: int, seq_len: int, dim: int, dtype: torch.dtype, device) -> torch.Tensor:
     """The packed segment buffer ``[B, N, d]``, contiguous."""
     return torch.empty((batch, seq_len, dim), dtype=dtype, device=device)
+
+
+# CUDA's limit on grid axes y and z.
+GRID_YZ_MAX = 65535
+
+
+def device_guard(t: torch.Tensor):
+    """A context in which ``t``'s GPU is the current device (cheap when it is already); a no-op for CPU
+    tensors (the interpreter). Triton launches on the current device, not on the tensors'."""
+    if t.device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)

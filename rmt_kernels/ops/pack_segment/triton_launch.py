@@ -15,12 +15,12 @@ launches use.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 
-from .._alloc import accum_dtype
+from .._alloc import GRID_YZ_MAX, accum_dtype
+from .._alloc import device_guard as _device_guard
 
 # Elements of one tile: 16 KiB of float32 / 8 KiB of 16-bit data per load, enough in flight per
 # program to cover memory latency without spilling.
@@ -28,7 +28,6 @@ _TILE_ELEMS = 4096
 _MAX_BLOCK_D = 512
 _NUM_WARPS = 4
 # CUDA's limit on grid axes y and z (axis x takes 2**31 - 1), where the kernels' grids put the batch.
-GRID_YZ_MAX = 65535
 
 
 def _block_d(dim: int) -> int:
@@ -94,14 +93,6 @@ def _cdiv(a: int, b: int) -> int:
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
-
-
-def _device_guard(t: torch.Tensor):
-    """A context in which ``t``'s GPU is the current device (cheap when it is already); a no-op for CPU
-    tensors (the interpreter)."""
-    if t.device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.cuda.device(t.device)
 
 
 def _rows(t: torch.Tensor, b0: int, b1: int) -> torch.Tensor:

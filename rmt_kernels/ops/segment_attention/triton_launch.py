@@ -14,7 +14,6 @@ so ``import rmt_kernels`` works without triton and without a GPU.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Dict, Optional, Tuple
 
@@ -24,6 +23,8 @@ from ... import backends
 from ..._checks import check_kernel_support
 from ...errors import BackendUnavailableError
 from ...layout import MASK_CODES, MemoryLayout
+from .._alloc import GRID_YZ_MAX
+from .._alloc import device_guard as _device_guard
 from .._alloc import (
     alloc_grads,
     alloc_outputs,
@@ -45,7 +46,6 @@ _MAX_TILE_STRIDE = (2**31 - 1) // 256
 
 # CUDA's limit on grid axes y and z (axis x takes 2**31 - 1). The kernels' grids put the heads on axis y
 # and the batch on axis z: a larger batch is launched in chunks, more heads are refused.
-GRID_YZ_MAX = 65535
 
 
 def _interpreting() -> bool:
@@ -77,14 +77,6 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k, p
         raise ValueError(f"the triton backend of {OP} takes at most {GRID_YZ_MAX} query heads (CUDA's grid limit "
                          f"on axis y), got {q.shape[1]}")
     _check_device(q)
-
-
-def _device_guard(t: torch.Tensor):
-    """A context in which ``t``'s GPU is the current device (cheap when it is already); a no-op for CPU
-    tensors (the interpreter)."""
-    if t.device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.cuda.device(t.device)
 
 
 def _rows(t, b0: int, b1: int):
