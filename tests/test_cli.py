@@ -73,6 +73,14 @@ def test_check_exit_code_on_failure(monkeypatch, capsys):
         return out * 1.5, lse
 
     monkeypatch.setattr(impl, "fwd", wrong)
+    # Eager calls may enter the backend through its eager entry instead: break that one too.
+    original_eager = impl.eager
+
+    def wrong_eager(*args, **kwargs):
+        out = original_eager(*args, **kwargs)
+        return None if out is None else out * 1.5
+
+    monkeypatch.setattr(impl, "eager", wrong_eager)
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # only the torch backend runs on CPU tensors
     monkeypatch.setattr(diagnose, "_devices", lambda: [torch.device("cpu")])
     case = ("causal R2 W2 S9", MemoryLayout(2, 2, "causal"), 9, 0, None, (2, 2))
