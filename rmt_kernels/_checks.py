@@ -195,6 +195,16 @@ def check_attention_inputs(
 # --------------------------------------------------------------------------- backend support
 
 
+def check_dropout(dropout_p) -> float:
+    """``dropout_p`` as a float in ``[0, 1)``: TypeError for a non-real, ValueError outside."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
+    return dropout_p
+
+
 def check_kernel_support(q: torch.Tensor, dtypes, head_dims, backend: str) -> None:
     """``q``'s dtype and head dim are among what the ``backend`` launchers support (launchers called
     directly, outside the public entry points, check with this)."""

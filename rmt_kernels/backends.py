@@ -49,6 +49,8 @@ class BackendImpl:
     devices: Tuple[str, ...] = ("cpu", "cuda")
     status: Optional[Status] = None
     eager: Optional[Callable] = None
+    dropout: bool = False  # the launchers take dropout_p > 0 (and a seed)
+    dropout_mask: Optional[Callable] = None  # debug: the keep mask the launchers use for a seed
 
 
 _REGISTRY: Dict[str, Dict[str, BackendImpl]] = {}
@@ -102,8 +104,11 @@ def backend_status(op: str, backend: str, device: torch.device) -> Tuple[bool, s
     return True, "pure PyTorch"
 
 
-def unsupported(impl: BackendImpl, dtype: Optional[torch.dtype], head_dim: Optional[int]) -> Optional[str]:
-    """Why ``impl`` cannot take a call of this dtype and head dim (None: it can)."""
+def unsupported(impl: BackendImpl, dtype: Optional[torch.dtype], head_dim: Optional[int],
+                dropout: bool = False) -> Optional[str]:
+    """Why ``impl`` cannot take a call of this dtype, head dim and dropout (None: it can)."""
+    if dropout and not impl.dropout:
+        return "attention dropout"
     if dtype is not None and dtype not in impl.dtypes:
         return f"dtype {dtype}"
     if head_dim is not None and impl.head_dims is not None and head_dim not in impl.head_dims:
@@ -128,12 +133,12 @@ def _warn_fallback(op: str, skipped: str, reason: str, chosen: str) -> None:
 
 def resolve_backend(
     op: str, backend: str, device: torch.device, dtype: Optional[torch.dtype] = None,
-    head_dim: Optional[int] = None,
+    head_dim: Optional[int] = None, dropout: bool = False,
 ) -> str:
     """Turn ``backend`` (possibly "auto") into a concrete backend that can run, or raise.
 
-    ``"auto"`` takes the fastest backend that runs on ``device`` and supports ``dtype`` and
-    ``head_dim`` (when given); passing over a faster one that runs here but not with these warns once.
+    ``"auto"`` takes the fastest backend that runs on ``device`` and supports ``dtype``, ``head_dim``
+    and ``dropout`` (when given); passing over a faster one that runs here but not with these warns once.
     An explicit backend (argument or ``RMT_KERNELS_BACKEND``) is never replaced."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -153,7 +158,7 @@ def resolve_backend(
         for name in order:
             if not backend_status(op, name, device)[0]:
                 continue
-            reason = unsupported(ops[name], dtype, head_dim)
+            reason = unsupported(ops[name], dtype, head_dim, dropout)
             if reason is None:
                 if passed_over is not None:
                     _warn_fallback(op, *passed_over, name)

@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._checks import as_lengths, check_attention_inputs
+from ._checks import as_lengths, check_attention_inputs, check_dropout
 from .layout import MemoryLayout
 
 REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -37,6 +37,8 @@ def segment_attention_ref(
     scale: Optional[float] = None,
     upcast: bool = True,
     return_lse: bool = False,
+    dropout_p: float = 0.0,
+    dropout_mask: Optional[torch.Tensor] = None,
 ):
     """Reference causal-plus-memory attention with a dense mask.
 
@@ -49,7 +51,12 @@ def segment_attention_ref(
         scale: softmax scale, default ``1/sqrt(D)``.
         upcast: compute in float32 (float64 for float64 inputs). ``False`` computes in the input
             dtype: the "same-dtype eager" baseline of the tolerance rule.
-        return_lse: also return the natural log-sum-exp of each row, float32/float64 ``[B, H_q, N]``.
+        return_lse: also return the natural log-sum-exp of each row, float32/float64 ``[B, H_q, N]``
+            (of the scores before dropout).
+        dropout_p: attention dropout in ``[0, 1)``; with ``p > 0`` the keep mask ``dropout_mask``
+            (bool, broadcastable to ``[B, H_q, N, P + N]``, keys ordered ``[prefix | packed]``; what
+            ``segment_attention(..., return_dropout_mask=True)`` returns) is required: the output is
+            ``(softmax(S) * dropout_mask / (1 - p)) V``.
 
     Returns:
         ``[B, H_q, N, D]`` in q's dtype (and the log-sum-exp when asked). Rows that see no key give
@@ -65,6 +72,10 @@ def segment_attention_ref(
     shape = check_attention_inputs(
         q, k, v, layout, segment_lengths, prefix_k, prefix_v, scale, dtypes=REFERENCE_DTYPES
     )
+    dropout_p = check_dropout(dropout_p)
+    if dropout_p > 0 and dropout_mask is None:
+        raise ValueError("the reference draws no randomness: with dropout_p > 0 pass the keep mask a call used "
+                         "(dropout_mask=..., from segment_attention(..., return_dropout_mask=True))")
     if upcast:
         cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     else:
@@ -87,7 +98,10 @@ def segment_attention_ref(
     denom = expd.sum(dim=-1, keepdim=True)
     has_key = denom > 0
     safe = torch.where(has_key, denom, torch.ones_like(denom))
-    out = torch.matmul(expd / safe, v).to(q.dtype)
+    probs = expd / safe
+    if dropout_p > 0:
+        probs = probs * dropout_mask.to(probs.device) / (1.0 - dropout_p)
+    out = torch.matmul(probs, v).to(q.dtype)
     if not return_lse:
         return out
     lse = torch.where(has_key, row_max + torch.log(safe), torch.full_like(denom, float("-inf")))

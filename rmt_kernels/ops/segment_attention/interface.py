@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from ... import _extension, backends
-from ..._checks import _is_compiling, as_lengths, check_attention_inputs
+from ..._checks import _is_compiling, as_lengths, check_attention_inputs, check_dropout
+from ...errors import BackendUnavailableError
 from ...layout import MemoryLayout
 from .._alloc import alloc_outputs, as_bnh, as_bnhd, empty_bnhd
 from . import cuda, torch_impl, triton_launch
@@ -27,6 +28,8 @@ BACKEND_TABLE = backends.register_op(OP, {
         fwd=torch_impl.segment_attention_fwd_torch,
         bwd=torch_impl.segment_attention_bwd_torch,
         eager=torch_impl.segment_attention_eager_torch,
+        dropout=True,
+        dropout_mask=torch_impl.segment_attention_dropout_mask_torch,
         dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
         devices=("cpu", "cuda", "mps", "xpu"),
     ),
@@ -67,15 +70,35 @@ def segment_attention_fwd_op(
     prefix_visible_to: str,
     scale: float,
     backend: str,
+    dropout_p: float = 0.0,
+    seed: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     layout = _layout(num_read, num_write, mask, prefix_visible_to)
-    out, lse = BACKEND_TABLE[backend].fwd(q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale)
+    out, lse = _fwd(BACKEND_TABLE[backend], q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale,
+                    dropout_p, seed)
     return as_bnhd(out), as_bnh(lse)  # the layouts the fake declares
 
 
 @segment_attention_fwd_op.register_fake
-def _(q, k, v, prefix_k, prefix_v, segment_lengths, num_read, num_write, mask, prefix_visible_to, scale, backend):
+def _(q, k, v, prefix_k, prefix_v, segment_lengths, num_read, num_write, mask, prefix_visible_to, scale, backend,
+      dropout_p=0.0, seed=None):
     return alloc_outputs(q)
+
+
+def _fwd(impl, q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale, dropout_p, seed):
+    """The backend's forward launcher; dropout arguments only when dropout runs (``p = 0`` calls
+    every backend exactly as without dropout)."""
+    if dropout_p > 0:
+        return impl.fwd(q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale, dropout_p, seed)
+    return impl.fwd(q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale)
+
+
+def _bwd(impl, dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, layout, scale, need_prefix,
+         dropout_p, seed):
+    if dropout_p > 0:
+        return impl.bwd(dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, layout, scale,
+                        need_prefix, dropout_p, seed)
+    return impl.bwd(dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, layout, scale, need_prefix)
 
 
 @torch.library.custom_op("rmt_kernels::segment_attention_bwd", mutates_args=())
@@ -96,11 +119,13 @@ def segment_attention_bwd_op(
     scale: float,
     backend: str,
     need_prefix_grad: bool,
+    dropout_p: float = 0.0,
+    seed: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     layout = _layout(num_read, num_write, mask, prefix_visible_to)
-    bwd = BACKEND_TABLE[backend].bwd
-    dq, dk, dv, dpk, dpv = bwd(
-        dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, layout, scale, need_prefix_grad
+    dq, dk, dv, dpk, dpv = _bwd(
+        BACKEND_TABLE[backend], dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, layout, scale,
+        need_prefix_grad, dropout_p, seed,
     )
     empty = q.new_empty(0)
     # Custom ops may not return None, nor alias their inputs; gradients come in the outputs' layout.
@@ -115,7 +140,7 @@ def segment_attention_bwd_op(
 
 @segment_attention_bwd_op.register_fake
 def _(dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, num_read, num_write, mask,
-      prefix_visible_to, scale, backend, need_prefix_grad):
+      prefix_visible_to, scale, backend, need_prefix_grad, dropout_p=0.0, seed=None):
     with_prefix = prefix_k is not None and need_prefix_grad
     return (
         empty_bnhd(q.shape, q.dtype, q.device),
@@ -128,21 +153,23 @@ def _(dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, num_read, nu
 
 def _setup_context(ctx, inputs, output):
     q, k, v, prefix_k, prefix_v, segment_lengths, *params = inputs
+    params += [0.0, None][len(params) - 6:]  # dropout_p and seed when the call left them out
     out, lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, segment_lengths, out, lse)
-    ctx.params = params
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, params[7])
+    ctx.params = params[:7]
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, prefix_k, prefix_v, segment_lengths, out, lse = ctx.saved_tensors
+    q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, seed = ctx.saved_tensors
     need_prefix = prefix_k is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
+    *params, dropout_p = ctx.params
     dq, dk, dv, dpk, dpv = segment_attention_bwd_op(
-        dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, *ctx.params, need_prefix
+        dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, *params, need_prefix, dropout_p, seed
     )
     if not need_prefix:
         dpk = dpv = None
-    return dq, dk, dv, dpk, dpv, None, None, None, None, None, None, None
+    return (dq, dk, dv, dpk, dpv) + (None,) * (len(ctx.needs_input_grad) - 5)
 
 
 torch.library.register_autograd(
@@ -160,8 +187,10 @@ def segment_attention(
     prefix_k: Optional[Tensor] = None,
     prefix_v: Optional[Tensor] = None,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    return_dropout_mask: bool = False,
     backend: str = "auto",
-) -> Tensor:
+):
     """Causal-plus-memory attention over a packed ``[read memory | segment | write memory]`` segment.
 
     Which query row sees which key is fixed by ``layout`` (see :class:`MemoryLayout` for the drawn
@@ -178,13 +207,23 @@ def segment_attention(
         prefix_k, prefix_v: ``[B, H_kv, P, D]`` keys/values seen before the packed ones (an XL cache,
             a learned null key), read from their own tensors; both or neither. May require grad.
         scale: softmax scale, a finite real number, default ``1 / sqrt(D)``.
+        dropout_p: attention dropout in ``[0, 1)`` (default 0): ``(softmax(S) * keep / (1 - p)) V``,
+            the keep mask drawn inside the call from a seed taken from the device's generator (so
+            ``torch.manual_seed`` reproduces a run; successive calls differ) and regenerated in the
+            backward. Pass the module's dropout only in training. Triton draws it in the kernels
+            (Philox, never stored); the torch backend runs a dense math path for it (the stock CPU
+            kernels take no mask); the cuda backend has none (``"auto"`` passes over it).
+        return_dropout_mask: debug: also return the bool keep mask ``[B, H_q, N, P + N]`` (keys
+            ``[prefix | packed]``) the call used, which ``segment_attention_ref(dropout_mask=...)``
+            takes; all True without dropout.
         backend: ``"auto"`` (default: ``RMT_KERNELS_BACKEND`` if set, else the fastest backend that
-            runs on q's device and supports its dtype and head dim; passing over a faster one warns
-            once), ``"torch"``, ``"triton"`` or ``"cuda"``.
+            runs on q's device and supports its dtype, head dim and dropout; passing over a faster
+            one warns once), ``"torch"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
-        ``[B, H_q, N, D]`` in q's dtype. Softmax and accumulation run in float32. A row that sees no
-        key outputs 0 and passes zero gradient.
+        ``[B, H_q, N, D]`` in q's dtype (with ``return_dropout_mask``: ``(out, keep_mask)``).
+        Softmax and accumulation run in float32. A row that sees no key outputs 0 and passes zero
+        gradient.
 
     Raises:
         TypeError: a non-tensor argument, mismatched or unsupported dtypes, a non-integer
@@ -202,32 +241,53 @@ def segment_attention(
     if not isinstance(q, Tensor):
         raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
     segment_lengths = as_lengths(segment_lengths)
-    name = backends.resolve_backend(OP, backend, q.device, q.dtype, q.shape[-1] if q.dim() == 4 else None)
+    dropout_p = check_dropout(dropout_p)
+    name = backends.resolve_backend(OP, backend, q.device, q.dtype, q.shape[-1] if q.dim() == 4 else None,
+                                    dropout_p > 0)
     impl = BACKEND_TABLE[name]
     shape = check_attention_inputs(
         q, k, v, layout, segment_lengths, prefix_k, prefix_v, scale,
         dtypes=impl.dtypes, head_dims=impl.head_dims, backend=name,
     )
+    if dropout_p > 0 and not impl.dropout:
+        raise BackendUnavailableError(
+            f"the {name} backend of {OP} has no attention dropout: use backend='triton' on a GPU, "
+            "backend='torch', or backend='auto'"
+        )
     if shape.prefix_len == 0:
         prefix_k = prefix_v = None
+    # The seed of the dropout mask, drawn on the device (no host sync; recorded by CUDA graphs).
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device) if dropout_p > 0 else None
+    out = _attention(q, k, v, prefix_k, prefix_v, segment_lengths, layout, shape.scale, name, impl, dropout_p, seed)
+    if not return_dropout_mask:
+        return out
+    if dropout_p == 0:
+        keys = shape.prefix_len + shape.seq_len
+        return out, torch.ones((shape.batch, shape.heads_q, shape.seq_len, keys), dtype=torch.bool, device=q.device)
+    return out, impl.dropout_mask(q, k, prefix_k, layout, dropout_p, seed)
+
+
+def _attention(q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale, name, impl, dropout_p, seed):
     if _is_compiling():
         out, _ = segment_attention_fwd_op(
             q, k, v, prefix_k, prefix_v, segment_lengths,
-            layout.num_read, layout.num_write, layout.mask, layout.prefix_visible_to, shape.scale, name,
+            layout.num_read, layout.num_write, layout.mask, layout.prefix_visible_to, scale, name, dropout_p, seed,
         )
         return out
     # Eager: the same kernels without the custom-op machinery (dispatch through torch.library
     # costs several times a small attention call).
-    if impl.eager is not None:
-        out = impl.eager(q, k, v, prefix_k, prefix_v, segment_lengths, layout, shape.scale)
+    if impl.eager is not None and dropout_p == 0:
+        out = impl.eager(q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale)
         if out is not None:
             return out
     if torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad
         or (prefix_k is not None and (prefix_k.requires_grad or prefix_v.requires_grad))
     ):
-        return _SegmentAttention.apply(q, k, v, prefix_k, prefix_v, segment_lengths, layout, shape.scale, impl)
-    return impl.fwd(q, k, v, prefix_k, prefix_v, segment_lengths, layout, shape.scale)[0]
+        return _SegmentAttention.apply(
+            q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale, impl, dropout_p, seed
+        )
+    return _fwd(impl, q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale, dropout_p, seed)[0]
 
 
 class _SegmentAttention(torch.autograd.Function):
@@ -236,19 +296,20 @@ class _SegmentAttention(torch.autograd.Function):
     re-lay them out as their fakes declare, which ``torch.compile`` checks)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale, impl):
-        out, lse = impl.fwd(q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale)
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, segment_lengths, out, lse)
-        ctx.layout, ctx.scale, ctx.impl = layout, scale, impl
+    def forward(ctx, q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale, impl, dropout_p, seed):
+        out, lse = _fwd(impl, q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, seed)
+        ctx.layout, ctx.scale, ctx.impl, ctx.dropout_p = layout, scale, impl, dropout_p
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, prefix_k, prefix_v, segment_lengths, out, lse = ctx.saved_tensors
+        q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, seed = ctx.saved_tensors
         need_prefix = prefix_k is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
-        dq, dk, dv, dpk, dpv = ctx.impl.bwd(
-            dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, ctx.layout, ctx.scale, need_prefix
+        dq, dk, dv, dpk, dpv = _bwd(
+            ctx.impl, dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, ctx.layout, ctx.scale,
+            need_prefix, ctx.dropout_p, seed,
         )
         if not need_prefix:
             dpk = dpv = None
-        return dq, dk, dv, dpk, dpv, None, None, None, None
+        return dq, dk, dv, dpk, dpv, None, None, None, None, None, None

@@ -244,13 +244,17 @@ def _plan_of(q, prefix_k, segment_lengths, layout: MemoryLayout) -> _Plan:
 
 
 def segment_attention_fwd_torch(
-    q, k, v, prefix_k, prefix_v, segment_lengths, layout: MemoryLayout, scale: float
+    q, k, v, prefix_k, prefix_v, segment_lengths, layout: MemoryLayout, scale: float,
+    dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None,
 ):
     """Forward of the torch backend: ``(out [B, H_q, N, D], lse [B, H_q, N])``. Inputs are validated.
+    With ``dropout_p > 0`` the dense dropout path runs (:func:`_dropout_fwd`).
 
     When one stock call is the whole op, its results are returned as they come (the output in q's
     layout, as SDPA's); composed results are stored as ``alloc_outputs`` lays them out.
     """
+    if dropout_p > 0:
+        return _dropout_fwd(q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale, dropout_p, seed)
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     if prefix_k is not None:
         prefix_k, prefix_v = _unit_last_stride(prefix_k), _unit_last_stride(prefix_v)
@@ -310,10 +314,13 @@ def segment_attention_eager_torch(
 
 def segment_attention_bwd_torch(
     dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, layout: MemoryLayout, scale: float,
-    need_prefix_grad: bool,
+    need_prefix_grad: bool, dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None,
 ):
     """Backward of the torch backend: ``(dq, dk, dv, dprefix_k, dprefix_v)``, prefix grads None when
     there is no prefix or ``need_prefix_grad`` is False."""
+    if dropout_p > 0:
+        return _dropout_bwd(dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, layout, scale,
+                            need_prefix_grad, dropout_p, seed)
     dout, q, k, v, prefix_k, prefix_v = map(_unit_last_stride, (dout, q, k, v, prefix_k, prefix_v))
     plan = _plan_of(q, prefix_k, segment_lengths, layout)
     if plan.masked and scale > 0:
@@ -356,4 +363,77 @@ def segment_attention_bwd_torch(
         dv.finish(runs, dtype),
         dpk.finish(runs, dtype) if want_prefix else None,
         dpv.finish(runs, dtype) if want_prefix else None,
+    )
+
+
+# --------------------------------------------------------------------------- dropout
+
+# The stock CPU kernels take no dropout mask: with dropout_p > 0 the torch backend runs one dense math
+# pass over the keys [prefix | packed] (O(N * (P + N)) memory, like SDPA's own dropout path on CPU),
+# with the keep mask drawn from a generator seeded by the call's seed and regenerated in the backward.
+
+
+def segment_attention_dropout_mask_torch(q, k, prefix_k, layout: MemoryLayout, dropout_p: float, seed):
+    """The keep mask bool ``[B, H_q, N, P + N]`` (keys ``[prefix | packed]``) that the torch backend
+    applies for ``seed`` (int64 ``[1]``): uniform draws of a generator seeded with it, kept where
+    ``>= dropout_p``. Reading the seed is a host read (a sync for CUDA tensors)."""
+    b, hq, n, _ = q.shape
+    p = 0 if prefix_k is None else prefix_k.shape[2]
+    gen = torch.Generator(device=q.device).manual_seed(int(seed.reshape(-1)[0]))
+    return torch.rand((b, hq, n, p + n), generator=gen, device=q.device) >= dropout_p
+
+
+def _dense_scores(q, k, prefix_k, segment_lengths, layout: MemoryLayout, scale: float):
+    """Masked scores ``[B, H_kv, G, N, P + N]`` in the accumulation dtype, and the keys used."""
+    b, hq, n, d = q.shape
+    keys = k if prefix_k is None else torch.cat([prefix_k, k], dim=2)
+    hkv, kn = keys.shape[1], keys.shape[2]
+    cdt = accum_dtype(q.dtype)
+    visible = layout.dense_mask(n - layout.num_read - layout.num_write, kn - n, segment_lengths)
+    qf = q.to(cdt).reshape(b, hkv, hq // hkv, n, d)
+    scores = torch.matmul(qf, keys.to(cdt).transpose(-1, -2)[:, :, None]) * scale  # [B, Hkv, G, N, K]
+    return scores.masked_fill(~visible.to(q.device)[:, None, None], float("-inf")), qf, keys
+
+
+def _probs(scores, lse):
+    """``exp(scores - lse)``; rows without a key (``lse = -inf``) give 0 rather than NaN."""
+    return torch.exp(scores - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
+
+
+def _dropout_fwd(q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale, dropout_p, seed):
+    b, hq, n, d = q.shape
+    scores, _, keys = _dense_scores(q, k, prefix_k, segment_lengths, layout, scale)
+    values = v if prefix_v is None else torch.cat([prefix_v, v], dim=2)
+    lse = torch.logsumexp(scores, dim=-1)  # before dropout: what the backward's P needs
+    keep = segment_attention_dropout_mask_torch(q, k, prefix_k, layout, dropout_p, seed)
+    dropped = _probs(scores, lse) * keep.reshape(scores.shape) / (1.0 - dropout_p)
+    out = torch.matmul(dropped, values.to(scores.dtype)[:, :, None]).reshape(b, hq, n, d)
+    return out.to(q.dtype), lse.reshape(b, hq, n)
+
+
+def _dropout_bwd(dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, layout, scale,
+                 need_prefix_grad, dropout_p, seed):
+    b, hq, n, d = q.shape
+    scores, qf, keys = _dense_scores(q, k, prefix_k, segment_lengths, layout, scale)
+    values = v if prefix_v is None else torch.cat([prefix_v, v], dim=2)
+    hkv, g, cdt = keys.shape[1], hq // keys.shape[1], scores.dtype
+    probs = _probs(scores, lse.to(cdt).reshape(b, hkv, g, n))
+    keep = segment_attention_dropout_mask_torch(q, k, prefix_k, layout, dropout_p, seed).reshape(scores.shape)
+    kept = keep / (1.0 - dropout_p)
+    dof = dout.to(cdt).reshape(b, hkv, g, n, d)
+    dv = torch.matmul((probs * kept).transpose(-1, -2), dof).sum(2)
+    dp = torch.matmul(dof, values.to(cdt).transpose(-1, -2)[:, :, None]) * kept
+    delta = (dof * out.to(cdt).reshape(b, hkv, g, n, d)).sum(-1, keepdim=True)
+    ds = probs * (dp - delta)
+    dq = (torch.matmul(ds, keys.to(cdt)[:, :, None]) * scale).reshape(b, hq, n, d)
+    dk = (torch.matmul(ds.transpose(-1, -2), qf) * scale).sum(2)
+    p = keys.shape[2] - n
+    dtype = q.dtype
+    want_prefix = p > 0 and need_prefix_grad
+    return (
+        dq.to(dtype),
+        dk[:, :, p:].to(dtype),
+        dv[:, :, p:].to(dtype),
+        dk[:, :, :p].to(dtype) if want_prefix else None,
+        dv[:, :, :p].to(dtype) if want_prefix else None,
     )
