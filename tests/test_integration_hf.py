@@ -17,7 +17,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", minversion="5")
 
-from rmt_kernels import MemoryLayout  # noqa: E402
+from rmt_kernels import MemoryLayout, segment_attention_ref  # noqa: E402
 from rmt_kernels.integrations import hf  # noqa: E402
 
 from helpers import assert_close  # noqa: E402
@@ -220,48 +220,62 @@ def test_padded_memory_column_takes_fallback(monkeypatch):
     assert_close(out, ref, name="logits")
 
 
+def _replay_dropout(monkeypatch, run):
+    """``run()`` twice: once recording the keep mask of every kernel call, once with the reference
+    applying those masks in the same order. Returns ``(kernel result, reference result, dropout_p list)``."""
+    real = hf.segment_attention
+    masks = []
+
+    def recording(q, k, v, layout, **kw):
+        out, keep = real(q, k, v, layout, return_dropout_mask=True, **kw)
+        masks.append((kw.get("dropout_p", 0.0), keep))
+        return out
+
+    monkeypatch.setattr(hf, "segment_attention", recording)
+    got = run()
+    replay = iter(masks)
+
+    def reference(q, k, v, layout, *, segment_lengths=None, scale=None, dropout_p=0.0, **kw):
+        _, keep = next(replay)
+        return segment_attention_ref(q, k, v, layout, segment_lengths=segment_lengths, scale=scale,
+                                     dropout_p=dropout_p, dropout_mask=keep)
+
+    monkeypatch.setattr(hf, "segment_attention", reference)
+    want = run()
+    assert next(replay, None) is None
+    return got, want, [p for p, _ in masks]
+
+
 @pytest.mark.parametrize(
     "padding", [pytest.param("none", id="no_padding"), pytest.param("right", id="right")]
 )
-def test_dropout_falls_back_to_sdpa(padding, monkeypatch):
+def test_dropout_runs_in_the_kernel(padding, monkeypatch):
     model = _gpt2(attn_pdrop=0.3).train()
+    model.set_attn_implementation("rmt_kernels")
     ids = torch.randint(0, VOCAB, (3, SEQ))
     mask, _ = _mask(padding)
-    counter = _Counter(monkeypatch)
-    outs = {}
-    for attn in ("sdpa", "rmt_kernels"):
-        model.set_attn_implementation(attn)
-        torch.manual_seed(1234)
-        outs[attn] = model(input_ids=ids, attention_mask=mask).logits
-    assert counter.calls == 0
-    # Same SDPA call under the same seed: identical, dropout included.
-    assert torch.equal(outs["rmt_kernels"], outs["sdpa"])
-    model.set_attn_implementation("sdpa")
+    got, want, ps = _replay_dropout(monkeypatch, lambda: model(input_ids=ids, attention_mask=mask).logits)
+    assert ps == [0.3, 0.3]  # every attention call ran the kernel, with the module's dropout
+    assert_close(got, want, name="logits")
+    monkeypatch.undo()
+    torch.manual_seed(5)
+    a = model(input_ids=ids, attention_mask=mask).logits
+    torch.manual_seed(5)
+    assert torch.equal(a, model(input_ids=ids, attention_mask=mask).logits)
     model.eval()
-    no_dropout = model(input_ids=ids, attention_mask=mask).logits
-    assert not torch.allclose(outs["rmt_kernels"], no_dropout)
-    # Training mode with dropout 0 runs the kernel.
-    model.set_attn_implementation("rmt_kernels")
-    model.train()
-    for block in model.transformer.h:
-        block.attn.attn_dropout.p = 0.0
-    assert_close(model(input_ids=ids, attention_mask=mask).logits, no_dropout, name="logits")
-    assert counter.calls == 2
+    assert not torch.allclose(a, model(input_ids=ids, attention_mask=mask).logits)
 
 
-def test_dropout_with_layout_uses_dense_layout_mask(monkeypatch):
+def test_dropout_with_layout_runs_in_the_kernel(monkeypatch):
     layout = MemoryLayout(2, 2, mask="memory_bidirectional")
-    ids, mask2d, dense = _layout_inputs(layout, [12, 7, 3])
+    ids, mask2d, _ = _layout_inputs(layout, [12, 7, 3])
     model = _gpt2(attn_pdrop=0.3).train()
-    counter = _Counter(monkeypatch)
-    model.set_attn_implementation("sdpa")
-    torch.manual_seed(99)
-    ref = model(input_ids=ids, attention_mask=dense).logits
     model.set_attn_implementation("rmt_kernels")
-    torch.manual_seed(99)
-    out = model(input_ids=ids, attention_mask=mask2d, rmt_layout=layout).logits
-    assert counter.calls == 0
-    assert torch.equal(out, ref)
+    got, want, ps = _replay_dropout(
+        monkeypatch, lambda: model(input_ids=ids, attention_mask=mask2d, rmt_layout=layout).logits
+    )
+    assert ps == [0.3, 0.3]
+    assert_close(got, want, name="logits")
 
 
 @pytest.mark.parametrize("build", [pytest.param(_gpt2, id="gpt2"), pytest.param(_llama, id="llama_gqa")])

@@ -23,6 +23,7 @@ from recurrent_memory_transformer_pytorch import (  # noqa: E402
 )
 
 from helpers import assert_close  # noqa: E402
+from rmt_kernels import segment_attention_ref  # noqa: E402
 from rmt_kernels.integrations import lucidrains  # noqa: E402
 
 VOCAB, SEG, TOTAL, BATCH = 64, 8, 20, 3
@@ -138,20 +139,33 @@ def test_wrapper_loss_and_grads(replay):
         assert_close(out[1][name], ref[1][name], base[1][name], name=f"grad {name}")
 
 
-def test_attention_dropout_runs_the_original(monkeypatch):
+def test_attention_dropout_runs_in_the_kernel(monkeypatch):
     model = _model(attn_dropout=0.3).train()
     patched = lucidrains.apply_rmt_kernels(copy.deepcopy(model))
     tokens = torch.randint(0, VOCAB, (BATCH, SEG))
-    counter = _Counter(monkeypatch)
-    torch.manual_seed(7)
-    ref = model(tokens)[0]
-    torch.manual_seed(7)
+    real = lucidrains.segment_attention
+    masks = []
+
+    def recording(q, k, v, layout, **kw):
+        out, keep = real(q, k, v, layout, return_dropout_mask=True, **kw)
+        masks.append((kw["dropout_p"], keep))
+        return out
+
+    monkeypatch.setattr(lucidrains, "segment_attention", recording)
     out = patched(tokens)[0]
-    assert counter.calls == 0
-    assert torch.equal(out, ref)
+    assert [p for p, _ in masks] == [0.3, 0.3]  # both layers ran the kernel with the module's dropout
+    replay = iter(masks)
+
+    def reference(q, k, v, layout, *, segment_lengths=None, prefix_k=None, prefix_v=None, dropout_p=0.0, **kw):
+        _, keep = next(replay)
+        return segment_attention_ref(q, k, v, layout, segment_lengths=segment_lengths, prefix_k=prefix_k,
+                                     prefix_v=prefix_v, dropout_p=dropout_p, dropout_mask=keep)
+
+    monkeypatch.setattr(lucidrains, "segment_attention", reference)
+    assert_close(out, patched(tokens)[0], name="logits")
+    monkeypatch.setattr(lucidrains, "segment_attention", real)
     patched.eval()
-    assert not torch.allclose(patched(tokens)[0], ref)
-    assert counter.calls == 2
+    assert not torch.allclose(patched(tokens)[0], out)
 
 
 def test_patch_keeps_state_dict_and_is_idempotent(monkeypatch):

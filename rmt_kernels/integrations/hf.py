@@ -27,9 +27,6 @@ padded memory columns) takes the **exact fallback**: SDPA with the dense mask
 
 Other fallbacks, all to ``transformers``' own SDPA attention with the same mask ``"sdpa"`` would use:
 
-- attention dropout (``dropout > 0``, i.e. a training module with ``attention_dropout > 0``): the
-  kernel has no dropout, so SDPA runs with ``dropout_p`` (same distribution; bit-equal to ``"sdpa"``
-  under the same seed when no layout is set);
 - queries and keys of different lengths (decoding with a KV cache, cross-attention), a 4-D mask
   (a custom mask, sliding-window or packed-sequence masks), a ``position_bias``: not expressible as a
   memory layout. With a layout set these raise ``ValueError`` instead, since the layout could not be
@@ -339,7 +336,9 @@ def rmt_kernels_attention(
             natively). float16/bfloat16/float32 (float64 on the torch backend).
         attention_mask: what :func:`rmt_kernels_mask` produced: None, a bool ``[B, N]`` padding mask,
             or a 4-D mask (fallback to SDPA).
-        dropout: attention-probability dropout; ``> 0`` takes the SDPA fallback.
+        dropout: attention-probability dropout (a training module's ``attention_dropout``), applied
+            inside ``segment_attention`` (``dropout_p``; the same distribution as SDPA's dropout, drawn
+            from another random stream).
         scaling: softmax scale (default ``1/sqrt(D)``).
         is_causal: overrides ``module.is_causal`` when given.
         kwargs: ``rmt_layout`` (a :class:`MemoryLayout` or dict; default ``module.config.rmt_layout``),
@@ -382,11 +381,6 @@ def rmt_kernels_attention(
                 is_causal=is_causal, **kwargs,
             )
         layout = MemoryLayout(0, 0, mask="causal" if causal else "full")
-        if dropout > 0.0 and attention_mask is None:
-            # Same call as "sdpa" makes: bit-equal under the same seed.
-            return sdpa_attention_forward(
-                module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=causal, **kwargs
-            )
     elif not expressible:
         raise _not_expressible(from_config, q_len, kv_len, attention_mask, position_bias)
     if q_len < layout.num_read + layout.num_write:
@@ -395,19 +389,15 @@ def rmt_kernels_attention(
             f"positions but the layer got only {q_len} positions"
         )
 
-    if dropout > 0.0:
-        dense = _dense_mask(layout, q_len, attention_mask, query.device)
-        return sdpa_attention_forward(
-            module, query, key, value, dense, dropout=dropout, scaling=scaling, is_causal=False
-        )
-
     lengths = None
     if attention_mask is not None:
         right, lengths = _right_padding(attention_mask, layout, q_len)
         if not right:
             dense = _dense_mask(layout, q_len, attention_mask, query.device)
-            return sdpa_attention_forward(module, query, key, value, dense, scaling=scaling, is_causal=False)
+            return sdpa_attention_forward(
+                module, query, key, value, dense, dropout=dropout, scaling=scaling, is_causal=False
+            )
 
     with _amp.kernel_region(device_type, autocast_dtype):
-        out = segment_attention(query, key, value, layout, segment_lengths=lengths, scale=scaling)
+        out = segment_attention(query, key, value, layout, segment_lengths=lengths, scale=scaling, dropout_p=dropout)
     return out.transpose(1, 2).contiguous(), None

@@ -20,9 +20,10 @@ What that model computes per segment, and how it maps onto a :class:`~rmt_kernel
 - ``mask=`` (True = valid segment token) becomes ``segment_lengths`` when it is right padding.
 
 Same outputs, memories, XL memories and gradients as the unpatched model. The unpatched code runs
-instead (exact, it is the original) for a ``mask`` that is not right padding, for
-``mask_out_read_memories=True``, and for attention dropout in training mode (the kernel has no
-dropout). ``causal=True`` with ``memory_not_causal=False`` fails in the original package itself (its
+instead (exact, it is the original) for a ``mask`` that is not right padding and for
+``mask_out_read_memories=True``. Attention dropout (``attn_dropout`` in training mode) runs
+inside ``segment_attention`` (``dropout_p``: the same distribution as the original's, another random
+stream). ``causal=True`` with ``memory_not_causal=False`` fails in the original package itself (its
 causal mask does not cover the null key), so it is refused here with a ``ValueError``.
 
 Under ``torch.autocast`` the attention inputs are cast as SDPA's are (see ``_amp``).
@@ -229,7 +230,7 @@ def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
 def _attention_forward(self, x, rotary_emb=None, mask=None, xl_memories=None, value_residual=None):
     """``Attention.forward`` on ``segment_attention``; same three outputs as the original."""
     state = getattr(self, _STATE_ATTR)
-    if state.layout is None or (self.training and self.attend.dropout > 0.0):
+    if state.layout is None:
         return type(self).forward(
             self, x, rotary_emb=rotary_emb, mask=mask, xl_memories=xl_memories, value_residual=value_residual
         )
@@ -274,6 +275,7 @@ def _attention_forward(self, x, rotary_emb=None, mask=None, xl_memories=None, va
         out = segment_attention(
             q, k, v, state.layout,
             segment_lengths=state.segment_lengths, prefix_k=prefix_k, prefix_v=prefix_v, backend=state.backend,
+            dropout_p=self.attend.dropout if self.training else 0.0,
         )
     out = out.transpose(1, 2).reshape(b, n, h * d)
     return self.to_out(out), next_xl, orig_v
