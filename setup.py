@@ -1,9 +1,11 @@
 """Packaging for rmt_kernels.
 
-`pip install .` installs pure Python and compiles nothing. `RMT_KERNELS_BUILD_CUDA=1 pip install
---no-build-isolation .` additionally builds the CUDA extension `rmt_kernels._C` from csrc/ against the
-installed torch, for the architectures in RMT_KERNELS_CUDA_ARCHS (else TORCH_CUDA_ARCH_LIST, else
-"8.0;9.0a"), with at most RMT_KERNELS_MAX_JOBS parallel compile jobs (default 2).
+`pip install .` installs pure Python, compiles nothing and requires torch alone; the extras add the
+packages of the optional parts (`triton`, `cuda`, `hf`, `lucidrains`, `bench`, `test`).
+`RMT_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation ".[cuda]"` additionally builds the CUDA
+extension `rmt_kernels._C` from csrc/ against the installed torch, for the architectures in
+RMT_KERNELS_CUDA_ARCHS (else TORCH_CUDA_ARCH_LIST, else "8.0;9.0a"), with at most
+RMT_KERNELS_MAX_JOBS parallel compile jobs (default 2).
 """
 
 import glob
@@ -12,6 +14,8 @@ import os
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Triton publishes Linux wheels only.
+TRITON = "triton; platform_system == 'Linux'"
 
 
 def _version() -> str:
@@ -71,18 +75,22 @@ setup(
     package_dir={"rmt_kernels.csrc": "csrc"},
     # Every subfolder of csrc/: common/, one folder per op, tools/.
     package_data={"rmt_kernels.csrc": ["*.cpp", "*/*.cu", "*/*.cuh", "*/*.h", "*/*.cpp"]},
-    install_requires=[
-        "torch>=2.6",
-        "triton; platform_system == 'Linux'",
-        "numpy",
-        "ninja",
-        "pybind11",
-    ],
+    # torch is the only requirement: the torch backend is stock PyTorch. Every other package comes with
+    # the extra that uses it.
+    install_requires=["torch>=2.6"],
     extras_require={
+        # Triton kernels on CUDA GPUs. Linux CUDA builds of torch already depend on triton; this extra is
+        # for installs that lack it.
+        "triton": [TRITON],
+        # The CUDA extension, built just in time (torch.utils.cpp_extension.load runs ninja) or ahead of
+        # time (RMT_KERNELS_BUILD_CUDA=1, BuildExtension with ninja). Needs a CUDA torch and nvcc too.
+        "cuda": ["ninja"],
         "test": [
             "pytest",
             "pytest-benchmark",
             "hypothesis",
+            TRITON,  # the tests run the Triton kernels on CPU in Triton's interpreter...
+            "numpy",  # ...which needs numpy
             "transformers>=5.3,<6",
             "recurrent-memory-transformer-pytorch>=0.7,<0.8",
             "peft",  # the integration tests wrap backbones with LoRA

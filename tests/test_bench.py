@@ -231,6 +231,85 @@ def test_results_are_named_by_device_and_date():
     assert records.results_stem(env) == "cpu-amd-epyc-7b13_2025-01-02"
 
 
+# ----------------------------------------------------------------------------------------- noise
+
+
+def _timed(provider, median, p20, p80, **fields):
+    return make_row(ENV, status="ok", provider=provider, median_ms=median, p20_ms=p20, p80_ms=p80, reps=5, **fields)
+
+
+def test_a_ratio_whose_interval_reaches_one_is_flagged_noisy():
+    dense = _timed("sdpa_dense", 10.0, 9.0, 11.0)
+    composed = _timed("sdpa_composed", 8.0, 7.5, 8.5)  # 1.25x dense, spreads well apart
+    ref = _timed("reference", 12.0, 6.0, 18.0)  # 0.67x composed, but its spread is wider than that
+    skipped = make_row(ENV, status="skipped", reason="x", provider="flex")
+    rows = [dense, composed, ref, skipped]
+    records.fill_ratios(rows, attention.PEERS)
+    assert composed["ratio_to_best_peer"] == pytest.approx(10.0 / 8.0)
+    assert (composed["ratio_to_best_peer_low"], composed["ratio_to_best_peer_high"]) == pytest.approx(
+        (9.0 / 8.5, 11.0 / 7.5)
+    )
+    assert composed["noisy"] is False and composed["noisy_vs_sdpa_dense"] is False
+    assert ref["best_peer"] == "sdpa_composed" and ref["ratio_to_best_peer"] == pytest.approx(8.0 / 12.0)
+    assert (ref["ratio_to_best_peer_low"], ref["ratio_to_best_peer_high"]) == pytest.approx((7.5 / 18.0, 8.5 / 6.0))
+    assert ref["noisy"] is True and ref["noisy_vs_sdpa_dense"] is True
+    assert (ref["ratio_to_sdpa_dense_low"], ref["ratio_to_sdpa_dense_high"]) == pytest.approx((9.0 / 18.0, 11.0 / 6.0))
+    assert dense["noisy_vs_sdpa_dense"] is None  # no ratio to itself
+    assert skipped["noisy"] is None and skipped["ratio_to_best_peer_low"] is None
+    json.loads(json.dumps(rows))
+    for row in rows:
+        assert tuple(row) == ROW_FIELDS
+
+
+def test_a_ratio_of_equal_spreads_touching_one_is_noisy():
+    assert records.is_noisy(*records.ratio_interval(_timed("a", 2.0, 1.0, 2.0), _timed("b", 4.0, 2.0, 4.0)))
+    assert not records.is_noisy(*records.ratio_interval(_timed("a", 2.0, 1.0, 1.9), _timed("b", 4.0, 2.0, 4.0)))
+
+
+# (suite, its peer provider, the provider compared with it, fields of the suite's rows)
+_SUITE_ROWS = {
+    "attention": ("sdpa_dense", "sdpa_composed", dict(mask="causal", tflops=1.0, pct_peak=None)),
+    "handoff": ("torch_cat", "pack_segment:torch", dict(batch=1, seq_len=12, dim=16, gbps=1.0, pct_copy_bw=50.0)),
+    "step": ("official", "rmt_kernels", dict(layers=2, dim=16, batch=1, segments=2, segment_len=8, num_read=2,
+                                             peak_mem_mb=1.0)),
+    "overhead": ("stock", "rmt_kernels", dict(series="segment_attention", mask="causal", note="eager")),
+}
+
+
+@pytest.mark.parametrize("suite", sorted(_SUITE_ROWS))
+def test_every_printed_table_marks_noisy_ratios(suite, capsys):
+    peer, ours, fields = _SUITE_ROWS[suite]
+    fields = dict(fields, suite=suite, mode="fwd", dtype="float32")
+    clear = [_timed(ours, 10.0, 9.9, 10.1, shape="steady", **fields),  # 2.00x, interval 1.97-2.03
+             _timed(peer, 20.0, 19.9, 20.1, shape="steady", **fields)]
+    noisy = [_timed(ours, 10.0, 6.0, 14.0, shape="jittery", **fields),  # 1.10x, interval 0.50-2.50
+             _timed(peer, 11.0, 7.0, 15.0, shape="jittery", **fields)]
+    for point in (clear, noisy):
+        records.fill_ratios(point, (peer,), dense="sdpa_dense" if suite == "attention" else None)
+    SUITES[suite].print_rows(clear + noisy, ENV)
+    out = capsys.readouterr().out
+    if suite == "overhead":  # rmt/stock: the inverse ratio
+        marked, plain = "~0.91x", "0.50x"
+    else:
+        marked, plain = f"~1.10x {peer}", f"2.00x {peer}"
+    # the first row of each point in the table (the attention suite's summary under it names them again)
+    noisy_line = next(line for line in out.splitlines() if "jittery" in line.split())
+    clear_line = next(line for line in out.splitlines() if "steady" in line.split())
+    assert marked in noisy_line, out
+    assert plain in clear_line and "~" not in clear_line, out
+    counted = "2 of 4" if suite == "attention" else "1 of 2"  # attention: vs best peer and vs sdpa_dense
+    assert f"~: noisy ratio ({counted})" in out and "wider than the margin" in out, out
+
+
+def test_goal_summary_prints_the_interval_of_the_ratio_to_dense_sdpa(capsys):
+    fields = dict(suite="attention", shape="s", mask="causal", mode="fwd+bwd", dtype="float32", tflops=1.0)
+    point = [_timed("sdpa_dense", 15.0, 14.0, 16.0, **fields), _timed("sdpa_composed", 10.0, 9.0, 15.0, **fields)]
+    records.fill_ratios(point, attention.PEERS)
+    SUITES["attention"].print_rows(point, ENV)
+    out = capsys.readouterr().out
+    assert "1.50x (0.93-1.78) noisy" in out, out
+
+
 # ----------------------------------------------------------------------------------------- handoff and step
 
 

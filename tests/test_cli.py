@@ -130,3 +130,38 @@ def test_info_names_the_devices_and_lists_every_op(capsys):
     for op in ("segment_attention", "pack_segment", "pack_segment_from_ids"):
         assert re.search(rf"^\s+{op}$", out, re.M), out
     assert len(re.findall(r"^\s*auto: -> torch$", out, re.M)) == 3
+
+
+def test_info_names_the_extra_that_gets_each_missing_package(monkeypatch, capsys):
+    from rmt_kernels import _extension
+
+    monkeypatch.setattr(diagnose.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(diagnose, "_installed", lambda module: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    triton = dict(diagnose.missing("triton"))
+    assert triton["triton"].startswith('pip install "rmt_kernels[triton]"')
+    assert any("TRITON_INTERPRET=1" in what for what in triton)
+    assert any(what.startswith("numpy") for what in triton)
+    assert diagnose.missing("torch") == []
+
+    monkeypatch.setattr(torch.version, "cuda", None)
+    ((what, how),) = diagnose.missing("cuda")
+    assert "CUDA build of torch" in what and how.endswith('pip install "rmt_kernels[cuda]"')
+
+    # a CUDA torch without nvcc, ninja or a GPU, and no extension built ahead of time
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(_extension, "aot_available", lambda: False)
+    monkeypatch.setattr(_extension, "_cuda_home", lambda: None)
+    monkeypatch.setattr(diagnose.shutil, "which", lambda name: None)
+    cuda = diagnose.missing("cuda")
+    assert [what.split(",")[0] for what, _ in cuda] == ["nvcc", "ninja", "a CUDA GPU"]
+    assert dict(cuda)["ninja, to build the extension"] == 'pip install "rmt_kernels[cuda]"'
+
+    monkeypatch.setattr(diagnose, "missing", lambda backend: [("triton", "pip install x")] if backend == "triton" else [])
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^\s*triton: missing triton -> pip install x$", out, re.M), out
+    assert re.search(r"^\s*torch: nothing missing$", out, re.M), out
+    assert re.search(r"^\s*cuda: nothing missing$", out, re.M), out

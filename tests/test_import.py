@@ -109,3 +109,74 @@ def test_import_and_run_with_broken_triton(tmp_path):
     (fake / "__init__.py").write_text("raise ImportError('this triton is broken on purpose')\n")
     out = run_python(SMOKE, env_unset=("RMT_KERNELS_BACKEND", "TRITON_INTERPRET"), pythonpath_first=str(tmp_path))
     assert "resolved torch" in out
+
+
+# Hides the optional packages (imports fail, importlib.util.find_spec finds nothing) and records the
+# file each import of one came from: torch tries numpy by itself; no module of rmt_kernels may try any.
+HIDE_OPTIONAL = """
+import importlib.machinery, os, sys
+
+OPTIONAL = ("numpy", "triton", "ninja", "pybind11")
+attempts = []
+
+
+class Hide:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] not in OPTIONAL:
+            return importlib.machinery.PathFinder.find_spec(name, path, target)
+        frame, probe = sys._getframe(1), False
+        while frame.f_code.co_filename.startswith("<frozen"):
+            probe = probe or frame.f_code.co_filename == "<frozen importlib.util>"
+            frame = frame.f_back
+        if not probe:  # an import, not a find_spec() asking whether it is installed
+            attempts.append((name, frame.f_code.co_filename))
+        return None
+
+    def invalidate_caches(self):
+        importlib.machinery.PathFinder.invalidate_caches()
+
+
+sys.meta_path[:] = [Hide() if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+"""
+
+
+def test_torch_backend_and_info_run_without_triton_numpy_ninja_pybind11():
+    code = HIDE_OPTIONAL + SMOKE + textwrap.dedent(
+        """
+        from rmt_kernels import pack_segment
+        seg = torch.randn(2, 5, 8, requires_grad=True)
+        mem = torch.randn(2, 8, requires_grad=True)
+        pack_segment(seg, layout, mem, mem).sum().backward()
+        from rmt_kernels import cli
+        assert cli.main(["info"]) == 0 and cli.main(["check"]) == 0
+        package = os.sep + "rmt_kernels" + os.sep
+        print("ours:", sorted({name for name, where in attempts if package in where}))
+        print("loaded:", sorted(m for m in sys.modules if m.split(".")[0] in OPTIONAL))
+        try:
+            import numpy
+        except ImportError:
+            print("hidden and recorded:", attempts[-1] == ("numpy", "<string>"))
+        """
+    )
+    out = run_python(code, env_unset=("RMT_KERNELS_BACKEND", "TRITON_INTERPRET"))
+    assert "resolved torch" in out
+    assert "hidden and recorded: True" in out
+    assert "ours: []" in out and "loaded: []" in out
+    assert 'missing triton -> pip install "rmt_kernels[triton]"' in out, out
+
+
+def test_torch_is_the_only_requirement_and_each_optional_package_has_its_extra(monkeypatch):
+    import runpy
+
+    import setuptools
+
+    seen = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.delenv("RMT_KERNELS_BUILD_CUDA", raising=False)
+    runpy.run_path(os.path.join(ROOT, "setup.py"))
+    assert seen["install_requires"] == ["torch>=2.6"]
+    extras = {name: {req.split(";")[0].split(">")[0].split("<")[0].strip() for req in reqs}
+              for name, reqs in seen["extras_require"].items()}
+    assert "triton" in extras["triton"] and "ninja" in extras["cuda"]
+    assert {"triton", "numpy"} <= extras["test"]  # the tests run Triton's interpreter, which needs numpy
+    assert all("torch" not in reqs for reqs in extras.values())

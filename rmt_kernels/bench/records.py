@@ -148,7 +148,8 @@ ROW_FIELDS = (
     "flops", "tflops", "pct_peak", "peak_tflops",
     "bytes", "gbps", "pct_copy_bw",
     "peak_mem_mb", "peak_mem_kind",
-    "best_peer", "ratio_to_best_peer", "ratio_to_sdpa_dense",
+    "best_peer", "ratio_to_best_peer", "ratio_to_best_peer_low", "ratio_to_best_peer_high", "noisy",
+    "ratio_to_sdpa_dense", "ratio_to_sdpa_dense_low", "ratio_to_sdpa_dense_high", "noisy_vs_sdpa_dense",
     # where
     "device", "device_name", "torch", "triton", "cuda", "git_commit", "git_dirty",
 )
@@ -191,12 +192,33 @@ def classify_exception(exc: BaseException) -> Tuple[str, str]:
     return "failed", reason
 
 
+def ratio_interval(peer: dict, row: dict) -> Tuple[float, float]:
+    """How far the ratio ``peer median / row median`` can move within the two spreads: from the peer's
+    p20 over the row's p80 to the peer's p80 over the row's p20."""
+    return peer["p20_ms"] / row["p80_ms"], peer["p80_ms"] / row["p20_ms"]
+
+
+def is_noisy(low: float, high: float) -> bool:
+    """A ratio is noise when its interval (:func:`ratio_interval`) reaches 1: the spreads are wider
+    than the margin, so the same run could have ranked the two either way."""
+    return low <= 1.0 <= high
+
+
+def _set_ratio(row: dict, peer: dict, field: str, flag: str) -> None:
+    low, high = ratio_interval(peer, row)
+    row[field] = peer["median_ms"] / row["median_ms"]
+    row[field + "_low"], row[field + "_high"] = low, high
+    row[flag] = is_noisy(low, high)
+
+
 def fill_ratios(rows: List[dict], peers: Sequence[str], dense: Optional[str] = "sdpa_dense") -> None:
     """Fill ``best_peer``/``ratio_to_best_peer`` (and ``ratio_to_sdpa_dense``) of one point's rows.
 
     A row's best peer is the fastest ``ok`` row among ``peers`` other than itself that computes the
     point's exact mask (not :func:`is_speed_of_light`); the ratio is the peer's median
-    over the row's median (> 1: the row is faster).
+    over the row's median (> 1: the row is faster). Each ratio comes with its interval over the two
+    spreads (``*_low``, ``*_high``, :func:`ratio_interval`) and a flag (``noisy``,
+    ``noisy_vs_sdpa_dense``) set when that interval reaches 1 (:func:`is_noisy`).
     """
     ok = {r["provider"]: r for r in rows if r["status"] == "ok" and not is_speed_of_light(r)}
     for row in rows:
@@ -206,9 +228,9 @@ def fill_ratios(rows: List[dict], peers: Sequence[str], dense: Optional[str] = "
         if others:
             best = min(others, key=lambda r: r["median_ms"])
             row["best_peer"] = best["provider"]
-            row["ratio_to_best_peer"] = best["median_ms"] / row["median_ms"]
+            _set_ratio(row, best, "ratio_to_best_peer", "noisy")
         if dense and dense in ok and row["provider"] != dense:
-            row["ratio_to_sdpa_dense"] = ok[dense]["median_ms"] / row["median_ms"]
+            _set_ratio(row, ok[dense], "ratio_to_sdpa_dense", "noisy_vs_sdpa_dense")
 
 
 def write_record(path: str, record: dict) -> None:

@@ -44,10 +44,27 @@ def _print_table(title: str, header: Sequence[str], body: List[List[str]], notes
         print(line)
 
 
+NOISE_MARK = "~"
+
+
+def _noise(flag: Optional[bool]) -> str:
+    return NOISE_MARK if flag else ""
+
+
 def _ratio(row: dict) -> str:
     if row["ratio_to_best_peer"] is None:
         return "-"
-    return f"{row['ratio_to_best_peer']:.2f}x {row['best_peer']}"
+    return f"{_noise(row['noisy'])}{row['ratio_to_best_peer']:.2f}x {row['best_peer']}"
+
+
+def _print_noise_legend(rows: List[dict], flags: Sequence[str] = ("noisy",)) -> None:
+    """The line under every table that explains the ``~`` mark and counts the ratios it marks."""
+    values = [r[f] for r in rows for f in flags if r[f] is not None]
+    print(
+        f"  {NOISE_MARK}: noisy ratio ({sum(values)} of {len(values)}): its interval over the two spreads "
+        "(peer p20 / row p80 to peer p80 / row p20) contains 1,"
+    )
+    print("  i.e. the spread is wider than the margin; such a ratio does not rank the two providers.")
 
 
 def print_attention(rows: List[dict], env: dict) -> None:
@@ -59,7 +76,8 @@ def print_attention(rows: List[dict], env: dict) -> None:
             body.append([
                 r["shape"], r["mask"], r["mode"], name, f"{r['median_ms']:.3f}",
                 f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}", _fmt(r["tflops"], ".3g"),
-                _fmt(r["pct_peak"], ".1f", "n/a"), _ratio(r), _fmt(r["ratio_to_sdpa_dense"], ".2f"),
+                _fmt(r["pct_peak"], ".1f", "n/a"), _ratio(r),
+                _noise(r["noisy_vs_sdpa_dense"]) + _fmt(r["ratio_to_sdpa_dense"], ".2f"),
             ])
         else:
             body.append([r["shape"], r["mask"], r["mode"], name, notes.ref(r), "", "", "", "", ""])
@@ -68,15 +86,24 @@ def print_attention(rows: List[dict], env: dict) -> None:
     _print_table(f"attention ({env['device_name']}, {rows[0]['dtype']})", header, body, notes)
     print("  TFLOP/s counted from the mask (visible pairs); ratios are peer time / row time (> 1: faster);")
     print("  (SoL): is_causal over all N rows, a different (cheaper) mask: stock kernels' speed of light.")
+    _print_noise_legend(rows, ("noisy", "noisy_vs_sdpa_dense"))
     composed = [r for r in rows if r["provider"] == "sdpa_composed" and r["ratio_to_sdpa_dense"] is not None]
     if composed:
-        print("\n  torch backend (sdpa_composed) vs dense-mask SDPA, time ratio (> 1: torch backend faster):")
+        print(
+            "\n  torch backend (sdpa_composed) vs dense-mask SDPA, time ratio (> 1: torch backend faster), "
+            "interval over the spreads:"
+        )
         for r in composed:
             goal = (
                 r["shape"] == GOAL_SHAPE.name and r["mask"] == "memory_bidirectional" and r["mode"] == "fwd+bwd"
             )
             mark = "   <- goal point (goal: >= 1.5x)" if goal else ""
-            print(f"    {r['shape']:<22} {r['mask']:<21} {r['mode']:<8} {r['ratio_to_sdpa_dense']:.2f}x{mark}")
+            interval = f"{r['ratio_to_sdpa_dense_low']:.2f}-{r['ratio_to_sdpa_dense_high']:.2f}"
+            noisy = " noisy" if r["noisy_vs_sdpa_dense"] else ""
+            print(
+                f"    {r['shape']:<22} {r['mask']:<21} {r['mode']:<8} {r['ratio_to_sdpa_dense']:.2f}x "
+                f"({interval}){noisy}{mark}"
+            )
 
 
 def print_handoff(rows: List[dict], env: dict) -> None:
@@ -94,6 +121,7 @@ def print_handoff(rows: List[dict], env: dict) -> None:
             body.append([r["shape"], size, r["mode"], r["provider"], notes.ref(r), "", "", "", ""])
     header = ["shape", "sizes", "mode", "provider", "median ms", "p20-p80 ms", "GB/s", "% copy", "vs best peer"]
     _print_table(f"handoff ({env['device_name']}, {rows[0]['dtype']})", header, body, notes)
+    _print_noise_legend(rows)
 
 
 def print_step(rows: List[dict], env: dict) -> None:
@@ -111,6 +139,7 @@ def print_step(rows: List[dict], env: dict) -> None:
     header = ["shape", "sizes", "mode", "provider", "median ms", "p20-p80 ms", "memory MB*", "vs best peer"]
     _print_table(f"step ({env['device_name']}, {rows[0]['dtype']})", header, body, notes)
     print(f"  * memory: {memory_kind(torch.device(env['device']))}")
+    _print_noise_legend(rows)
 
 
 def _per_call(row: Optional[dict], notes: _Footnotes) -> List[str]:
@@ -138,7 +167,7 @@ def print_overhead(rows: List[dict], env: dict) -> None:
         verdict = ""
         if goal is not None:
             verdict = f"<= {goal:g}x" + ("" if ratio is None else " met" if ratio <= goal else " MISSED")
-        ratio_cell = "-" if ratio is None else f"{ratio:.2f}x"
+        ratio_cell = "-" if ratio is None else f"{_noise(ours['noisy'])}{ratio:.2f}x"
         body.append([*key, *_per_call(ours, notes), *_per_call(stock, notes), ratio_cell, verdict])
     header = ["op", "shape", "mask", "mode", "run", "rmt_kernels us", "p20-p80", "stock us", "p20-p80",
               "rmt/stock", "goal"]
@@ -148,3 +177,4 @@ def print_overhead(rows: List[dict], env: dict) -> None:
     print("  stock time (< 1: faster). stock: SDPA is_causal (for memory_bidirectional a floor: a cheaper mask),")
     print("  torch.cat for pack_segment; compiled: both wrapped in torch.compile(fullgraph=True).")
     print(f"  goals: CPU, 1 thread, shape {overhead.GOAL_SHAPE}, eager.")
+    _print_noise_legend([r for r in rows if r["provider"] == "rmt_kernels"])

@@ -4,7 +4,10 @@ the reference's results."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import platform
+import shutil
 from typing import List, Tuple
 
 import torch
@@ -13,6 +16,10 @@ from .. import backends
 from ..bench.records import device_name, dist_version
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+TRITON_EXTRA = 'pip install "rmt_kernels[triton]"'
+CUDA_EXTRA = 'pip install "rmt_kernels[cuda]"'
+CUDA_TORCH = "a CUDA build of torch: see https://pytorch.org/get-started/locally/ (on Linux, plain `pip install torch`)"
 
 
 def _ops() -> Tuple[str, ...]:
@@ -43,10 +50,75 @@ def _devices() -> List[torch.device]:
     return devices
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _missing_triton() -> List[Tuple[str, str]]:
+    missing = []
+    if platform.system() != "Linux":
+        missing.append(("triton, which publishes Linux wheels only", "run on Linux"))
+    elif not _installed("triton"):
+        missing.append(("triton", f"{TRITON_EXTRA} (Linux CUDA builds of torch bring it along)"))
+    if not torch.cuda.is_available():
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            missing.append(("a CUDA GPU and a CUDA build of torch, for the compiled kernels", CUDA_TORCH))
+        else:
+            missing.append(("a CUDA GPU, for the compiled kernels", "torch sees none"))
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            missing.append((
+                "TRITON_INTERPRET=1, to run the kernels on CPU tensors in Triton's interpreter "
+                "(a correctness tool, not a fast path)",
+                "set it before importing triton",
+            ))
+        if not _installed("numpy"):
+            missing.append(("numpy, which Triton's interpreter needs", 'pip install numpy (or "rmt_kernels[test]")'))
+    return missing
+
+
+def _missing_cuda() -> List[Tuple[str, str]]:
+    from .. import _extension
+
+    if torch.version.cuda is None:
+        return [(
+            "a CUDA build of torch (then nvcc and ninja to build the extension)",
+            f"{CUDA_TORCH}; then {CUDA_EXTRA}",
+        )]
+    missing = []
+    if not _extension.aot_available():
+        home = _extension._cuda_home()
+        if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
+            missing.append((
+                "nvcc, to build the extension just in time",
+                f"install the CUDA toolkit matching torch's CUDA {torch.version.cuda} and set CUDA_HOME",
+            ))
+        if shutil.which("ninja") is None:
+            missing.append(("ninja, to build the extension", CUDA_EXTRA))
+    if not torch.cuda.is_available():
+        missing.append(("a CUDA GPU", "torch sees none"))
+    return missing
+
+
+def missing(backend: str) -> List[Tuple[str, str]]:
+    """What ``backend`` lacks on this machine to run, as ``(what, how to get it)`` pairs (empty: nothing).
+
+    Packages are named by the extra of ``rmt_kernels`` that installs them (``pip install
+    "rmt_kernels[triton]"``, ``"rmt_kernels[cuda]"``)."""
+    if backend == "triton":
+        return _missing_triton()
+    if backend == "cuda":
+        return _missing_cuda()
+    return []
+
+
 def configure_info(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "Print the package, torch, triton and CUDA versions, the devices, and for every op which "
-        "backends can run on each device and why."
+        "Print the package, torch, triton and CUDA versions, the devices, for every op which "
+        "backends can run on each device and why, and what each backend lacks here with the pip "
+        "command (extra) that gets it."
     )
 
 
@@ -68,6 +140,13 @@ def run_info(args: argparse.Namespace) -> int:
                 print(f"    {'auto':>7}: {exc}")
     ok, reason = _extension.cuda_status(torch.device("cuda"))
     print(f"\nextension rmt_kernels._C: {'ready' if ok else reason}")
+    print("\nwhat each backend lacks here, and how to get it:")
+    for backend in backends.BACKENDS[1:]:
+        needs = missing(backend)
+        if not needs:
+            print(f"  {backend:>7}: nothing missing")
+        for i, (what, how) in enumerate(needs):
+            print(f"  {backend + ':' if i == 0 else '':>8} missing {what} -> {how}")
     return 0
 
 
