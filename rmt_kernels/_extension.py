@@ -242,6 +242,6 @@ def cuda_status(device: torch.device) -> Tuple[bool, str]:
     if not ok:
         return False, (
             f"the extension rmt_kernels._C is not built and cannot be built just in time here ({reason}); "
-            "build it with RMT_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation . or `rmt-kernels build`"
+            "build it with RMT_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation \".[cuda]\" or `rmt-kernels build`"
         )
     return True, f"extension rmt_kernels._C, {reason}"

@@ -78,7 +78,7 @@ def get_impl(op: str, backend: str) -> BackendImpl:
 def triton_status(device: torch.device) -> Tuple[bool, str]:
     """Whether Triton kernels can run on ``device`` (not counting whether an op has them)."""
     if importlib.util.find_spec("triton") is None:
-        return False, "triton is not installed (pip install triton; Linux only)"
+        return False, "triton is not installed (pip install \"rmt_kernels[triton]\"; Linux only)"
     if device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET") == "1":
             return True, "Triton interpreter (TRITON_INTERPRET=1) on CPU tensors"
