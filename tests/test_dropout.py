@@ -146,11 +146,18 @@ def test_custom_op_with_dropout():
     out, _ = interface.segment_attention_fwd_op(q, k, v, None, None, None, *params)
     eager = interface._attention(q, k, v, None, None, None, layout, 0.25, "torch",
                                  interface.BACKEND_TABLE["torch"], 0.3, seed)
-    assert torch.equal(out, eager)
-    g_op = torch.autograd.grad(out.sum(), (q, k, v))
-    g_eager = torch.autograd.grad(eager.sum(), (q, k, v))
-    for a, b in zip(g_op, g_eager):
-        assert torch.equal(a, b)
+    keep = interface.BACKEND_TABLE["torch"].dropout_mask(q, k, None, layout, 0.3, seed)
+    hi = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    lo = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref = segment_attention_ref(*hi, layout, scale=0.25, dropout_p=0.3, dropout_mask=keep)
+    base = segment_attention_ref(*lo, layout, scale=0.25, dropout_p=0.3, dropout_mask=keep, upcast=False)
+    dout = torch.randn_like(out)
+    g_ref = torch.autograd.grad(ref, hi, dout.double())
+    g_base = torch.autograd.grad(base, lo, dout)
+    for name, got in (("custom op", out), ("eager", eager)):  # the launcher and the eager entry alike
+        assert_close(got, ref, base, name=f"{name} out")
+        for g, r, bl, x in zip(torch.autograd.grad(got, (q, k, v), dout), g_ref, g_base, "qkv"):
+            assert_close(g, r, bl, name=f"{name} d{x}")
 
 
 def test_torch_compile_fullgraph_with_dropout():

@@ -276,8 +276,8 @@ def _attention(q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale, name
         return out
     # Eager: the same kernels without the custom-op machinery (dispatch through torch.library
     # costs several times a small attention call).
-    if impl.eager is not None and dropout_p == 0:
-        out = impl.eager(q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale)
+    if impl.eager is not None:
+        out = impl.eager(q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale, dropout_p, seed)
         if out is not None:
             return out
     if torch.is_grad_enabled() and (

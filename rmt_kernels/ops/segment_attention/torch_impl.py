@@ -294,12 +294,17 @@ def segment_attention_fwd_torch(
 
 
 def segment_attention_eager_torch(
-    q, k, v, prefix_k, prefix_v, segment_lengths, layout: MemoryLayout, scale: float
+    q, k, v, prefix_k, prefix_v, segment_lengths, layout: MemoryLayout, scale: float,
+    dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None,
 ):
     """Eager calls where one stock call is the whole op (a single causal or rectangular block, or
     the masked call): SDPA's own entry runs that CPU kernel, and its C++ autograd node runs the
-    kernel's backward, the launchers' formula without a Python autograd node. None elsewhere (the
-    caller then takes the launchers)."""
+    kernel's backward, the launchers' formula without a Python autograd node. With dropout: the dense
+    path in differentiable ops, whose graph keeps the probabilities for the backward (as SDPA's own
+    dropout path does) instead of recomputing them. None elsewhere (the caller then takes the
+    launchers)."""
+    if dropout_p > 0:
+        return _dropout_eager(q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale, dropout_p, seed)
     if q.device.type != "cpu" or scale <= 0 or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         return None
     plan = _plan_of(q, prefix_k, segment_lengths, layout)
@@ -437,3 +442,32 @@ def _dropout_bwd(dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, l
         dk[:, :, :p].to(dtype) if want_prefix else None,
         dv[:, :, :p].to(dtype) if want_prefix else None,
     )
+
+
+def _dropout_eager(q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale, dropout_p, seed):
+    b, hq, n, d = q.shape
+    scores, _, _ = _dense_scores(q, k, prefix_k, segment_lengths, layout, scale)
+    values = v if prefix_v is None else torch.cat([prefix_v, v], dim=2)
+    s, p = n - layout.num_read - layout.num_write, _prefix_len(prefix_k)
+    if _rows_without_keys(layout, s, p, _lengths_key(segment_lengths, s)):
+        # Shift by the detached row maximum (0 for rows without a key): the softmax stays exact, and
+        # rows without a key give 0 and zero gradients instead of NaN.
+        row_max = scores.amax(dim=-1, keepdim=True).detach()
+        expd = torch.exp(scores - torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)))
+        denom = expd.sum(dim=-1, keepdim=True)
+        probs = expd / torch.where(denom > 0, denom, torch.ones_like(denom))
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    keep = segment_attention_dropout_mask_torch(q, k, prefix_k, layout, dropout_p, seed).reshape(scores.shape)
+    kept = keep.to(scores.dtype).mul_(1.0 / (1.0 - dropout_p))
+    out = torch.matmul(probs * kept, values.to(scores.dtype)[:, :, None])
+    return out.reshape(b, hq, n, d).to(q.dtype)
+
+
+def _prefix_len(prefix_k) -> int:
+    return 0 if prefix_k is None else prefix_k.shape[2]
+
+
+@functools.lru_cache(maxsize=1024)
+def _rows_without_keys(layout: MemoryLayout, segment_len: int, prefix_len: int, lengths: Optional[tuple]) -> bool:
+    return not bool((layout.visible_counts(segment_len, prefix_len, lengths) > 0).all())
