@@ -356,3 +356,85 @@ def test_quick_reports_both_specializations(quick_results):
             specs = {r["specialization"] for r in rows if r["name"] == kernel and r["arch"] == arch}
             assert specs == {"generic", "common"}, (kernel, arch, specs)
     assert all(r["error"] is None and r["spill_bytes"] == 0 for r in rows if r["specialization"] == "common")
+
+
+# --------------------------------------------------------------------------------------- dropout
+
+
+def test_dropout_variant_is_compiled_for_every_dropout_config():
+    """Every config the launchers can run with dropout (``configs_fn(..., dropout=True)``) is a job of the
+    ``DROPOUT`` variant, and the debug kernel of the dropout mask is compiled too; in the quick list, the
+    dropout variant of each quick head dim."""
+    from rmt_kernels.ops.segment_attention import aot as sa_aot
+    from rmt_kernels.ops.segment_attention import triton_bwd, triton_fwd
+    from rmt_kernels.ops.segment_attention.triton_launch import HEAD_DIMS
+
+    for arch in (80, 90):
+        for quick in (False, True):
+            jobs = aot.jobs_for(arch, quick=quick)
+            dropout = {(j.kernel, j.dtype, j.head_dim, tuple(sorted(j.config.items())))
+                       for j in jobs if j.variant == {"DROPOUT": True}}
+            dims = sa_aot.QUICK_HEAD_DIMS if quick else HEAD_DIMS
+            dtypes = sa_aot.QUICK_DTYPES if quick else sa_aot.DTYPES
+            for kernel, configs_fn in (("segment_attention_fwd", triton_fwd.fwd_configs),
+                                       ("segment_attention_bwd_dkdv", triton_bwd.dkdv_configs),
+                                       ("segment_attention_bwd_dq", triton_bwd.dq_configs)):
+                for dtype in dtypes:
+                    for d in dims:
+                        for cfg in configs_fn(d, sa_aot._torch_dtype(dtype), arch, True):
+                            assert (kernel, dtype, d, tuple(sorted(cfg.items()))) in dropout, (arch, kernel, d, cfg)
+            assert any(j.kernel == "segment_attention_dropout_mask" for j in jobs)
+
+
+def test_dropout_rows_compile_without_spills(quick_results):
+    _, rows = quick_results
+    for arch in (80, 90):
+        mine = [r for r in rows if r["arch"] == arch and r["variant"] == "DROPOUT=1"]
+        assert {r["name"] for r in mine} == set(KERNELS), arch
+        for r in mine:
+            assert r["error"] is None and r["spill_bytes"] == 0 and r["uses_mma"], r
+        mask = [r for r in rows if r["arch"] == arch and r["name"] == "segment_attention_dropout_mask"]
+        assert mask and all(r["error"] is None and r["spill_bytes"] == 0 for r in mask), mask
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="records launches under the interpreter")
+def test_dropout_specialization_is_what_the_jit_compiles(monkeypatch):
+    """A dropout launch with every size a multiple of 16: each argument of the forward, dK/dV and dQ
+    kernels (the int64 seed, the dropout probability, the batch start, the key offset) is what the
+    ``DROPOUT`` job compiles in the common specialization, as Triton's JIT specializes it."""
+    from rmt_kernels import MemoryLayout
+    from rmt_kernels.ops.segment_attention import aot as sa_aot
+    from rmt_kernels.ops.segment_attention import triton_launch
+
+    def run():
+        layout = MemoryLayout(16, 16, "memory_bidirectional")
+        n = layout.seq_len(32)
+        q = torch.randn(2, 16, n, 16, dtype=torch.float16)
+        k, v = (torch.randn(2, 16, n, 16, dtype=torch.float16) for _ in range(2))
+        pk, pv = (torch.randn(2, 16, 16, 16, dtype=torch.float16) for _ in range(2))
+        lengths, seed = torch.tensor([32, 16]), torch.tensor([12345], dtype=torch.int64)
+        out, lse = triton_launch.segment_attention_fwd_triton(q, k, v, pk, pv, lengths, layout, 0.25, 0.3, seed)
+        triton_launch.segment_attention_bwd_triton(torch.randn_like(out), q, k, v, pk, pv, lengths, out, lse, layout,
+                                                   0.25, True, 0.3, seed)
+
+    launches = _launched(monkeypatch, run)
+    for kernel in KERNELS:
+        fn, _, flags = aot._kernel_table()[kernel]
+        fn = getattr(fn, "kernel", fn)
+        flags = dict(flags, DROPOUT=True)
+        consts = dict(flags, BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, EVEN_D=True, DOT_PREC="ieee")
+        kinds = dict(consts)
+        signature, consts, attrs = aot._signature(fn, consts, lambda name: sa_aot.arg_kind(kernel, name, "fp16", kinds),
+                                                  "common")
+        expected = {}
+        for idx, (name, is_constexpr) in enumerate(aot._params(fn)):
+            if not is_constexpr:
+                expected[name] = ("constexpr", consts[name]) if signature[name] == "constexpr" else (
+                    signature[name], (idx,) in attrs)
+        mine = [args for f, args, kw in launches
+                if getattr(f, "fn", f) is getattr(fn, "fn", fn) and all(kw.get(k, v) == v for k, v in flags.items())]
+        assert mine, f"{kernel} was not launched with dropout and its heaviest flags"
+        got = {name: _jit_view(value) for name, value in mine[0].items()}
+        assert got["Seed"] == ("*i64", True) and got["B_START"] == ("i32", True), got
+        diff = {name: (got[name], expected[name]) for name in got if got[name] != expected[name]}
+        assert not diff, f"{kernel}: argument: (JIT, aot)\n{diff}"

@@ -5,7 +5,10 @@ candidates of ``fwd_configs`` / ``dkdv_configs`` / ``dq_configs``), with the con
 heaviest variant (``memory_bidirectional`` mask, a prefix visible to the segment rows, right padding).
 The other variants the launchers produce (mask families, prefix visibility, no prefix or padding, the
 trace path, TF32 products) are compiled once each with a D=64 config, so that a compile error in a
-rarely used branch shows up here, not on a user's GPU.
+rarely used branch shows up here, not on a user's GPU. Attention dropout (``DROPOUT``, the variant
+``dropout_p > 0`` launches, with the dropout configs of ``fwd_configs(..., dropout=True)`` etc.) is
+compiled for every head dim, dtype and config of the run (the quick set with ``quick``), so its Philox
+counters are checked for spills like the plain kernels; the debug kernel of the dropout mask once.
 
 The driver (``rmt_kernels.tools.aot_triton``) reads four things from this module: ``OP``,
 :func:`kernel_table`, :func:`jobs`, and :func:`derived_constexprs` / :func:`arg_kind`, which describe
@@ -25,19 +28,22 @@ QUICK_DTYPES = ("bf16",)
 
 # Runtime integer arguments that are sizes: any value, a multiple of 16 in the common launch. So are
 # the strides of the log-sum-exp (stored [B, N, H_q]) and of delta (contiguous [B, H_q, N]) that are not
-# 1: products of N and H_q. Neither are the head dim D (every supported one is a multiple of 16) nor the
-# autotuning bucket TUNE_N (a power of two, at least 16 past 8 keys).
-_SIZE_ARGS = {"N", "R", "S", "P", "KEYS", "stride_lb", "stride_ln", "stride_tb", "stride_th"}
+# 1: products of N and H_q; so are those of the dropout mask [B, H_q, N, P + N] and KEY_START (0 or P).
+# Neither are the head dim D (every supported one is a multiple of 16) nor the autotuning bucket TUNE_N
+# (a power of two, at least 16 past 8 keys).
+_SIZE_ARGS = {"N", "R", "S", "P", "KEYS", "KEY_START", "stride_lb", "stride_ln", "stride_tb", "stride_th",
+              "stride_mb", "stride_mh", "stride_mn"}
 # Query heads per K/V head: any value, 1 in the common launch (no grouped-query heads).
 _COUNT_ARGS = {"GROUP"}
-_FLOAT_ARGS = {"qk_scale", "scale"}
+_FLOAT_ARGS = {"qk_scale", "scale", "dropout_p"}
 # float32 buffers and int32 buffers among the pointer arguments; the others have the input dtype.
 _F32_PTRS = {"Lse", "Delta"}
 _I32_PTRS = {"SegLen", "Trace"}
+_U8_PTRS = {"Mask"}
 # Strides equal to 1 for the tensors the launchers pass (last dims; delta is contiguous, the log-sum-exp
 # is stored [B, N, H_q]): the JIT turns an integer argument equal to 1 into a constant, and so does the
 # ahead-of-time compile.
-_UNIT_STRIDES = re.compile(r"^stride_(q|k|v|pk|pv|o|d|dk|dv|dq)d$|^stride_(tn|lh)$")
+_UNIT_STRIDES = re.compile(r"^stride_(q|k|v|pk|pv|o|d|dk|dv|dq)d$|^stride_(tn|lh|mk)$")
 
 # Other constexpr variants the launchers produce, each compiled once (first config, D=64, bfloat16, plus
 # float32 with TF32 products). "full" in the report is the heaviest variant of kernel_table.
@@ -67,9 +73,9 @@ def _torch_dtype(name: str):
 
 def kernel_table() -> Dict[str, tuple]:
     """name -> (jit function, configs function or None, fixed constexprs of the heaviest variant)."""
-    from . import triton_bwd, triton_fwd
+    from . import triton_bwd, triton_common, triton_fwd
 
-    flags = dict(MASK=1, PREFIX_ALL=False, HAS_LENGTHS=True, UPCAST=False, TRACE=False)
+    flags = dict(MASK=1, PREFIX_ALL=False, HAS_LENGTHS=True, UPCAST=False, TRACE=False, DROPOUT=False)
     return {
         "segment_attention_fwd": (triton_fwd._segment_attention_fwd_kernel, triton_fwd.fwd_configs,
                                   dict(flags, HAS_PREFIX=True)),
@@ -77,6 +83,7 @@ def kernel_table() -> Dict[str, tuple]:
         "segment_attention_bwd_dkdv": (triton_bwd._bwd_dkdv_kernel, triton_bwd.dkdv_configs,
                                        dict(flags, IS_PREFIX=False)),
         "segment_attention_bwd_dq": (triton_bwd._bwd_dq_kernel, triton_bwd.dq_configs, dict(flags, HAS_PREFIX=True)),
+        "segment_attention_dropout_mask": (triton_common._dropout_mask_kernel, None, {}),
     }
 
 
@@ -84,13 +91,16 @@ def jobs(arch: int, quick: bool) -> List[dict]:
     """Every ``(kernel, dtype, head_dim, config, variant)`` the launchers can run on ``arch``; ``quick``:
     head dims :data:`QUICK_HEAD_DIMS` in :data:`QUICK_DTYPES` only (the variants stay)."""
     from . import triton_bwd
-    from .triton_launch import HEAD_DIMS
+    from .triton_launch import DROPOUT_MASK_BLOCKS, HEAD_DIMS
 
     table = kernel_table()
     head_dims = QUICK_HEAD_DIMS if quick else HEAD_DIMS
     dtypes = QUICK_DTYPES if quick else DTYPES
     rows = []
-    for name, (_, configs_fn, _) in table.items():
+    for name, (_, configs_fn, flags) in table.items():
+        if name == "segment_attention_dropout_mask":  # no dtype, no head dim: the launcher's one config
+            rows.append(dict(kernel=name, dtype="bf16", head_dim=64, config=dict(DROPOUT_MASK_BLOCKS, num_warps=4)))
+            continue
         for dtype in dtypes:
             for d in head_dims:
                 if configs_fn is None:
@@ -98,6 +108,9 @@ def jobs(arch: int, quick: bool) -> List[dict]:
                 else:
                     configs = configs_fn(d, _torch_dtype(dtype), arch)
                 rows.extend(dict(kernel=name, dtype=dtype, head_dim=d, config=dict(c)) for c in configs)
+                if "DROPOUT" in flags:
+                    rows.extend(dict(kernel=name, dtype=dtype, head_dim=d, config=dict(c), variant=dict(DROPOUT=True))
+                                for c in configs_fn(d, _torch_dtype(dtype), arch, True))
     for name, variants in _VARIANTS.items():
         configs_fn = table[name][1]
         for dtype, extra in (("bf16", {}), ("fp32", {"DOT_PREC": "tf32"})):
@@ -113,10 +126,8 @@ def derived_constexprs(fn, dtype: str, head_dim: int) -> dict:
     from .triton_launch import _block_d, _dot_precision
 
     block_d = _block_d(head_dim)
-    consts = dict(BLOCK_D=block_d, EVEN_D=block_d == head_dim)
-    if "DOT_PREC" in fn.arg_names:
-        consts["DOT_PREC"] = _dot_precision(_torch_dtype(dtype))
-    return consts
+    consts = dict(BLOCK_D=block_d, EVEN_D=block_d == head_dim, DOT_PREC=_dot_precision(_torch_dtype(dtype)))
+    return {name: value for name, value in consts.items() if name in fn.arg_names}
 
 
 def arg_kind(kernel: str, name: str, dtype: str, consts: dict) -> str:
@@ -124,9 +135,14 @@ def arg_kind(kernel: str, name: str, dtype: str, consts: dict) -> str:
     ``consts`` (the same for every kernel of this op): ``"one"`` (an integer equal to 1, a constant),
     ``"i32:16"`` (16-divisible), ``"size"`` / ``"count"`` (any value; a multiple of 16 / 1 in the common
     launch: the driver's ``SPECIALIZATIONS``), ``"fp32"`` or ``"*<elem>"`` (a 16-byte aligned pointer).
-    A buffer the flags switch off (no lengths, no trace) is the placeholder the launchers pass: q."""
+    A buffer the flags switch off (no lengths, no trace, no dropout seed) is the placeholder the launchers
+    pass: q. ``B_START`` (the first batch row of a launch) is 0 but in batches beyond the grid limit."""
+    if name == "Seed":  # the int64 seed, read under DROPOUT and always by the dropout mask kernel
+        return "*i64" if consts.get("DROPOUT", True) else "*" + dtype
     if (name == "SegLen" and not consts.get("HAS_LENGTHS", True)) or (name == "Trace" and not consts.get("TRACE")):
         return "*" + dtype
+    if name == "B_START":
+        return "i32:16"
     if name in _SIZE_ARGS:
         return "size"
     if name in _COUNT_ARGS:
@@ -137,4 +153,4 @@ def arg_kind(kernel: str, name: str, dtype: str, consts: dict) -> str:
         return "one" if _UNIT_STRIDES.match(name) else "i32:16"
     if name in ("D", "TUNE_N"):
         return "i32:16"
-    return "*" + ("fp32" if name in _F32_PTRS else "i32" if name in _I32_PTRS else dtype)
+    return "*" + ("fp32" if name in _F32_PTRS else "i32" if name in _I32_PTRS else "u8" if name in _U8_PTRS else dtype)

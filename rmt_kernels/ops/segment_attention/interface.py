@@ -40,6 +40,8 @@ BACKEND_TABLE = backends.register_op(OP, {
         head_dims=triton_launch.HEAD_DIMS,
         devices=("cpu", "cuda"),
         status=backends.triton_status,
+        dropout=True,
+        dropout_mask=triton_launch.segment_attention_dropout_mask_triton,
     ),
     "cuda": backends.BackendImpl(
         fwd=cuda.segment_attention_fwd_cuda,

@@ -10,8 +10,24 @@
 - ``_operand`` and ``_stored``: a float32 tile cast for a product (P, dS) or for a store (O, dQ, dK,
   dV); under ``UPCAST`` (the interpreter on bfloat16 inputs) rounded to bfloat16 to nearest even, as
   the GPU's cast rounds (``_round_bf16``);
+- attention dropout (``DROPOUT``): ``_dropout_params`` and ``_dropout_keep``, the one keep function
+  of the forward and both backward kernels (scheme below), and next to it ``_dropout_mask_kernel``
+  (debug, tests): grid ``(cdiv(N, BLOCK_M), H_q, B)``, the keep decisions of every element
+  ``[B, H_q, N, P + N]`` (visible or not) as uint8, from the same ``_dropout_keep``;
 - the trace codes of the ``TRACE`` debug path, ``LOG2E`` / ``LN2`` (scores run in base-2 units);
 - ``pick_configs``: the autotuning candidates of one kernel from its per-head-dim tables.
+
+Dropout counters. Element ``(b, h, i, j)`` of the attention probabilities (batch row ``b``, query head
+``h`` of ``H_q``, query row ``i`` of ``N``, key ``j`` in the key order ``[prefix (P) | packed (N)]``) is
+kept iff ``u >= p``, with ``u = (x >> 8) / 2**24`` (a float32 uniform on ``[0, 1)``, exact) and ``x``
+word ``i % 4`` of Philox-4x32-10 (``tl.philox``) keyed by the 64-bit seed (``Seed[0]``, split into the
+two key words) on the counter ``(j, i // 4, h, b)``: one 32-bit counter word per coordinate, and each
+Philox evaluation serves four rows (row blocks are multiples of 16 from row 0, so the groups of four
+never straddle a tile). The counter never overflows, and distinct ``(b, h, i, j)`` have distinct
+``(counter, word)`` pairs for every coordinate below ``2**32`` (Philox is a bijection of the counter
+under one key), far beyond ``B * H = 2**20`` and ``N, P + N = 2**16``. ``b`` is the global batch row
+(the program's batch index plus the launch's ``B_START``, for batches launched in chunks). Nothing is
+stored: the forward, the dK/dV and dQ kernels regenerate the same bits from the same counters.
 
 This module imports triton; the launchers import it on the first launch.
 """
@@ -169,6 +185,52 @@ def _load_kv_tile(k_base, v_base, start, offs_n, offs_d, stride_kn, stride_kd, s
 
 
 @triton.jit
+def _dropout_params(Seed, dropout_p):
+    """``(seed, threshold, rescale)`` of dropout probability ``dropout_p``: the 64-bit Philox key loaded
+    from ``Seed`` (device memory: no host sync), ``p * 2**24`` (the keep test of :func:`_dropout_keep`)
+    and ``1 / (1 - p)``."""
+    seed = tl.load(Seed)
+    threshold = dropout_p * 16777216.0
+    rescale = 1.0 / (1.0 - dropout_p)
+    return seed, threshold, rescale
+
+
+@triton.jit
+def _dropout_keep(seed, b, h, row0, keys, threshold, BLOCK_ROWS: tl.constexpr, BLOCK_KEYS: tl.constexpr):
+    """``[BLOCK_KEYS, BLOCK_ROWS]`` keep decisions (in the ``[keys, rows]`` frame of the dK/dV kernel;
+    the others transpose it) of the elements ``(b, h, row0 + r, keys[k])``: ``row0`` a multiple of 4,
+    ``keys`` the int32 ``[BLOCK_KEYS]`` key indices in the order ``[prefix | packed]``, ``b`` (global
+    batch row) and ``h`` (query head) int32 scalars. Row ``i`` takes word ``i % 4`` of the counter
+    ``(j, i // 4, h, b)``; kept iff ``(x >> 8) >= p * 2**24``, that is ``u >= p``."""
+    groups = row0 // 4 + tl.arange(0, BLOCK_ROWS // 4)
+    zero = keys[:, None] * 0 + groups[None, :] * 0
+    x0, x1, x2, x3 = tl.philox(seed, keys[:, None] + zero, groups[None, :] + zero, zero + h, zero + b)
+    # [keys, groups, a, c] holds word 2 * a + c: row 4 * group + 2 * a + c once the last three dims merge.
+    x = tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), BLOCK_KEYS, BLOCK_ROWS)
+    return (x >> 8).to(tl.float32) >= threshold
+
+
+@triton.jit
+def _dropout_mask_kernel(
+    Mask, stride_mb, stride_mh, stride_mn, stride_mk,
+    N, KEYS, dropout_p, Seed, B_START,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """``Mask[b, h, i, j] = keep(b, h, i, j)`` for ``j < KEYS = P + N``, as uint8."""
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    seed, threshold, _ = _dropout_params(Seed, dropout_p)
+    row0 = tl.program_id(0) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh + rows.to(tl.int64)[None, :] * stride_mn
+    for start in range(0, KEYS, BLOCK_N):
+        keys = start + offs_n
+        keep = _dropout_keep(seed, b + B_START, h, row0, keys, threshold, BLOCK_M, BLOCK_N)  # [keys, rows]
+        tl.store(base + keys[:, None] * stride_mk, keep.to(tl.uint8), mask=(keys < KEYS)[:, None] & (rows < N)[None, :])
+
+
+@triton.jit
 def _round_bf16(x):
     """float32 ``x`` rounded to the nearest bfloat16 (ties to even), kept in float32: the rounding of a
     GPU's cast to bfloat16 (the interpreter's cast truncates). Finite inputs only."""
@@ -206,11 +268,16 @@ def _cfg(block_m, block_n, num_warps, num_stages):
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
 
 
-def pick_configs(table_16bit, table_32bit, head_dim: int, dtype, arch: int):
-    """Configs of one kernel for ``head_dim`` on ``arch`` (sm_90 tables for sm_90 and newer)."""
+def pick_configs(table_16bit, table_32bit, head_dim: int, dtype, arch: int, per_arch_32bit: bool = False):
+    """Configs of one kernel for ``head_dim`` on ``arch`` (sm_90 tables for sm_90 and newer); the float32
+    table is per arch too with ``per_arch_32bit``."""
     import torch
 
     block_d = 1 << max(4, (head_dim - 1).bit_length())
-    table = table_32bit if dtype == torch.float32 else table_16bit[90 if arch >= 90 else 80]
+    arch_key = 90 if arch >= 90 else 80
+    if dtype == torch.float32:
+        table = table_32bit[arch_key] if per_arch_32bit else table_32bit
+    else:
+        table = table_16bit[arch_key]
     rows = table.get(head_dim, table[block_d])
     return [_cfg(*row) for row in rows]

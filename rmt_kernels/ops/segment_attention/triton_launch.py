@@ -8,6 +8,10 @@ Every launch goes through :func:`_launch`: it makes the inputs' GPU the current 
 on the current device and its current stream, not the tensors') and cuts a batch of more than
 :data:`GRID_YZ_MAX` rows into launches over chunks of the batch (grid axis z).
 
+Attention dropout (``dropout_p > 0``) compiles the kernels' ``DROPOUT`` variant; its seed is an int64
+``[1]`` tensor the kernels read themselves (never ``.item()`` here: no host sync, graph capture works),
+and :func:`segment_attention_dropout_mask_triton` returns the keep mask a seed gives (debug, tests).
+
 Importing this module does not import triton: the kernel modules are imported on the first launch,
 so ``import rmt_kernels`` works without triton and without a GPU.
 """
@@ -85,18 +89,24 @@ def _rows(t, b0: int, b1: int):
     return t[b0:b1] if isinstance(t, torch.Tensor) else t
 
 
-def _launch(kernel, grid, batch: int, args, meta: dict) -> None:
+def _launch(kernel, grid, batch: int, args, meta: dict, seed=None) -> None:
     """``kernel[grid(rows)](*args, **meta)`` on the device of ``args[0]``, over chunks of at most
     :data:`GRID_YZ_MAX` batch rows (``grid(rows)``: the grid of a launch over ``rows`` rows, the batch on
     axis z). Each chunk takes the views of its rows of every tensor argument: the strides, and with them
-    the kernels, stay the same."""
+    the kernels, stay the same. A kernel with dropout arguments takes ``seed`` (the ``Seed`` tensor or
+    its placeholder, whole in every chunk) and the chunk's first batch row ``B_START`` after ``args``,
+    so that the keep decisions of batch row ``b`` do not depend on the chunking."""
     with _device_guard(args[0]):
         if batch <= GRID_YZ_MAX:
-            kernel[grid(batch)](*args, **meta)
+            if seed is None:
+                kernel[grid(batch)](*args, **meta)
+            else:
+                kernel[grid(batch)](*args, seed, 0, **meta)
             return
         for b0 in range(0, batch, GRID_YZ_MAX):
             b1 = min(b0 + GRID_YZ_MAX, batch)
-            kernel[grid(b1 - b0)](*(_rows(a, b0, b1) for a in args), **meta)
+            tail = () if seed is None else (seed, b0)
+            kernel[grid(b1 - b0)](*(_rows(a, b0, b1) for a in args), *tail, **meta)
 
 
 def _fit(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -130,11 +140,13 @@ def _arch(device: torch.device) -> int:
 _TUNED: Dict[tuple, object] = {}
 
 
-def _select(kernel, configs_fn, key_args, q: torch.Tensor, config: Optional[dict], fixed: bool):
+def _select(kernel, configs_fn, key_args, q: torch.Tensor, config: Optional[dict], fixed: bool,
+            dropout: bool = False):
     """``(kernel or autotuner, meta-parameters to pass)``.
 
-    The plain kernel with one config under the interpreter, when ``config`` is given, when ``fixed``
-    (the trace path needs known block sizes), or in deterministic mode
+    ``configs_fn(head_dim, dtype, arch, dropout)`` lists the candidates (the ``DROPOUT`` variant has
+    its own). The plain kernel with one config under the interpreter, when ``config`` is given, when
+    ``fixed`` (the trace path needs known block sizes), or in deterministic mode
     (``torch.are_deterministic_algorithms_enabled()``: a timing-based choice could differ between
     processes, and with it the order of the floating-point sums); an autotuner over the configs for
     this GPU otherwise (autotuning needs a GPU driver). No kernel uses atomics in any mode.
@@ -144,18 +156,18 @@ def _select(kernel, configs_fn, key_args, q: torch.Tensor, config: Optional[dict
     d, dtype = q.shape[-1], q.dtype
     arch = None if _interpreting() or q.device.type != "cuda" else _arch(q.device)
     if config is not None or arch is None or fixed or torch.are_deterministic_algorithms_enabled():
-        cfg = dict(config if config is not None else configs_fn(d, dtype, arch)[0])
+        cfg = dict(config if config is not None else configs_fn(d, dtype, arch, dropout)[0])
         warps_stages = {"num_warps": cfg.pop("num_warps", 4), "num_stages": cfg.pop("num_stages", 1)}
         if arch is not None:
             cfg.update(warps_stages)
         return kernel, cfg
-    cache_key = (kernel, arch, d, dtype)
+    cache_key = (kernel, arch, d, dtype, dropout)
     tuned = _TUNED.get(cache_key)
     if tuned is None:
         configs = [
             triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
                           num_warps=c["num_warps"], num_stages=c["num_stages"])
-            for c in configs_fn(d, dtype, arch)
+            for c in configs_fn(d, dtype, arch, dropout)
         ]
         tuned = _TUNED[cache_key] = triton.autotune(configs=configs, key=list(key_args))(kernel)
     return tuned, {}
@@ -219,6 +231,16 @@ def tile_counts(layout: MemoryLayout, segment_len: int, block_m: int, block_n: i
     return counts
 
 
+def _seed_arg(seed: Optional[torch.Tensor], dropout: bool, dummy: torch.Tensor) -> torch.Tensor:
+    """The kernels' ``Seed`` argument: the seed tensor under dropout, else a placeholder (never read)."""
+    if not dropout:
+        return dummy
+    if seed is None or seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != dummy.device:
+        got = None if seed is None else f"{seed.dtype} {tuple(seed.shape)} on {seed.device}"
+        raise ValueError(f"dropout needs an int64 seed tensor of one element on {dummy.device}, got {got}")
+    return seed
+
+
 # --------------------------------------------------------------------------- forward
 
 
@@ -231,6 +253,8 @@ def segment_attention_fwd_triton(
     segment_lengths: Optional[torch.Tensor],
     layout: MemoryLayout,
     scale: float,
+    dropout_p: float = 0.0,
+    seed: Optional[torch.Tensor] = None,
     *,
     config: Optional[dict] = None,
     trace: bool = False,
@@ -242,6 +266,11 @@ def segment_attention_fwd_triton(
         k, v: ``[B, H_kv, N, D]`` (``H_q % H_kv == 0``); prefix_k, prefix_v: ``[B, H_kv, P, D]`` or None.
         segment_lengths: integer ``[B]`` in ``[0, S]`` or None; layout: the :class:`MemoryLayout`;
         scale: softmax scale. Shapes and values are validated by the public entry point.
+        dropout_p: attention dropout probability in ``[0, 1)``: ``out = (softmax(S) * keep / (1 - p)) V``
+            (``lse`` stays that of the scores without dropout); 0 runs the kernels without dropout.
+        seed: int64 ``[1]`` tensor on q's device (read by the kernels, no host sync) when
+            ``dropout_p > 0``; the keep decisions are those of
+            :func:`segment_attention_dropout_mask_triton` for the same seed.
         config: fixed meta-parameters (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``) instead
             of autotuning; the interpreter always runs one config.
         trace: debug path: also return an int32 tensor ``[B, H_q, cdiv(N, BLOCK_M), cdiv(P, BLOCK_N) +
@@ -270,7 +299,9 @@ def segment_attention_fwd_triton(
     out, lse = alloc_outputs(q)
     q, k, v, prefix_k, prefix_v = (_fit(t) for t in (q, k, v, prefix_k, prefix_v))
     lengths = kernel_lengths(segment_lengths, q.device)
-    kernel, meta = _select(fwd_mod._segment_attention_fwd_kernel, fwd_mod.fwd_configs, _TUNE_KEY, q, config, trace)
+    dropout = dropout_p > 0
+    kernel, meta = _select(fwd_mod._segment_attention_fwd_kernel, fwd_mod.fwd_configs, _TUNE_KEY, q, config, trace,
+                           dropout)
     trace_buf = None
     if trace:
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
@@ -289,9 +320,11 @@ def segment_attention_fwd_triton(
         *_strides(prefix_k if p else None, q), *_strides(prefix_v if p else None, q),
         *out.stride(), *lse.stride(),
         n, layout.num_read, s, p, d, hq // k.shape[1], scale * common_mod.LOG2E, _tune_bucket(n + p),
+        float(dropout_p) if dropout else 0.0,
     )
     _launch(kernel, lambda rows: lambda m: (_cdiv(n, m["BLOCK_M"]), hq, rows), b, args,
-            dict(HAS_PREFIX=p > 0, HAS_LENGTHS=lengths is not None, TRACE=trace, **_common_meta(q, layout), **meta))
+            dict(HAS_PREFIX=p > 0, HAS_LENGTHS=lengths is not None, TRACE=trace, DROPOUT=dropout,
+                 **_common_meta(q, layout), **meta), _seed_arg(seed, dropout, dummy))
     return (out, lse, trace_buf) if trace else (out, lse)
 
 
@@ -318,6 +351,8 @@ def segment_attention_bwd_triton(
     layout: MemoryLayout,
     scale: float,
     need_prefix_grad: bool,
+    dropout_p: float = 0.0,
+    seed: Optional[torch.Tensor] = None,
     *,
     config: Optional[dict] = None,
     trace: bool = False,
@@ -328,6 +363,7 @@ def segment_attention_bwd_triton(
         dout: ``[B, H_q, N, D]`` upstream gradient, any strides; ``out``, ``lse``: the forward's
             outputs; the other arguments as in :func:`segment_attention_fwd_triton`.
         need_prefix_grad: compute the prefix gradients (launches the prefix key blocks).
+        dropout_p, seed: those of the forward (the kernels regenerate its keep decisions).
         config: ``{"dq": {...}, "dkdv": {...}}`` fixed meta-parameters per kernel (either may be
             left out) instead of autotuning.
         trace: debug path: also return ``{"dq": ..., "dkdv": ..., "dkdv_prefix": ...}``: the dQ
@@ -361,6 +397,9 @@ def segment_attention_bwd_triton(
     config = config or {}
     common = _common_meta(q, layout)
     dummy = q
+    dropout = dropout_p > 0
+    seed_arg = _seed_arg(seed, dropout, dummy)
+    drop_p = float(dropout_p) if dropout else 0.0
     seg = lengths if lengths is not None else dummy
     traces = {}
 
@@ -369,11 +408,12 @@ def segment_attention_bwd_triton(
             (out, dout, delta, *out.stride(), *dout.stride(), *delta.stride(), n, d),
             dict(BLOCK_M=pre_m, BLOCK_D=common["BLOCK_D"], EVEN_D=common["EVEN_D"]))
 
-    kernel, meta = _select(bwd_mod._bwd_dkdv_kernel, bwd_mod.dkdv_configs, _TUNE_KEY_DKDV, q, config.get("dkdv"), trace)
+    kernel, meta = _select(bwd_mod._bwd_dkdv_kernel, bwd_mod.dkdv_configs, _TUNE_KEY_DKDV, q, config.get("dkdv"), trace,
+                           dropout)
     key_sets = [("dkdv", k, v, dk, dv, n, False)]
     if want_prefix:
         key_sets.append(("dkdv_prefix", prefix_k, prefix_v, dpk, dpv, p, True))
-    for name, kk, vv, gk, gv, keys, is_prefix in key_sets:
+    for name, kk, vv, gk, gv, keys, is_prefix in key_sets:  # keys: [prefix (P) | packed (N)]
         trace_buf = None
         if trace:
             trace_buf = torch.zeros((b, hkv, _cdiv(keys, meta["BLOCK_N"]), _cdiv(n, meta["BLOCK_M"])),
@@ -384,11 +424,13 @@ def segment_attention_bwd_triton(
             *q.stride(), *kk.stride(), *vv.stride(), *dout.stride(), *lse.stride(), *delta.stride(),
             *gk.stride(), *gv.stride(),
             n, layout.num_read, s, keys, d, hq // hkv, scale * common_mod.LOG2E, scale, _tune_bucket(n + p),
+            0 if is_prefix else p, drop_p,
         )
         _launch(kernel, lambda rows, keys=keys: lambda m: (_cdiv(keys, m["BLOCK_N"]), hkv, rows), b, args,
-                dict(IS_PREFIX=is_prefix, HAS_LENGTHS=lengths is not None, TRACE=trace, **common, **meta))
+                dict(IS_PREFIX=is_prefix, HAS_LENGTHS=lengths is not None, TRACE=trace, DROPOUT=dropout, **common,
+                     **meta), seed_arg)
 
-    kernel, meta = _select(bwd_mod._bwd_dq_kernel, bwd_mod.dq_configs, _TUNE_KEY, q, config.get("dq"), trace)
+    kernel, meta = _select(bwd_mod._bwd_dq_kernel, bwd_mod.dq_configs, _TUNE_KEY, q, config.get("dq"), trace, dropout)
     trace_buf = None
     if trace:
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
@@ -400,10 +442,56 @@ def segment_attention_bwd_triton(
         *q.stride(), *k.stride(), *v.stride(),
         *_strides(prefix_k if p else None, q), *_strides(prefix_v if p else None, q),
         *dout.stride(), *lse.stride(), *delta.stride(), *dq.stride(),
-        n, layout.num_read, s, p, d, hq // hkv, scale * common_mod.LOG2E, scale, _tune_bucket(n + p),
+        n, layout.num_read, s, p, d, hq // hkv, scale * common_mod.LOG2E, scale, _tune_bucket(n + p), drop_p,
     )
     _launch(kernel, lambda rows: lambda m: (_cdiv(n, m["BLOCK_M"]), hq, rows), b, args,
-            dict(HAS_PREFIX=p > 0, HAS_LENGTHS=lengths is not None, TRACE=trace, **common, **meta))
+            dict(HAS_PREFIX=p > 0, HAS_LENGTHS=lengths is not None, TRACE=trace, DROPOUT=dropout, **common, **meta),
+            seed_arg)
     grads = (dq, dk, dv, dpk, dpv)
     return (*grads, traces) if trace else grads
 
+
+
+# --------------------------------------------------------------------------- dropout mask (debug)
+
+DROPOUT_MASK_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 64}
+
+
+def segment_attention_dropout_mask_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    prefix_k: Optional[torch.Tensor],
+    layout: MemoryLayout,
+    dropout_p: float,
+    seed: torch.Tensor,
+) -> torch.Tensor:
+    """The keep decisions the attention kernels take with ``seed`` and ``dropout_p`` (debug, tests).
+
+    Args:
+        q: ``[B, H_q, N, D]``; k: ``[B, H_kv, N, D]``; prefix_k: ``[B, H_kv, P, D]`` or None (only the
+            shapes and the device are read); layout: the :class:`MemoryLayout` of the call;
+        dropout_p: in ``[0, 1)``; seed: int64 ``[1]`` tensor on q's device.
+
+    Returns:
+        bool ``[B, H_q, N, P + N]`` (keys ordered ``[prefix | packed]``): True where the element is kept,
+        for every element, visible or not (the kernels apply it to visible ones only). Computed by the
+        kernels' own keep function (``triton_common._dropout_keep``).
+
+    Example::
+
+        >>> seed = torch.randint(0, 2**62, (1,), device="cuda")
+        >>> mask = segment_attention_dropout_mask_triton(q, k, None, layout, 0.1, seed)
+    """
+    _check_inputs(q, k, k, prefix_k, prefix_k)
+    common_mod = _kernels()[0]
+    b, hq, n, _ = q.shape
+    p = 0 if prefix_k is None else prefix_k.shape[2]
+    mask = torch.empty((b, hq, n, p + n), dtype=torch.uint8, device=q.device)
+    seed_arg = _seed_arg(seed, True, q)
+    if mask.numel() == 0:
+        return mask.view(torch.bool)
+    blocks = DROPOUT_MASK_BLOCKS
+    meta = dict(blocks) if _interpreting() or q.device.type != "cuda" else dict(blocks, num_warps=4)
+    _launch(common_mod._dropout_mask_kernel, lambda rows: (_cdiv(n, blocks["BLOCK_M"]), hq, rows), b,
+            (mask, *mask.stride(), n, p + n, float(dropout_p)), meta, seed_arg)
+    return mask.view(torch.bool)
