@@ -41,6 +41,7 @@ from .layout import MemoryLayout, as_int
 from . import _checks
 from .ops.pack_segment.interface import pack_validated
 from .ops.pack_segment.interface import resolve_backend as resolve_pack_backend
+from .streamed import StreamedLoss, resolve_no_sync
 
 ALIGNMENTS = (None, "left", "right", "center")
 
@@ -336,6 +337,7 @@ class SegmentDriver:
         output_hidden_states: bool = False,
         loss_fn: Optional[LossFn] = None,
         return_outputs: bool = True,
+        no_sync=None,
     ) -> RecurrentOutput:
         """Run ``step`` over every segment of the sequence.
 
@@ -365,6 +367,17 @@ class SegmentDriver:
                 non-leaf tensors that require grad (their graph would be freed by the first backward);
                 non-leaf inputs passed here are handled.
             return_outputs: keep and concatenate the per-segment outputs (default True).
+            no_sync: with ``loss_fn`` under data parallelism, the engine whose gradient synchronisation
+                the backward calls before the last one must skip: the ``DistributedDataParallel`` or
+                FSDP2 (``fully_shard``) module that ``step`` calls, or a zero-argument callable
+                returning a context manager (:func:`rmt_kernels.streamed.no_sync_context`). Default:
+                ``step`` itself when it is such a module. The segments before the last graph then
+                run, forward and backward, in that context, and the last backward (the only
+                synchronised one) gives every input and parameter the run used its gradient, the
+                initial memory included (:mod:`rmt_kernels.streamed`). Under FSDP2 read the memory
+                and the embedding inside :func:`rmt_kernels.streamed.fsdp2_unsharded`. With DDP,
+                ``find_unused_parameters=True`` and ``checkpoint=True`` are refused
+                (:func:`rmt_kernels.streamed.resolve_no_sync` says why).
 
         Returns:
             :class:`RecurrentOutput`.
@@ -374,16 +387,17 @@ class SegmentDriver:
                 returning wrong shapes, a mask that is not right-padded.
         """
         run = self._prepare(step, memory, input_ids, embedding_weight, inputs_embeds, attention_mask,
-                            write_memory, bounds, output_hidden_states, loss_fn)
-        state = run.memory
+                            write_memory, bounds, output_hidden_states, loss_fn, no_sync)
+        state = run.first_memory
         outs, layer_outs = [], []
         for i, (t0, t1) in enumerate(run.bounds):
             info = self._segment_info(run, i, t0, t1)
-            main, hs, new_mem = self._run_segment(run, step, info, state)
             last = i == len(run.bounds) - 1
-            state = self._hand_off(run, i, new_mem, last)
-            if loss_fn is not None:
-                main, hs = run.losses.add(loss_fn(main, info), main, hs, closes=last or self.memory_detached(i))
+            with run.losses.region(i):
+                main, hs, new_mem = self._run_segment(run, step, info, state)
+                state = self._hand_off(run, i, new_mem, last)
+                if loss_fn is not None:
+                    main, hs = run.losses.add(loss_fn(main, info), main, hs, self.memory_detached(i), last)
             if return_outputs:
                 outs.append(main)
             if hs is not None:
@@ -393,7 +407,7 @@ class SegmentDriver:
     # ------------------------------------------------------------------ the steps of a run
 
     def _prepare(self, step, memory, input_ids, embedding_weight, inputs_embeds, attention_mask, write_memory,
-                 bounds, output_hidden_states, loss_fn) -> "_Run":
+                 bounds, output_hidden_states, loss_fn, no_sync) -> "_Run":
         """Check every argument once, resolve the pack backend, and set up the streamed loss."""
         batch, dim, dtype, device, bounds, lengths = _checks.check_run_inputs(
             self.layout, step, memory, input_ids, embedding_weight, inputs_embeds, attention_mask, write_memory,
@@ -401,9 +415,13 @@ class SegmentDriver:
         )
         backend = resolve_pack_backend(self.backend, device, dtype, from_ids=input_ids is not None)
 
-        losses = _StreamedLoss(loss_fn is not None and torch.is_grad_enabled())
-        memory, write_memory = losses.leaf(memory), losses.leaf(write_memory)
-        inputs_embeds, embedding_weight = losses.leaf(inputs_embeds), losses.leaf(embedding_weight)
+        if no_sync is not None and loss_fn is None:
+            raise ValueError("no_sync= goes with loss_fn=: only a streamed run calls backward itself")
+        no_sync = resolve_no_sync(no_sync, step, self.checkpoint) if loss_fn is not None else None
+        final_start = max((i + 1 for i in range(len(bounds) - 1) if self.memory_detached(i)), default=0)
+        losses = StreamedLoss(loss_fn is not None and torch.is_grad_enabled(), final_start, no_sync)
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        early = (losses.early(tokens), losses.early(embedding_weight), losses.early(write_memory))
         seg_lengths = _segment_lengths(bounds, lengths)
         on_device = None
         if any(x is not None for x in seg_lengths):
@@ -411,8 +429,9 @@ class SegmentDriver:
             table = [x if x is not None else [b - a] * batch for x, (a, b) in zip(seg_lengths, bounds)]
             on_device = torch.tensor(table, dtype=torch.int64).to(device)
         return _Run(
-            tokens=input_ids if input_ids is not None else inputs_embeds, weight=embedding_weight,
-            memory=memory, write_memory=write_memory, bounds=bounds, segment_lengths=seg_lengths,
+            tokens=tokens, weight=embedding_weight, write_memory=write_memory, early=early,
+            final_start=losses.final_start, first_memory=losses.early(memory, only_first=True), bounds=bounds,
+            segment_lengths=seg_lengths,
             lengths_on_device=on_device, batch=batch, dim=dim, dtype=dtype, device=device, backend=backend,
             hidden_states=bool(output_hidden_states), losses=losses,
             max_rows=max(self.layout.seq_len(b - a) for a, b in bounds),
@@ -430,13 +449,14 @@ class SegmentDriver:
     def _run_segment(self, run: "_Run", step, info: SegmentInfo, state):
         """Pack segment ``info.index`` (into the reusable buffer while no graph is recorded), run the
         step, and return ``(segment rows of the outputs, per-layer segment rows or None, W rows)``."""
-        seg = run.tokens[:, info.start : info.end]
+        tokens, weight, write = run.sources(info.index)
+        seg = tokens[:, info.start : info.end]
         read = state if self.layout.num_read else None
-        write = state if run.write_memory is None else run.write_memory
+        write = state if write is None else write
         if self.checkpoint and torch.is_grad_enabled():
-            return _checkpoint(self._segment, step, info, seg, read, write, run, None, use_reentrant=False)
-        out_buf = run.buffer_for(info, read, write, seg)
-        main, hs, new_mem = self._segment(step, info, seg, read, write, run, out_buf)
+            return _checkpoint(self._segment, step, info, seg, weight, read, write, run, None, use_reentrant=False)
+        out_buf = run.buffer_for(info, read, write, weight if weight is not None else seg)
+        main, hs, new_mem = self._segment(step, info, seg, weight, read, write, run, out_buf)
         if main.requires_grad or new_mem.requires_grad or any(h.requires_grad for h in hs or ()):
             run.retire_buffer()  # the graph may hold the buffer: never write it again
         elif run.buffer is not None:
@@ -444,10 +464,10 @@ class SegmentDriver:
             hs = None if hs is None else tuple(_own(h, run.buffer) for h in hs)
         return main, hs, new_mem
 
-    def _segment(self, step, info: SegmentInfo, seg, read, write, run: "_Run", out_buf):
+    def _segment(self, step, info: SegmentInfo, seg, weight, read, write, run: "_Run", out_buf):
         layout = self.layout
         tied = read is not None and read is write
-        packed = pack_validated(seg, run.weight, layout, read, None if tied else write, tied, out_buf, run.backend)
+        packed = pack_validated(seg, weight, layout, read, None if tied else write, tied, out_buf, run.backend)
         res = _as_step_output(step(packed, info), info, run.dim)
         r, s = layout.num_read, info.segment_len
         main = (res.logits if res.logits is not None else res.hidden)[:, r : r + s]
@@ -500,8 +520,10 @@ class _Run:
 
     tokens: Tensor  # [B, T] ids or [B, T, d] embeddings
     weight: Optional[Tensor]  # [V, d] with ids
-    memory: Optional[Tensor]
     write_memory: Optional[Tensor]
+    early: tuple  # (tokens, weight, write_memory) as the segments before the last graph read them
+    final_start: int  # first segment of the last graph (streamed loss)
+    first_memory: Optional[Tensor]  # the memory segment 0 reads
     bounds: Bounds
     segment_lengths: List[Optional[tuple]]  # per segment: valid tokens per row, None when all valid
     lengths_on_device: Optional[Tensor]  # int64 [segments, B] on the inputs' device
@@ -511,16 +533,19 @@ class _Run:
     device: torch.device
     backend: str  # the resolved pack backend
     hidden_states: bool
-    losses: "_StreamedLoss"
+    losses: StreamedLoss
     max_rows: int
     buffer: Optional[Tensor] = None
     reuse: bool = True
 
-    def buffer_for(self, info: SegmentInfo, read, write, seg) -> Optional[Tensor]:
+    def sources(self, index: int) -> tuple:
+        """``(tokens, embedding weight, write memory)`` as segment ``index`` reads them."""
+        return self.early if index < self.final_start else (self.tokens, self.weight, self.write_memory)
+
+    def buffer_for(self, info: SegmentInfo, read, write, source) -> Optional[Tensor]:
         """A ``[B, N, d]`` view of the one buffer sized for the longest segment, while no graph records
         the pack (the state never aliases it: outputs of a step that used it are owned)."""
-        grad_src = (read, write, self.weight if self.weight is not None else seg)
-        if not self.reuse or _records(*grad_src):
+        if not self.reuse or _records(read, write, source):
             return None
         n = info.seq_len
         if self.buffer is None:
@@ -529,47 +554,3 @@ class _Run:
 
     def retire_buffer(self) -> None:
         self.reuse, self.buffer = False, None
-
-
-class _StreamedLoss:
-    """``loss_fn`` values of the segments; when streaming (grad mode on), the backward runs each time
-    the graph closes, so saved activations do not grow with the number of segments."""
-
-    def __init__(self, streaming: bool):
-        self.streaming = streaming
-        self.total: Optional[Tensor] = None
-        self.pending: Optional[Tensor] = None
-        self.proxies: List[Tuple[Tensor, Tensor]] = []
-
-    def leaf(self, t: Optional[Tensor]) -> Optional[Tensor]:
-        """Non-leaf inputs requiring grad would have their graph freed by the first streamed backward:
-        run on a detached leaf and push its accumulated gradient through at the end."""
-        if self.streaming and t is not None and t.requires_grad and t.grad_fn is not None:
-            p = t.detach().requires_grad_()
-            self.proxies.append((t, p))
-            return p
-        return t
-
-    def add(self, seg_loss, main: Tensor, hs, closes: bool):
-        """Add one segment's loss; ``closes``: the graph ends here (last segment, or the memory is
-        detached). Returns the segment's outputs, detached when the backward ran."""
-        if not isinstance(seg_loss, Tensor) or seg_loss.numel() != 1:
-            raise ValueError("loss_fn must return a scalar tensor")
-        self.pending = seg_loss if self.pending is None else self.pending + seg_loss
-        if closes or not self.streaming:
-            if self.streaming and self.pending.requires_grad:
-                self.pending.backward()
-            done = self.pending.detach()
-            self.total = done if self.total is None else self.total + done
-            self.pending = None
-        if self.streaming:
-            main = main.detach()
-            hs = None if hs is None else tuple(h.detach() for h in hs)
-        return main, hs
-
-    def finish(self) -> Optional[Tensor]:
-        """Push the proxies' gradients into the real inputs; the summed loss (detached) or None."""
-        pairs = [(t, p.grad) for t, p in self.proxies if p.grad is not None]
-        if pairs:
-            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
-        return self.total

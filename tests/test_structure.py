@@ -22,7 +22,7 @@ LAYERS = [
     ("_checks", "backends", "_extension", "ops._alloc"),
     ("reference", "ops.*"),  # an op's launchers and kernels
     ("ops.*.interface", "ops.*.aot"),
-    ("recurrent",),
+    ("recurrent", "streamed"),
     ("integrations",),
     ("tools", "bench"),
     ("cli",),

@@ -27,11 +27,22 @@ What differs is how it runs:
 - no per-layer hidden states are kept unless ``output_hidden_states=True`` (the last hidden state is
   taken from the backbone's output), and no KV cache is built during ``forward``.
 
-Outputs: ``loss`` (0 when no labels, as the original), ``logits`` ``[B, T, V]``, per-segment
-``logits_{i}`` (views of ``logits``), and with ``output_hidden_states`` ``hidden_states`` (one
-``[B, T, d]`` per layer, memory rows removed) and ``hidden_states_{i}``. ``output_attentions`` is
-accepted and, as in the original (which never forwards it to the backbone), returns nothing.
-``num_mem_tokens`` must be at least 1.
+Outputs: a :class:`RecurrentLMOutput` (a ``CausalLMOutputWithCrossAttentions`` subclass) with
+``loss`` (0 when no labels, as the original), ``logits`` ``[B, T, V]``, ``segment_bounds`` and the
+property ``segment_logits`` (one view of ``logits`` per segment), and with ``output_hidden_states``
+``hidden_states`` (one ``[B, T, d]`` per layer, memory rows removed) and ``segment_hidden_states``.
+The original's per-segment keys ``out["logits_{i}"]`` / ``out["hidden_states_{i}"]`` (and
+``out.logits_{i}``) still read them, but they are not keys of the output: its keys are its dataclass
+fields, so ``torch.utils._pytree`` flattens and rebuilds it (DDP does with ``find_unused_parameters``
+or ``static_graph``; the Hugging Face ``Trainer`` turns on ``find_unused_parameters`` for any model
+that is not a ``PreTrainedModel``). ``output_attentions`` is accepted and, as in the original (which
+never forwards it to the backbone), returns nothing. ``num_mem_tokens`` must be at least 1.
+
+More than one device: the wrappers run under DDP and FSDP2 (``fully_shard``) as they are; the memory
+and every parameter of the backbone get a gradient in every step (with ``find_unused_parameters=False``
+too). Non-reentrant activation checkpointing works under both; the reentrant one runs each layer's
+backward once per segment, which DDP accepts only with ``static_graph=True`` (and then the same number
+of segments in every step).
 
 Where it deliberately differs from the original: ``labels_mask`` must be a bool tensor (the original
 indexes with it, so an integer 0/1 mask there gathers rows 0 and 1; refused here with ``TypeError``);
@@ -44,8 +55,10 @@ switches the backbone's attention in place and says so once (see ``attn_implemen
 from __future__ import annotations
 
 import numbers
+import re
 import warnings
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -57,11 +70,78 @@ from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions  # n
 from ..layout import MemoryLayout  # noqa: E402
 from ..recurrent import SegmentDriver, StepOutput  # noqa: E402
 
-__all__ = ["MemoryCell", "RecurrentWrapper"]
+__all__ = ["MemoryCell", "RecurrentWrapper", "RecurrentLMOutput"]
 
 
 _AUTO = "auto"
 _switch_warned = False
+
+
+_SEGMENT_KEY = re.compile(r"(logits|hidden_states)_(\d+)")
+
+
+@dataclass
+class RecurrentLMOutput(CausalLMOutputWithCrossAttentions):
+    """What :meth:`RecurrentWrapper.forward` returns: the fields of ``CausalLMOutputWithCrossAttentions``
+    plus the per-segment views.
+
+    Attributes:
+        segment_bounds: the segments' token ranges ``((start, end), ...)`` (plain ints).
+        segment_logits: (property) one ``[B, S_i, V]`` view of ``logits`` per segment.
+        segment_hidden_states: (property) with ``output_hidden_states``, per segment a tuple of one
+            ``[B, S_i, d]`` view per layer.
+
+    The original wrapper's keys ``"logits_{i}"`` and ``"hidden_states_{i}"`` are read through
+    ``out["logits_0"]`` or ``out.logits_0`` (a list per layer for ``hidden_states_{i}``, as there); they
+    are not keys of the mapping, so the output flattens to its fields and is rebuilt by
+    ``RecurrentLMOutput(**fields)`` (``torch.utils._pytree``, as DDP does). The views are made when
+    read, so the output holds no view tensor (FSDP2 warns about views among a module's outputs).
+
+    Example::
+
+        >>> out = model(input_ids, labels=input_ids)
+        >>> torch.equal(out["logits_1"], out.segment_logits[1])
+        True
+    """
+
+    segment_bounds: Optional[Tuple[Tuple[int, int], ...]] = None
+
+    @property
+    def segment_logits(self) -> Optional[Tuple[torch.Tensor, ...]]:
+        """One ``[B, S_i, V]`` view of ``logits`` per segment (None without bounds or logits)."""
+        if self.segment_bounds is None or self.logits is None:
+            return None
+        return tuple(self.logits[:, a:b] for a, b in self.segment_bounds)
+
+    @property
+    def segment_hidden_states(self) -> Optional[Tuple[Tuple[torch.Tensor, ...], ...]]:
+        """Per segment, one ``[B, S_i, d]`` view per layer of ``hidden_states`` (None when not asked)."""
+        if self.segment_bounds is None or self.hidden_states is None:
+            return None
+        return tuple(tuple(h[:, a:b] for h in self.hidden_states) for a, b in self.segment_bounds)
+
+    def _segment_value(self, key):
+        found = _SEGMENT_KEY.fullmatch(key) if isinstance(key, str) else None
+        if found is None:
+            return None
+        kind, i = found.group(1), int(found.group(2))
+        source = self.logits if kind == "logits" else self.hidden_states
+        if self.segment_bounds is None or source is None or i >= len(self.segment_bounds):
+            raise KeyError(key)
+        a, b = self.segment_bounds[i]
+        return source[:, a:b] if kind == "logits" else [h[:, a:b] for h in source]
+
+    def __getitem__(self, key):
+        value = self._segment_value(key)
+        return super().__getitem__(key) if value is None else value
+
+    def __getattr__(self, name):
+        if _SEGMENT_KEY.fullmatch(name) is None:
+            raise AttributeError(name)
+        try:
+            return self._segment_value(name)
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 def _as_int(name: str, value, allow_none: bool = False):
@@ -353,8 +433,9 @@ class RecurrentWrapper(torch.nn.Module):
             output_hidden_states: also return every layer's hidden states.
 
         Returns:
-            ``CausalLMOutputWithCrossAttentions`` with ``loss``, ``logits [B, T, V]``, ``logits_{i}``
-            and, when asked, ``hidden_states`` / ``hidden_states_{i}``.
+            :class:`RecurrentLMOutput` with ``loss``, ``logits [B, T, V]``, ``segment_bounds``,
+            ``segment_logits`` (also read as ``out["logits_{i}"]``) and, when asked, ``hidden_states``
+            / ``segment_hidden_states`` (``out["hidden_states_{i}"]``).
 
         Raises:
             ValueError: neither ``input_ids`` nor ``inputs_embeds``; shapes that do not match.
@@ -373,7 +454,7 @@ class RecurrentWrapper(torch.nn.Module):
         res = cell.run_segments(self.driver, None, input_ids, inputs_embeds, attention_mask,
                                 bool(output_hidden_states))
         logits = res.outputs
-        out = CausalLMOutputWithCrossAttentions()
+        out = RecurrentLMOutput()
         if labels is not None:
             flat_logits = logits[..., :-1, :].reshape(-1, logits.shape[-1])
             flat_labels = labels[..., 1:].reshape(-1)
@@ -386,10 +467,7 @@ class RecurrentWrapper(torch.nn.Module):
         out["logits"] = logits
         if output_hidden_states:
             out["hidden_states"] = res.hidden_states
-        for i, (a, b) in enumerate(res.bounds):
-            out[f"logits_{i}"] = logits[:, a:b]
-            if output_hidden_states:
-                out[f"hidden_states_{i}"] = [h[:, a:b] for h in res.hidden_states]
+        out["segment_bounds"] = tuple((a, b) for a, b in res.bounds)
         return out
 
     def generate(self, input_ids, attention_mask=None, **generate_kwargs):
