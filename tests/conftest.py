@@ -87,3 +87,23 @@ def nan_poison(monkeypatch):
         return original
 
     return poison
+
+
+@pytest.fixture
+def device():
+    """Where the Triton kernels run: CPU under the interpreter, the GPU when they are compiled."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        pytest.skip("triton kernels need TRITON_INTERPRET=1 (CPU) or a CUDA GPU")
+    return torch.device("cuda")
+
+
+@pytest.fixture
+def poisoned(nan_poison):
+    """The Triton launchers' outputs, gradients and delta start as NaN (a test module may define its
+    own ``poisoned`` for its backend)."""
+    from rmt_kernels.ops.segment_attention import triton_launch
+
+    nan_poison(triton_launch, "alloc_outputs")
+    nan_poison(triton_launch, "_bwd_buffers")

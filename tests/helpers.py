@@ -128,6 +128,20 @@ def check_against_reference(layout, q, k, v, prefix_k=None, prefix_v=None, lengt
     return out
 
 
+def device_inputs(device, b, heads, n, d, p, dtype=torch.float32, prefix_grad=True):
+    """Leaf ``(q, k, v, prefix_k, prefix_v)`` on ``device`` (prefix None when ``p == 0``)."""
+    hq, hkv = heads
+
+    def rnd(*shape, grad=True):
+        return torch.randn(*shape, dtype=dtype, device=device).requires_grad_(grad)
+
+    q, k, v = rnd(b, hq, n, d), rnd(b, hkv, n, d), rnd(b, hkv, n, d)
+    pk = pv = None
+    if p:
+        pk, pv = rnd(b, hkv, p, d, grad=prefix_grad), rnd(b, hkv, p, d, grad=prefix_grad)
+    return q, k, v, pk, pv
+
+
 def make_inputs(b, heads, n, d, p, dtype=torch.float32, prefix_grad=True):
     hq, hkv = heads
     q = torch.randn(b, hq, n, d, dtype=dtype, requires_grad=True)

@@ -29,39 +29,10 @@ from rmt_kernels.ops.segment_attention import interface, triton_launch  # noqa: 
 from rmt_kernels.ops.segment_attention.triton_common import _round_bf16  # noqa: E402
 
 from helpers import check_against_reference as _check_against_reference  # noqa: E402
+from helpers import device_inputs  # noqa: E402
 
 MB = "memory_bidirectional"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@pytest.fixture
-def device():
-    """CPU under the interpreter; the GPU when the kernels are compiled."""
-    if INTERPRET:
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        pytest.skip("triton kernels need TRITON_INTERPRET=1 (CPU) or a CUDA GPU")
-    return torch.device("cuda")
-
-
-@pytest.fixture
-def poisoned(nan_poison):
-    """Forward outputs, gradients and delta start as NaN."""
-    nan_poison(triton_launch, "alloc_outputs")
-    nan_poison(triton_launch, "_bwd_buffers")
-
-
-def make_inputs(device, b, heads, n, d, p, dtype=torch.float32, prefix_grad=True):
-    hq, hkv = heads
-
-    def rnd(*shape, grad=True):
-        return torch.randn(*shape, dtype=dtype, device=device).requires_grad_(grad)
-
-    q, k, v = rnd(b, hq, n, d), rnd(b, hkv, n, d), rnd(b, hkv, n, d)
-    pk = pv = None
-    if p:
-        pk, pv = rnd(b, hkv, p, d, grad=prefix_grad), rnd(b, hkv, p, d, grad=prefix_grad)
-    return q, k, v, pk, pv
 
 
 # The torch suite's check (output, log-sum-exp from the custom op, every gradient, all through the
@@ -120,7 +91,7 @@ EDGE_CASES = [
 @pytest.mark.parametrize("layout, s, p, lengths, heads, d, prefix_grad, scale", EDGE_CASES)
 def test_triton_matches_reference(device, poisoned, layout, s, p, lengths, heads, d, prefix_grad, scale):
     b = 2 if lengths is None else len(lengths)
-    q, k, v, pk, pv = make_inputs(device, b, heads, layout.seq_len(s), d, p, prefix_grad=prefix_grad)
+    q, k, v, pk, pv = device_inputs(device, b, heads, layout.seq_len(s), d, p, prefix_grad=prefix_grad)
     sl = None if lengths is None else torch.tensor(lengths, device=device)
     check_against_reference(layout, q, k, v, pk, pv, sl, scale)
 
@@ -137,7 +108,7 @@ DTYPE_CASES = [
 @pytest.mark.parametrize("layout, s, p, lengths, heads, dtype", DTYPE_CASES)
 def test_triton_dtypes(device, poisoned, layout, s, p, lengths, heads, dtype):
     b = 2 if lengths is None else len(lengths)
-    q, k, v, pk, pv = make_inputs(device, b, heads, layout.seq_len(s), 32, p, dtype=dtype)
+    q, k, v, pk, pv = device_inputs(device, b, heads, layout.seq_len(s), 32, p, dtype=dtype)
     sl = None if lengths is None else torch.tensor(lengths, dtype=torch.int32, device=device)
     check_against_reference(layout, q, k, v, pk, pv, sl)
 
@@ -166,7 +137,7 @@ def _run_bf16(device, monkeypatch=None):
         monkeypatch.setattr(triton_launch, "_bwd_buffers", lambda *a: tuple(as_fp32(t) for t in bwd_buffers(*a)))
     layout = MemoryLayout(4, 4, MB)
     torch.manual_seed(0)  # the same inputs on every call
-    q, k, v, pk, pv = (t.detach().to(torch.bfloat16) for t in make_inputs(device, 2, (2, 1), 48, 32, 5))
+    q, k, v, pk, pv = (t.detach().to(torch.bfloat16) for t in device_inputs(device, 2, (2, 1), 48, 32, 5))
     sl = torch.tensor([40, 23], device=device)
     dout = torch.randn(q.shape, device=device).to(torch.bfloat16)
     results = {}
@@ -261,7 +232,7 @@ def test_triton_strided_inputs(device, poisoned, kind, layout, s, p, lengths):
 
 def test_triton_empty_inputs(device):
     layout = MemoryLayout(0, 0, MB)
-    q, k, v, _, _ = make_inputs(device, 2, (2, 1), 0, 16, 0)
+    q, k, v, _, _ = device_inputs(device, 2, (2, 1), 0, 16, 0)
     out = segment_attention(q, k, v, layout, backend="triton")
     assert out.shape == (2, 2, 0, 16)
     dq, dk = torch.autograd.grad(out, (q, k), torch.randn_like(out))
@@ -306,7 +277,7 @@ def test_tile_schedule_matches_classify_tiles(device, layout, s, p, lengths, blo
     full ones, and the backward's dK/dV kernels visit the transpose of the forward's set."""
     n = layout.seq_len(s)
     b = 2 if lengths is None else len(lengths)
-    q, k, v, pk, pv = make_inputs(device, b, (2, 1), n, 16, p)
+    q, k, v, pk, pv = device_inputs(device, b, (2, 1), n, 16, p)
     q, k, v = q.detach(), k.detach(), v.detach()
     pk, pv = (None, None) if not p else (pk.detach(), pv.detach())
     sl = None if lengths is None else torch.tensor(lengths, device=device)
@@ -348,7 +319,7 @@ def test_tile_schedule_matches_classify_tiles(device, layout, s, p, lengths, blo
 
 def test_backward_is_deterministic(device):
     layout = MemoryLayout(5, 5, MB)
-    q, k, v, pk, pv = make_inputs(device, 2, (4, 1), layout.seq_len(40), 16, 3)
+    q, k, v, pk, pv = device_inputs(device, 2, (4, 1), layout.seq_len(40), 16, 3)
     sl = torch.tensor([40, 11], device=device)
     dout = torch.randn(q.shape, device=device)
     runs = []
@@ -413,7 +384,7 @@ def test_registration_is_lazy_and_complete():
 
 def test_opcheck_with_triton_backend(device):
     layout = MemoryLayout(3, 2, MB)
-    q, k, v, pk, pv = make_inputs(device, 2, (2, 1), layout.seq_len(9), 16, 4)
+    q, k, v, pk, pv = device_inputs(device, 2, (2, 1), layout.seq_len(9), 16, 4)
     sl = torch.tensor([9, 2], device=device)
     params = (layout.num_read, layout.num_write, layout.mask, layout.prefix_visible_to, 0.25, "triton")
     torch.library.opcheck(interface.segment_attention_fwd_op, (q, k, v, pk, pv, sl, *params))
@@ -449,7 +420,7 @@ GPU_CASES = [
 def test_triton_gpu_long_segments(poisoned, layout, s, p, lengths, heads, d, dtype):
     device = torch.device("cuda")
     b = 2 if lengths is None else len(lengths)
-    q, k, v, pk, pv = make_inputs(device, b, heads, layout.seq_len(s), d, p, dtype=dtype)
+    q, k, v, pk, pv = device_inputs(device, b, heads, layout.seq_len(s), d, p, dtype=dtype)
     sl = None if lengths is None else torch.tensor(lengths, device=device)
     check_against_reference(layout, q, k, v, pk, pv, sl)
 
@@ -459,7 +430,7 @@ def test_triton_gpu_long_segments(poisoned, layout, s, p, lengths, heads, d, dty
 def test_triton_gpu_deterministic(d):
     device = torch.device("cuda")
     layout = MemoryLayout(16, 16, MB)
-    q, k, v, pk, pv = make_inputs(device, 2, (8, 2), layout.seq_len(2000), d, 37, dtype=torch.bfloat16)
+    q, k, v, pk, pv = device_inputs(device, 2, (8, 2), layout.seq_len(2000), d, 37, dtype=torch.bfloat16)
     sl = torch.tensor([2000, 1234], device=device)
     dout = torch.randn(q.shape, device=device, dtype=q.dtype)
     runs = []

@@ -23,41 +23,11 @@ from rmt_kernels.ops.segment_attention import triton_launch  # noqa: E402
 from rmt_kernels.ops.segment_attention.triton_common import _dropout_keep  # noqa: E402
 from rmt_kernels.reference import segment_attention_ref  # noqa: E402
 
-from helpers import assert_close  # noqa: E402
+from helpers import assert_close, device_inputs  # noqa: E402
 
 MB = "memory_bidirectional"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 GRAD_NAMES = ("dq", "dk", "dv", "dprefix_k", "dprefix_v")
-
-
-@pytest.fixture
-def device():
-    """CPU under the interpreter; the GPU when the kernels are compiled."""
-    if INTERPRET:
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        pytest.skip("triton kernels need TRITON_INTERPRET=1 (CPU) or a CUDA GPU")
-    return torch.device("cuda")
-
-
-@pytest.fixture
-def poisoned(nan_poison):
-    """Forward outputs, gradients and delta start as NaN."""
-    nan_poison(triton_launch, "alloc_outputs")
-    nan_poison(triton_launch, "_bwd_buffers")
-
-
-def make_inputs(device, b, heads, n, d, p, dtype=torch.float32, prefix_grad=True):
-    hq, hkv = heads
-
-    def rnd(*shape, grad=True):
-        return torch.randn(*shape, dtype=dtype, device=device).requires_grad_(grad)
-
-    q, k, v = rnd(b, hq, n, d), rnd(b, hkv, n, d), rnd(b, hkv, n, d)
-    pk = pv = None
-    if p:
-        pk, pv = rnd(b, hkv, p, d, grad=prefix_grad), rnd(b, hkv, p, d, grad=prefix_grad)
-    return q, k, v, pk, pv
 
 
 # The keep mask of a seed comes from the kernels' own keep function (the debug launcher); the reference
@@ -141,7 +111,7 @@ DROPOUT_CASES = [
 @pytest.mark.parametrize("layout, s, p, lengths, heads, d, dtype, dropout_p", DROPOUT_CASES)
 def test_dropout_matches_reference(device, poisoned, layout, s, p, lengths, heads, d, dtype, dropout_p):
     b = 2 if lengths is None else len(lengths)
-    q, k, v, pk, pv = make_inputs(device, b, heads, layout.seq_len(s), d, p, dtype=dtype)
+    q, k, v, pk, pv = device_inputs(device, b, heads, layout.seq_len(s), d, p, dtype=dtype)
     sl = None if lengths is None else torch.tensor(lengths, device=device)
     out, _, grads, mask = check_dropout_against_reference(layout, q, k, v, pk, pv, sl, 0.25, dropout_p,
                                                           _seed(20261130, device))
@@ -151,7 +121,7 @@ def test_dropout_matches_reference(device, poisoned, layout, s, p, lengths, head
 def test_dropout_detached_prefix(device, poisoned):
     """A prefix without gradient (a cache): no prefix gradients, the others as with one."""
     layout = MemoryLayout(5, 5, MB)
-    q, k, v, pk, pv = make_inputs(device, 2, (2, 2), layout.seq_len(33), 16, 37, prefix_grad=False)
+    q, k, v, pk, pv = device_inputs(device, 2, (2, 2), layout.seq_len(33), 16, 37, prefix_grad=False)
     check_dropout_against_reference(layout, q, k, v, pk, pv, torch.tensor([33, 12], device=device), 0.25, 0.4,
                                     _seed(7, device))
 
@@ -194,7 +164,7 @@ def test_dropout_mask_at_p0_keeps_everything(device):
 def test_dropout_reproducible_per_seed(device):
     """The same seed reproduces output and gradients bit for bit; another seed changes them (and the mask)."""
     layout = MemoryLayout(4, 4, MB)
-    q, k, v, pk, pv = make_inputs(device, 2, (4, 2), layout.seq_len(40), 16, 5)
+    q, k, v, pk, pv = device_inputs(device, 2, (4, 2), layout.seq_len(40), 16, 5)
     sl = torch.tensor([40, 13], device=device)
     dout = torch.randn(q.shape, device=device)
     runs = [_dropout_run(layout, q, k, v, pk, pv, sl, 0.25, 0.3, _seed(seed, device), dout)
@@ -213,7 +183,7 @@ def test_dropout_reproducible_per_seed(device):
 
 def test_dropout_p0_is_exactly_no_dropout(device):
     layout = MemoryLayout(4, 4, MB, "all")
-    q, k, v, pk, pv = make_inputs(device, 2, (2, 1), layout.seq_len(37), 16, 3)
+    q, k, v, pk, pv = device_inputs(device, 2, (2, 1), layout.seq_len(37), 16, 3)
     sl = torch.tensor([37, 0], device=device)
     dout = torch.randn(q.shape, device=device)
     with_seed = _dropout_run(layout, q, k, v, pk, pv, sl, 0.25, 0.0, _seed(5, device), dout)
@@ -233,7 +203,7 @@ def test_dropout_chunked_batch_keeps_the_mask(device, monkeypatch):
     """Batches launched in chunks (grid limit lowered to 2 rows) take the keep decisions of their global
     batch rows: mask, output and gradients equal one launch over the whole batch."""
     layout = MemoryLayout(3, 3, MB)
-    q, k, v, pk, pv = make_inputs(device, 5, (2, 1), layout.seq_len(21), 16, 3)
+    q, k, v, pk, pv = device_inputs(device, 5, (2, 1), layout.seq_len(21), 16, 3)
     sl = torch.tensor([21, 0, 5, 21, 9], device=device)
     dout = torch.randn(q.shape, device=device)
     seed = _seed(424242, device)
@@ -291,7 +261,7 @@ def test_dropout_gpu_long_segments(poisoned, layout, s, p, lengths, heads, d, dt
     """The autotuned dropout kernels against the reference applying their mask, at long segments."""
     device = torch.device("cuda")
     b = 2 if lengths is None else len(lengths)
-    q, k, v, pk, pv = make_inputs(device, b, heads, layout.seq_len(s), d, p, dtype=dtype)
+    q, k, v, pk, pv = device_inputs(device, b, heads, layout.seq_len(s), d, p, dtype=dtype)
     sl = None if lengths is None else torch.tensor(lengths, device=device)
     seed = torch.randint(0, 2**62, (1,), device=device)
     out, _, _, mask = check_dropout_against_reference(layout, q, k, v, pk, pv, sl, None, dropout_p, seed)
@@ -307,7 +277,7 @@ def test_dropout_gpu_reproducible_and_large_batch_heads():
     pairs), a different mask for another seed, and the keep rate over every element."""
     device = torch.device("cuda")
     layout = MemoryLayout(4, 4, MB)
-    q, k, v, pk, pv = make_inputs(device, 40, (64, 8), layout.seq_len(120), 64, 16, dtype=torch.bfloat16)
+    q, k, v, pk, pv = device_inputs(device, 40, (64, 8), layout.seq_len(120), 64, 16, dtype=torch.bfloat16)
     sl = torch.randint(0, 121, (40,), device=device)
     dout = torch.randn(q.shape, device=device, dtype=q.dtype)
     seed = torch.randint(0, 2**62, (1,), device=device)
@@ -326,7 +296,7 @@ def test_public_call_with_dropout_runs_the_kernels(device):
     from rmt_kernels import segment_attention
 
     layout = MemoryLayout(3, 3, MB)
-    q, k, v, _, _ = make_inputs(device, 2, (4, 2), layout.seq_len(34), 32, 0)
+    q, k, v, _, _ = device_inputs(device, 2, (4, 2), layout.seq_len(34), 32, 0)
     lengths = torch.tensor([34, 10], device=device)
     out, keep = segment_attention(q, k, v, layout, segment_lengths=lengths, dropout_p=0.2,
                                   return_dropout_mask=True, backend="triton")
