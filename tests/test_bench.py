@@ -590,3 +590,20 @@ def test_cli_prints_flushed_progress_per_point(capsys):
     assert rc == 0, captured.err
     assert "[1/1] handoff tiny" in captured.err
     assert "torch_cat" in captured.out and "pack_segment:torch" not in captured.out
+
+
+def test_dropout_suite_times_the_kernel_against_sdpa_dropout():
+    suite = SUITES["dropout"]
+    (tiny,) = suite.shapes("cpu", "tiny")
+    assert tiny.masks == ("memory_bidirectional",)
+    assert shapes.shapes_for("dropout", "cpu", "quick") == (shapes.GOAL_SHAPE,)
+    rows = suite.run((tiny,), ("fwd+bwd",), suite.providers, CPU, torch.float32, ONE_REP, ENV)
+    by = {r["provider"]: r for r in rows}
+    assert set(by) == set(suite.providers)
+    for row in rows:
+        _check_schema(row)
+        assert row["suite"] == "dropout" and row["mode"] == "fwd+bwd"
+    assert by["segment_attention:torch"]["status"] == "ok" and by["sdpa_dense"]["status"] == "ok"
+    assert by["segment_attention:triton"]["status"] == "skipped"  # CPU without the interpreter's opt-in
+    assert by["segment_attention:torch"]["best_peer"] == "sdpa_dense"
+    assert by["segment_attention:torch"]["ratio_to_best_peer"] > 0

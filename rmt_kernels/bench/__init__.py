@@ -13,6 +13,7 @@ suite or the plot needs them.
 - :mod:`.attention`: ``segment_attention`` vs the reference, dense-mask SDPA, FlexAttention, ...
 - :mod:`.handoff`: ``pack_segment`` vs ``torch.cat`` vs a plain copy of the same bytes.
 - :mod:`.step`: one RMT training step, official semantics vs the ``rmt_kernels`` drop-in.
+- :mod:`.dropout`: attention with dropout (p = 0.1), forward+backward, vs SDPA's dropout with a dense mask.
 - :mod:`.overhead`: per-call time of each public op vs its stock counterpart, eager and compiled.
 - :mod:`.report`: the printed tables; :mod:`.plot`: TFLOP/s against segment length (matplotlib PNG).
 - :mod:`.cli`: the ``rmt-kernels bench`` command, which runs the suites of :data:`SUITES`.
@@ -23,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import attention, handoff, overhead, report, step
+from . import attention, dropout, handoff, overhead, report, step
 from .plot import plot_attention
 from .shapes import shapes_for
 
@@ -59,6 +60,10 @@ def _run_step(shapes, modes, *args) -> List[dict]:
     return step.run_step(shapes, *args)
 
 
+def _run_dropout(shapes, modes, *args) -> List[dict]:
+    return dropout.run_dropout(shapes, *args)
+
+
 SUITES: Dict[str, Suite] = {
     "attention": Suite("attention", attention.PROVIDERS, attention.run_attention, attention.count_points,
                        report.print_attention, plot=plot_attention),
@@ -66,6 +71,7 @@ SUITES: Dict[str, Suite] = {
     "step": Suite("step", step.PROVIDERS, _run_step, _one_point_per_shape, report.print_step),
     "overhead": Suite("overhead", overhead.PROVIDERS, overhead.run_overhead, overhead.count_points,
                       report.print_overhead),
+    "dropout": Suite("dropout", dropout.PROVIDERS, _run_dropout, _one_point_per_shape, report.print_dropout),
 }
 
 __all__ = ["SUITES", "Suite"]

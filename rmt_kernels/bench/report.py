@@ -178,3 +178,20 @@ def print_overhead(rows: List[dict], env: dict) -> None:
     print("  torch.cat for pack_segment; compiled: both wrapped in torch.compile(fullgraph=True).")
     print(f"  goals: CPU, 1 thread, shape {overhead.GOAL_SHAPE}, eager.")
     _print_noise_legend([r for r in rows if r["provider"] == "rmt_kernels"])
+
+
+def print_dropout(rows: List[dict], env: dict) -> None:
+    notes = _Footnotes()
+    body = []
+    for r in rows:
+        if r["status"] == "ok":
+            body.append([
+                r["shape"], r["mask"], r["mode"], r["provider"], f"{r['median_ms']:.3f}",
+                f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}", _fmt(r["tflops"], ".3g"), _ratio(r),
+            ])
+        else:
+            body.append([r["shape"], r["mask"], r["mode"], r["provider"], notes.ref(r), "", "", ""])
+    header = ["shape", "mask", "mode", "provider", "median ms", "p20-p80 ms", "TFLOP/s", "vs best peer"]
+    _print_table(f"dropout p=0.1 ({env['device_name']}, {rows[0]['dtype']})", header, body, notes)
+    print("  attention with dropout_p=0.1, forward+backward; peer: SDPA with the dense mask and its dropout.")
+    _print_noise_legend(rows)

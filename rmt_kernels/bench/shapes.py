@@ -201,8 +201,17 @@ def _reduce_for_cpu(shape: AttnShape) -> AttnShape:
 # (suite, profile, "cpu" | "cuda") -> shapes. On CPU, "full" keeps every SPEC §4 attention shape at
 # B=1 with a quarter of the heads; the handoff and step suites run their reduced shapes on CPU; the
 # overhead suite runs the same two shapes everywhere (tiny alone in the "tiny" profile).
+# The dropout suite: the goal point's memory mask on CPU (a tiny one in "tiny"), GPT-2 RMT and the
+# goal point on CUDA.
+_DROPOUT_TINY = (AttnShape("tiny", "tiny", 1, 2, 1, 16, 24, 4, 4, ("memory_bidirectional",)),)
+_DROPOUT_CUDA = (
+    AttnShape("gpt2-rmt", "gpt2", 8, 12, 12, 64, 512, 16, 16, ("memory_bidirectional",)),
+    GOAL_SHAPE,
+)
+
 _TABLE: Dict[Tuple[str, str, str], tuple] = {}
 for _device in ("cpu", "cuda"):
+    _TABLE["dropout", "tiny", _device] = _DROPOUT_TINY
     _TABLE["attention", "tiny", _device] = _ATTN_TINY
     _TABLE["handoff", "tiny", _device] = _HANDOFF_TINY
     _TABLE["step", "tiny", _device] = _STEP_TINY
@@ -222,6 +231,10 @@ _TABLE.update({
     ("step", "full", "cpu"): _STEP_CPU,
     ("step", "quick", "cuda"): _STEP_QUICK_CUDA,
     ("step", "full", "cuda"): _STEP_FULL,
+    ("dropout", "quick", "cpu"): (GOAL_SHAPE,),
+    ("dropout", "full", "cpu"): (GOAL_SHAPE,),
+    ("dropout", "quick", "cuda"): _DROPOUT_CUDA,
+    ("dropout", "full", "cuda"): _DROPOUT_CUDA,
 })
 
 
