@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from rmt_kernels import MemoryLayout, pack_segment, pack_segment_from_ids, segment_attention, segment_attention_ref
 from rmt_kernels.ops.segment_attention import interface
+from rmt_kernels.bench import records
 from rmt_kernels.reference import pack_segment_ref
 from rmt_kernels._tolerance import FACTOR, FLOORS, error_bound, floor_for  # noqa: F401  (the one rule)
 
@@ -364,3 +365,19 @@ def check_out_buffer(device):
     out2 = torch.empty(2, 13, 16, device=device)
     assert pack_segment_from_ids(ids, weight, layout, mem, mem, out=out2, backend="cuda") is out2
     assert torch.equal(out2, cat_ref(F.embedding(ids, weight), mem, mem, 2))
+
+
+# --------------------------------------------------------------------------- benchmarks
+
+
+def check_bench_row(row):
+    """A ``rmt-kernels bench`` result row: every schema field, a known status, stats only when ok."""
+    assert tuple(row) == records.ROW_FIELDS
+    assert row["status"] in records.STATUSES
+    if row["status"] == "ok":
+        assert row["reason"] is None
+        assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+        assert row["reps"] >= 1
+    else:
+        assert isinstance(row["reason"], str) and row["reason"]
+        assert row["median_ms"] is None

@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from rmt_kernels import MemoryLayout, attention_flops, cli
-from rmt_kernels.bench import SUITES, attention, handoff, overhead, records, shapes, step, timing
+from rmt_kernels.bench import SUITES, attention, handoff, records, shapes, step, timing
 from rmt_kernels.bench.plot import plot_attention
 from rmt_kernels.bench.records import ROW_FIELDS, Skip, make_row
 from rmt_kernels.bench.shapes import AttnShape
 from rmt_kernels.bench.timing import TimingConfig
+
+from helpers import check_bench_row
 
 # GQA 2:1, S odd, R != W
 TINY = AttnShape("t", "t", 1, 2, 1, 16, 21, 3, 2, ("memory_bidirectional",))
@@ -32,18 +34,6 @@ def _run(providers, modes=("fwd",), builders=None, shape=TINY):
 
 def _with_mask(mask):
     return dataclasses.replace(TINY, masks=(mask,))
-
-
-def _check_schema(row):
-    assert tuple(row) == ROW_FIELDS
-    assert row["status"] in records.STATUSES
-    if row["status"] == "ok":
-        assert row["reason"] is None
-        assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
-        assert row["reps"] >= 1
-    else:
-        assert isinstance(row["reason"], str) and row["reason"]
-        assert row["median_ms"] is None
 
 
 # ----------------------------------------------------------------------------------------- rows
@@ -82,7 +72,7 @@ def test_flops_are_counted_from_the_mask(mask):
     factor = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
     assert [r["mode"] for r in rows] == ["fwd", "bwd", "fwd+bwd"]
     for row in rows:
-        _check_schema(row)
+        check_bench_row(row)
         assert row["status"] == "ok", row["reason"]
         expected = 4 * TINY.batch * TINY.heads_q * TINY.head_dim * ones * factor[row["mode"]]
         assert row["flops"] == expected
@@ -144,7 +134,7 @@ def test_provider_that_cannot_run_gives_a_row_with_its_reason(builder, modes, st
     rows = _run(["sdpa_dense", "sdpa_composed"], modes=modes, builders=builders)
     assert len(rows) == 2 * len(modes)
     for row in rows:
-        _check_schema(row)
+        check_bench_row(row)
     dense = [r for r in rows if r["provider"] == "sdpa_dense"]
     other = [r for r in rows if r["provider"] == "sdpa_composed"]
     assert all(r["status"] == "ok" for r in dense)
@@ -318,7 +308,7 @@ def test_handoff_rows_measure_bandwidth_against_the_copy():
     rows = handoff.run_handoff([shape], handoff.PROVIDERS, CPU, torch.float32, ONE_REP, ENV)
     by = {r["provider"]: r for r in rows}
     for row in rows:
-        _check_schema(row)
+        check_bench_row(row)
     assert by["copy"]["pct_copy_bw"] == pytest.approx(100.0)
     assert by["torch_cat"]["bytes"] == 2 * 2 * 32 * 32 * 4
     assert by["torch_cat"]["gbps"] == pytest.approx(by["torch_cat"]["bytes"] / by["torch_cat"]["median_ms"] / 1e6)
@@ -381,109 +371,10 @@ def test_step_suite_rows(tiny_gpt2):
     rows = step.run_step([shape], step.PROVIDERS, CPU, torch.float32, ONE_REP, ENV)
     by = {r["provider"]: r for r in rows}
     for row in rows:
-        _check_schema(row)
+        check_bench_row(row)
     assert by["official"]["status"] == "ok", by["official"]["reason"]
     assert by["official"]["peak_mem_mb"] > 0
     assert "saved for backward" in by["official"]["peak_mem_kind"]
-
-
-# ----------------------------------------------------------------------------------------- overhead
-
-
-@pytest.fixture(scope="module")
-def overhead_tiny():
-    """The overhead suite at the tiny profile, eager and compiled (one compile per provider and point)."""
-    suite = SUITES["overhead"]
-    tiny = suite.shapes("cpu", "tiny")
-    threads = torch.get_num_threads()
-    rows = suite.run(tiny, ("fwd", "fwd+bwd"), overhead.PROVIDERS, CPU, torch.float32, ONE_REP, ENV)
-    return tiny, rows, threads
-
-
-def _overhead_points(rows):
-    out = {}
-    for row in rows:
-        key = (row["series"], row["mask"], row["shape"], row["mode"], overhead.execution(row))
-        out.setdefault(key, {})[row["provider"]] = row
-    return out
-
-
-def test_overhead_tiny_profile_is_the_goal_shape():
-    (tiny,) = shapes.shapes_for("overhead", "cpu", "tiny")
-    assert (tiny.batch, tiny.heads, tiny.seq_len, tiny.head_dim, tiny.num_mem) == (1, 2, 12, 16, 2)
-    assert (tiny.segment_len, tiny.dim) == (8, 16) and tiny.name == overhead.GOAL_SHAPE
-    quick = shapes.shapes_for("overhead", "cpu", "quick")
-    assert tiny in quick and tiny in shapes.shapes_for("overhead", "cpu", "full")
-    gpt2 = [s for s in quick if s.name.startswith("gpt2")]
-    assert [(s.heads, s.head_dim, s.segment_len, s.num_mem, s.seq_len, s.dim) for s in gpt2] == [
-        (12, 64, 512, 16, 544, 768)
-    ]
-    assert gpt2[0] in shapes.shapes_for("overhead", "cpu", "full")
-
-
-def test_overhead_rows_cover_every_point_with_both_providers(overhead_tiny):
-    tiny, rows, threads = overhead_tiny
-    assert torch.get_num_threads() == threads  # the suite's one thread is restored
-    expected = overhead.points(tiny, ("fwd", "fwd+bwd"))
-    assert len(rows) == 2 * len(expected) == 2 * 12  # 2 masks + pack, 2 modes, eager and compiled
-    by_point = _overhead_points(rows)
-    assert set(by_point) == {(p.op, p.mask, p.shape.name, p.mode, p.execution) for p in expected}
-    for key, point in by_point.items():
-        assert sorted(point) == sorted(overhead.PROVIDERS), key
-        for row in point.values():
-            _check_schema(row)
-            assert row["suite"] == "overhead" and row["device_name"].endswith("(1 threads)")
-            assert "1 CPU thread" in row["note"]
-            if key[-1] == "eager":
-                assert row["status"] == "ok", (key, row["reason"])
-            else:
-                assert row["status"] in ("ok", "skipped"), (key, row["reason"])
-        ours, stock = point["rmt_kernels"], point["stock"]
-        if ours["status"] == stock["status"] == "ok":
-            assert ours["best_peer"] == "stock"
-            assert ours["ratio_to_best_peer"] == pytest.approx(stock["median_ms"] / ours["median_ms"])
-            assert stock["ratio_to_best_peer"] is None
-        if key[1] == "memory_bidirectional":
-            assert overhead.FLOOR in stock["note"]
-
-
-def test_overhead_goals_sit_on_the_tiny_eager_cpu_points(overhead_tiny):
-    _, rows, _ = overhead_tiny
-    goals = {(r["series"], r["mask"], r["mode"]): overhead.goal_for(r) for r in rows if overhead.goal_for(r)}
-    assert goals == overhead.GOALS
-    assert all(overhead.execution(r) == "eager" for r in rows if overhead.goal_for(r))
-    assert overhead.goal_for(dict(rows[0], device="cuda")) is None
-
-
-def test_overhead_compile_failure_is_a_skipped_row(monkeypatch):
-    def no_compile(fn, **kwargs):
-        def fail(*args):
-            raise RuntimeError("no C++ compiler here")
-
-        return fail
-
-    monkeypatch.setattr(torch, "compile", no_compile)
-    (tiny,) = shapes.shapes_for("overhead", "cpu", "tiny")
-    rows = overhead.run_overhead([tiny], ("fwd",), overhead.PROVIDERS, CPU, torch.float32, ONE_REP, ENV)
-    compiled = [r for r in rows if overhead.execution(r) == "compiled"]
-    assert len(compiled) == 2 * 3  # (causal, memory_bidirectional, pack) x both providers
-    for row in compiled:
-        _check_schema(row)
-        assert row["status"] == "skipped"
-        assert row["reason"] == "torch.compile(fullgraph=True) failed: RuntimeError: no C++ compiler here"
-    assert all(r["status"] == "ok" for r in rows if overhead.execution(r) == "eager")
-
-
-def test_cli_overhead_tiny_run_prints_per_call_times_and_goals(tmp_path, capsys):
-    out_json = tmp_path / "o.json"
-    rc = cli.main(["bench", "--suite", "overhead", "--shapes", "tiny", "--device", "cpu", "--no-progress",
-                   "--json", str(out_json)])
-    printed = capsys.readouterr().out
-    assert rc == 0, printed
-    rows = json.loads(out_json.read_text())["rows"]
-    assert len(rows) == 24 and {r["suite"] for r in rows} == {"overhead"}
-    assert "== overhead (" in printed and "rmt/stock" in printed
-    assert "<= 2.5x" in printed and "<= 8x" in printed
 
 
 # ----------------------------------------------------------------------------------------- command
@@ -503,7 +394,7 @@ def test_cli_tiny_run_writes_json_and_png(tmp_path, capsys):
     rows = record["rows"]
     assert len(rows) == 3 * len(attention.PROVIDERS)  # 3 mask families x every provider, skipped included
     for row in rows:
-        _check_schema(row)
+        check_bench_row(row)
         assert row["torch"] == torch.__version__ and row["git_commit"]
     skipped = [r for r in rows if r["status"] == "skipped"]
     assert {r["provider"] for r in skipped} >= {"flex", "triton", "cuda"}
@@ -590,20 +481,3 @@ def test_cli_prints_flushed_progress_per_point(capsys):
     assert rc == 0, captured.err
     assert "[1/1] handoff tiny" in captured.err
     assert "torch_cat" in captured.out and "pack_segment:torch" not in captured.out
-
-
-def test_dropout_suite_times_the_kernel_against_sdpa_dropout():
-    suite = SUITES["dropout"]
-    (tiny,) = suite.shapes("cpu", "tiny")
-    assert tiny.masks == ("memory_bidirectional",)
-    assert shapes.shapes_for("dropout", "cpu", "quick") == (shapes.GOAL_SHAPE,)
-    rows = suite.run((tiny,), ("fwd+bwd",), suite.providers, CPU, torch.float32, ONE_REP, ENV)
-    by = {r["provider"]: r for r in rows}
-    assert set(by) == set(suite.providers)
-    for row in rows:
-        _check_schema(row)
-        assert row["suite"] == "dropout" and row["mode"] == "fwd+bwd"
-    assert by["segment_attention:torch"]["status"] == "ok" and by["sdpa_dense"]["status"] == "ok"
-    assert by["segment_attention:triton"]["status"] == "skipped"  # CPU without the interpreter's opt-in
-    assert by["segment_attention:torch"]["best_peer"] == "sdpa_dense"
-    assert by["segment_attention:torch"]["ratio_to_best_peer"] > 0
