@@ -44,6 +44,7 @@ from .records import (
     is_speed_of_light,
     make_row,
     peak_tflops,
+    untimed_row,
 )
 from .shapes import MODES, AttnShape
 from .timing import Call, TimingConfig, measure_alternating, rotation_slots, summarize
@@ -354,17 +355,15 @@ def run_attention(
                         mask=mask, dtype=dname, **shape.sizes(), note=notes.get(name), flops=flops,
                         peak_tflops=peak,
                     )
-                    result = times.get(name)
-                    if name in outcome:
-                        status, reason = outcome[name]
-                        point.append(make_row(env, status=status, reason=reason, **base))
-                    elif mode in mode_skips.get(name, {}):
+                    if name not in outcome and mode in mode_skips.get(name, {}):
                         point.append(make_row(env, status="skipped", reason=mode_skips[name][mode], **base))
-                    elif isinstance(result, BaseException):
-                        status, reason = _exception_outcome(name, result)
-                        point.append(make_row(env, status=status, reason=reason, **base))
+                        continue
+                    row = untimed_row(env, name, outcome, times.get(name), base,
+                                      classify=lambda exc, name=name: _exception_outcome(name, exc))
+                    if row is not None:
+                        point.append(row)
                     else:
-                        stats = summarize(result)
+                        stats = summarize(times[name])
                         tflops = flops / (stats["median_ms"] * 1e-3) / 1e12
                         point.append(make_row(
                             env, status="ok", tflops=tflops,

@@ -25,7 +25,7 @@ from ..layout import attention_flops
 from ..ops.segment_attention.interface import OP, segment_attention
 from .attention import AttnCase, input_set_bytes, make_call, make_inputs
 from .progress import Progress
-from .records import TRITON_CPU_REASON, Skip, classify_exception, fill_ratios, make_row, peak_tflops
+from .records import TRITON_CPU_REASON, Skip, classify_exception, fill_ratios, make_row, peak_tflops, untimed_row
 from .shapes import AttnShape
 from .timing import TimingConfig, measure_alternating, rotation_slots, summarize
 
@@ -102,15 +102,11 @@ def run_dropout(
                     suite="dropout", provider=name, mode=MODE, shape=shape.name, series=shape.series, mask=mask,
                     dtype=dname, **shape.sizes(), note=notes.get(name), flops=flops, peak_tflops=peak,
                 )
-                result = times.get(name)
-                if name in outcome:
-                    status, reason = outcome[name]
-                    point.append(make_row(env, status=status, reason=reason, **base))
-                elif isinstance(result, BaseException):
-                    status, reason = classify_exception(result)
-                    point.append(make_row(env, status=status, reason=reason, **base))
+                row = untimed_row(env, name, outcome, times.get(name), base)
+                if row is not None:
+                    point.append(row)
                 else:
-                    stats = summarize(result)
+                    stats = summarize(times[name])
                     tflops = flops / (stats["median_ms"] * 1e-3) / 1e12
                     point.append(make_row(env, status="ok", tflops=tflops,
                                           pct_peak=100.0 * tflops / peak if peak else None, **stats, **base))

@@ -22,7 +22,7 @@ import torch
 from ..layout import MemoryLayout
 from ..ops.pack_segment.interface import pack_segment
 from .progress import Progress
-from .records import TRITON_CPU_REASON, Skip, classify_exception, fill_ratios, make_row
+from .records import TRITON_CPU_REASON, Skip, classify_exception, fill_ratios, make_row, untimed_row
 from .shapes import HandoffShape
 from .timing import Call, TimingConfig, measure_alternating, rotation_slots, summarize
 
@@ -121,15 +121,11 @@ def run_handoff(
                 suite="handoff", provider=name, mode="fwd", shape=shape.name, mask=None, dtype=dname,
                 **shape.sizes(), note=notes.get(name), bytes=nbytes,
             )
-            result = times.get(name)
-            if name in outcome:
-                status, reason = outcome[name]
-                point.append(make_row(env, status=status, reason=reason, **base))
-            elif isinstance(result, BaseException):
-                status, reason = classify_exception(result)
-                point.append(make_row(env, status=status, reason=reason, **base))
+            row = untimed_row(env, name, outcome, times.get(name), base)
+            if row is not None:
+                point.append(row)
             else:
-                stats = summarize(result)
+                stats = summarize(times[name])
                 gbps = nbytes / (stats["median_ms"] * 1e-3) / 1e9
                 point.append(make_row(env, status="ok", gbps=gbps, **stats, **base))
         copy = next((r for r in point if r["provider"] == "copy" and r["status"] == "ok"), None)

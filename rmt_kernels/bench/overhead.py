@@ -47,7 +47,7 @@ from ..ops.segment_attention.interface import segment_attention
 from ..reference import segment_attention_ref
 from .attention import CHECK_TOL
 from .progress import Progress
-from .records import classify_exception, device_name, fill_ratios, make_row
+from .records import classify_exception, device_name, fill_ratios, make_row, untimed_row
 from .shapes import OverheadShape
 from .timing import Call, TimingConfig, measure_alternating, summarize
 
@@ -319,15 +319,10 @@ def _run_point(
             mask=point.mask, dtype=str(dtype).replace("torch.", ""), **point.shape.sizes(point.op),
             note=note, device_name=where,
         )
-        result = times.get(name)
-        if name in outcome:
-            status, reason = outcome[name]
-            rows.append(make_row(env, status=status, reason=reason, **base))
-        elif isinstance(result, BaseException):
-            status, reason = classify_exception(result)
-            rows.append(make_row(env, status=status, reason=reason, **base))
-        else:
-            rows.append(make_row(env, status="ok", **summarize([t / calls[name] for t in result]), **base))
+        row = untimed_row(env, name, outcome, times.get(name), base)
+        if row is None:
+            row = make_row(env, status="ok", **summarize([t / calls[name] for t in times[name]]), **base)
+        rows.append(row)
     fill_ratios(rows, PEERS, dense=None)
     return rows
 

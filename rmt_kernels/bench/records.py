@@ -10,7 +10,7 @@ import os
 import platform
 import re
 import subprocess
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -209,6 +209,20 @@ def _set_ratio(row: dict, peer: dict, field: str, flag: str) -> None:
     row[field] = peer["median_ms"] / row["median_ms"]
     row[field + "_low"], row[field + "_high"] = low, high
     row[flag] = is_noisy(low, high)
+
+
+def untimed_row(env: dict, name: str, outcome: Dict[str, Tuple[str, str]], result, base: dict,
+                classify: Optional[Callable[[BaseException], Tuple[str, str]]] = None) -> Optional[dict]:
+    """The row of a provider that has no timings: its build/check ``outcome[name]``, or the exception its
+    timing raised (``result``, through ``classify``, default :func:`classify_exception`). None when it
+    was timed (``result`` is its list of times): the suite then builds the ``ok`` row."""
+    if name in outcome:
+        status, reason = outcome[name]
+    elif isinstance(result, BaseException):
+        status, reason = (classify or classify_exception)(result)
+    else:
+        return None
+    return make_row(env, status=status, reason=reason, **base)
 
 
 def fill_ratios(rows: List[dict], peers: Sequence[str], dense: Optional[str] = "sdpa_dense") -> None:

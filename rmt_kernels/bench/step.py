@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .progress import Progress
-from .records import Skip, classify_exception, fill_ratios, make_row
+from .records import Skip, classify_exception, fill_ratios, make_row, untimed_row
 from .shapes import StepShape
 from .timing import Call, TimingConfig, measure_alternating, summarize
 
@@ -234,14 +234,11 @@ def run_step(
                 suite="step", provider=name, mode="fwd+bwd", shape=shape.name, mask="causal", dtype=dname,
                 **shape.sizes(), note=notes.get(name), peak_mem_kind=memory_kind(device),
             )
-            result = times.get(name)
-            if name in outcome:
-                status, reason = outcome[name]
-                point.append(make_row(env, status=status, reason=reason, **base))
-            elif isinstance(result, BaseException):
-                status, reason = classify_exception(result)
-                point.append(make_row(env, status=status, reason=reason, **base))
+            row = untimed_row(env, name, outcome, times.get(name), base)
+            if row is not None:
+                point.append(row)
             else:
+                result = times[name]
                 try:
                     mem = _memory(loss_fn(name, live[name]), live[name], ids, device)
                 except Exception as exc:  # noqa: BLE001
