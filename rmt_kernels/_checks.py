@@ -123,8 +123,7 @@ def check_attention_inputs(
         raise TypeError(f"layout must be a rmt_kernels.MemoryLayout, got {type(layout).__name__}")
     q, k, v = _tensor4(q, "q"), _tensor4(k, "k"), _tensor4(v, "v")
     dtype, device = q.dtype, q.device
-    if dtype not in dtypes:
-        raise TypeError(f"q has dtype {dtype}; the {backend} backend supports {list(dtypes)}")
+    _check_q_dtype(dtype, dtypes, backend)
     if k.dtype != dtype or v.dtype != dtype:
         name, t = ("k", k) if k.dtype != dtype else ("v", v)
         raise TypeError(f"{name} has dtype {t.dtype} but q has {dtype}; they must match")
@@ -146,9 +145,7 @@ def check_attention_inputs(
         raise ValueError("k/v have no head (H_kv = 0); k and v must be [B, H_kv, N, D] with H_kv >= 1")
     if hq % hkv != 0:
         raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv}) for grouped-query attention")
-    if d == 0 or (head_dims is not None and d not in head_dims):
-        supported = "any >= 1" if head_dims is None else sorted(head_dims)
-        raise ValueError(f"head dim D={d} is not supported by the {backend} backend (supported: {supported})")
+    _check_head_dim(d, head_dims, backend)
     s = n - layout.num_read - layout.num_write
     if s < 0:
         raise ValueError(
@@ -208,9 +205,16 @@ def check_dropout(dropout_p) -> float:
 def check_kernel_support(q: torch.Tensor, dtypes, head_dims, backend: str) -> None:
     """``q``'s dtype and head dim are among what the ``backend`` launchers support (launchers called
     directly, outside the public entry points, check with this)."""
-    if q.dtype not in dtypes:
-        raise TypeError(f"q has dtype {q.dtype}; the {backend} backend supports {list(dtypes)}")
-    d = q.shape[-1]
+    _check_q_dtype(q.dtype, dtypes, backend)
+    _check_head_dim(q.shape[-1], head_dims, backend)
+
+
+def _check_q_dtype(dtype: torch.dtype, dtypes, backend: str) -> None:
+    if dtype not in dtypes:
+        raise TypeError(f"q has dtype {dtype}; the {backend} backend supports {list(dtypes)}")
+
+
+def _check_head_dim(d: int, head_dims, backend: str) -> None:
     if d == 0 or (head_dims is not None and d not in head_dims):
         supported = "any >= 1" if head_dims is None else sorted(head_dims)
         raise ValueError(f"head dim D={d} is not supported by the {backend} backend (supported: {supported})")

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from ... import _extension
+from ..._checks import check_kernel_support
 from ...errors import BackendUnavailableError
 from ...layout import MASK_CODES, MemoryLayout
 from .._alloc import alloc_grads, alloc_outputs, empty_attention_outputs, is_empty, kernel_lengths, zero_grads
@@ -31,10 +32,7 @@ HEAD_DIMS = (64, 128)
 def _check(q: torch.Tensor) -> None:
     if q.device.type != "cuda":
         raise BackendUnavailableError(f"the cuda backend of {OP} needs CUDA tensors, got {q.device}")
-    if q.dtype not in DTYPES:
-        raise TypeError(f"q has dtype {q.dtype}; the cuda backend supports {list(DTYPES)}")
-    if q.shape[-1] not in HEAD_DIMS:
-        raise ValueError(f"head dim D={q.shape[-1]} is not supported by the cuda backend (supported: {list(HEAD_DIMS)})")
+    check_kernel_support(q, DTYPES, HEAD_DIMS, "cuda")
 
 
 def _tileable(t: torch.Tensor) -> bool:
