@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from ... import _extension
+from ..._checks import check_backend_dtype
 from ...errors import BackendUnavailableError
 from .._alloc import accum_dtype
 
@@ -24,8 +25,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _check(t: torch.Tensor, op: str) -> None:
     if t.device.type != "cuda":
         raise BackendUnavailableError(f"the cuda backend of {op} needs CUDA tensors, got {t.device}")
-    if t.dtype not in DTYPES:
-        raise TypeError(f"dtype {t.dtype} is not supported by the cuda backend of {op} (supported: {list(DTYPES)})")
+    check_backend_dtype(op, "cuda", t.dtype, DTYPES)
 
 
 def _pack(out, src, ids, read, write, num_read, num_write, tied):
