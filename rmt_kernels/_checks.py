@@ -16,6 +16,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .errors import BackendUnavailableError
 from .layout import MemoryLayout, as_int
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -200,6 +201,15 @@ def check_dropout(dropout_p) -> float:
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
     return dropout_p
+
+
+def refuse_dropout(op: str, backend: str, dropout_p: float) -> None:
+    """``BackendUnavailableError`` for ``dropout_p > 0`` on a backend without attention dropout."""
+    if dropout_p > 0:
+        raise BackendUnavailableError(
+            f"the {backend} backend of {op} has no attention dropout: use backend='triton' on a GPU, "
+            "backend='torch', or backend='auto'"
+        )
 
 
 def check_kernel_support(q: torch.Tensor, dtypes, head_dims, backend: str) -> None:

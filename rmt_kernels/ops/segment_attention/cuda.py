@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from ... import _extension
-from ..._checks import check_kernel_support
+from ..._checks import check_kernel_support, refuse_dropout
 from ...errors import BackendUnavailableError
 from ...layout import MASK_CODES, MemoryLayout
 from .._alloc import alloc_grads, alloc_outputs, empty_attention_outputs, is_empty, kernel_lengths, zero_grads
@@ -71,6 +71,8 @@ def segment_attention_fwd_cuda(
     segment_lengths: Optional[torch.Tensor],
     layout: MemoryLayout,
     scale: float,
+    dropout_p: float = 0.0,
+    seed: Optional[torch.Tensor] = None,
 ):
     """Forward of the cuda backend.
 
@@ -79,6 +81,8 @@ def segment_attention_fwd_cuda(
         k, v: ``[B, H_kv, N, D]`` (``H_q % H_kv == 0``); prefix_k, prefix_v: ``[B, H_kv, P, D]`` or None.
         segment_lengths: integer ``[B]`` in ``[0, S]`` or None; layout: the :class:`MemoryLayout`;
         scale: softmax scale. Shapes and values are validated by the public entry point.
+        dropout_p, seed: the launcher contract's dropout arguments; this backend has no dropout and
+            takes only ``dropout_p == 0`` (``BackendUnavailableError`` otherwise).
 
     Returns:
         ``(out, lse)``: ``[B, H_q, N, D]`` in q's dtype and the float32 natural log-sum-exp
@@ -95,6 +99,7 @@ def segment_attention_fwd_cuda(
         >>> out, lse = segment_attention_fwd_cuda(q, k, v, None, None, None, layout, 0.125)
     """
     _check(q)
+    refuse_dropout(OP, "cuda", dropout_p)
     out, lse = alloc_outputs(q)
     if is_empty(q):
         return empty_attention_outputs(out, lse)
@@ -122,6 +127,8 @@ def segment_attention_bwd_cuda(
     layout: MemoryLayout,
     scale: float,
     need_prefix_grad: bool,
+    dropout_p: float = 0.0,
+    seed: Optional[torch.Tensor] = None,
 ):
     """Backward of the cuda backend. Deterministic: no atomics, group heads summed in a fixed order.
 
@@ -129,6 +136,7 @@ def segment_attention_bwd_cuda(
         dout: ``[B, H_q, N, D]`` upstream gradient, any strides; ``out``, ``lse``: the forward's
             outputs; the other arguments as in :func:`segment_attention_fwd_cuda`.
         need_prefix_grad: compute the prefix gradients (a detached prefix still feeds ``dq``).
+        dropout_p, seed: as in :func:`segment_attention_fwd_cuda`.
 
     Returns:
         ``(dq, dk, dv, dprefix_k, dprefix_v)`` stored ``[B, N, H, D]``, in q's dtype; the prefix gradients are None
@@ -143,6 +151,7 @@ def segment_attention_bwd_cuda(
         ...                                               layout, 0.125, False)
     """
     _check(q)
+    refuse_dropout(OP, "cuda", dropout_p)
     p = 0 if prefix_k is None else prefix_k.shape[2]
     dq, dk, dv, dpk, dpv = alloc_grads(q, k, prefix_k if p > 0 and need_prefix_grad else None)
     if is_empty(q):

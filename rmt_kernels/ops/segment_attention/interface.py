@@ -13,8 +13,7 @@ import torch
 from torch import Tensor
 
 from ... import _extension, backends
-from ..._checks import _is_compiling, as_lengths, check_attention_inputs, check_dropout
-from ...errors import BackendUnavailableError
+from ..._checks import _is_compiling, as_lengths, check_attention_inputs, check_dropout, refuse_dropout
 from ...layout import MemoryLayout
 from .._alloc import alloc_outputs, as_bnh, as_bnhd, empty_bnhd
 from . import cuda, torch_impl, triton_launch
@@ -76,8 +75,9 @@ def segment_attention_fwd_op(
     seed: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     layout = _layout(num_read, num_write, mask, prefix_visible_to)
-    out, lse = _fwd(BACKEND_TABLE[backend], q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale,
-                    dropout_p, seed)
+    out, lse = BACKEND_TABLE[backend].fwd(
+        q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale, dropout_p, seed
+    )
     return as_bnhd(out), as_bnh(lse)  # the layouts the fake declares
 
 
@@ -85,22 +85,6 @@ def segment_attention_fwd_op(
 def _(q, k, v, prefix_k, prefix_v, segment_lengths, num_read, num_write, mask, prefix_visible_to, scale, backend,
       dropout_p=0.0, seed=None):
     return alloc_outputs(q)
-
-
-def _fwd(impl, q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale, dropout_p, seed):
-    """The backend's forward launcher; dropout arguments only when dropout runs (``p = 0`` calls
-    every backend exactly as without dropout)."""
-    if dropout_p > 0:
-        return impl.fwd(q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale, dropout_p, seed)
-    return impl.fwd(q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale)
-
-
-def _bwd(impl, dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, layout, scale, need_prefix,
-         dropout_p, seed):
-    if dropout_p > 0:
-        return impl.bwd(dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, layout, scale,
-                        need_prefix, dropout_p, seed)
-    return impl.bwd(dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, layout, scale, need_prefix)
 
 
 @torch.library.custom_op("rmt_kernels::segment_attention_bwd", mutates_args=())
@@ -125,8 +109,8 @@ def segment_attention_bwd_op(
     seed: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     layout = _layout(num_read, num_write, mask, prefix_visible_to)
-    dq, dk, dv, dpk, dpv = _bwd(
-        BACKEND_TABLE[backend], dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, layout, scale,
+    dq, dk, dv, dpk, dpv = BACKEND_TABLE[backend].bwd(
+        dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, layout, scale,
         need_prefix_grad, dropout_p, seed,
     )
     empty = q.new_empty(0)
@@ -251,11 +235,8 @@ def segment_attention(
         q, k, v, layout, segment_lengths, prefix_k, prefix_v, scale,
         dtypes=impl.dtypes, head_dims=impl.head_dims, backend=name,
     )
-    if dropout_p > 0 and not impl.dropout:
-        raise BackendUnavailableError(
-            f"the {name} backend of {OP} has no attention dropout: use backend='triton' on a GPU, "
-            "backend='torch', or backend='auto'"
-        )
+    if not impl.dropout:
+        refuse_dropout(OP, name, dropout_p)
     if shape.prefix_len == 0:
         prefix_k = prefix_v = None
     # The seed of the dropout mask, drawn on the device (no host sync; recorded by CUDA graphs).
@@ -289,7 +270,7 @@ def _attention(q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale, name
         return _SegmentAttention.apply(
             q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale, impl, dropout_p, seed
         )
-    return _fwd(impl, q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale, dropout_p, seed)[0]
+    return impl.fwd(q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale, dropout_p, seed)[0]
 
 
 class _SegmentAttention(torch.autograd.Function):
@@ -299,7 +280,7 @@ class _SegmentAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale, impl, dropout_p, seed):
-        out, lse = _fwd(impl, q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale, dropout_p, seed)
+        out, lse = impl.fwd(q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale, dropout_p, seed)
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, seed)
         ctx.layout, ctx.scale, ctx.impl, ctx.dropout_p = layout, scale, impl, dropout_p
         return out
@@ -308,8 +289,8 @@ class _SegmentAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, seed = ctx.saved_tensors
         need_prefix = prefix_k is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
-        dq, dk, dv, dpk, dpv = _bwd(
-            ctx.impl, dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, ctx.layout, ctx.scale,
+        dq, dk, dv, dpk, dpv = ctx.impl.bwd(
+            dout, q, k, v, prefix_k, prefix_v, segment_lengths, out, lse, ctx.layout, ctx.scale,
             need_prefix, ctx.dropout_p, seed,
         )
         if not need_prefix:
