@@ -453,3 +453,90 @@ def check_run_inputs(layout, step, memory, input_ids, embedding_weight, inputs_e
         raise ValueError("the sequence is empty (T = 0): nothing to run")
     lengths = None if attention_mask is None else lengths_from_mask(attention_mask, batch, seq_len, device)
     return batch, dim, dtype, device, bounds, lengths
+
+
+# --------------------------------------------------------------------------- ARMT associative memory
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def assoc_state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The associative state's dtype for a model of ``dtype``: float32, float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tensor3(t, name: str, what: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 3:
+        raise ValueError(f"{name} must be 3-D {what}, got shape {tuple(t.shape)}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
+    return t
+
+
+def check_assoc_heads(n_heads, d_mem: int, dim: int) -> int:
+    if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
+        raise ValueError(f"n_heads must be a positive int, got {n_heads!r}")
+    if d_mem % n_heads or dim % n_heads:
+        raise ValueError(f"n_heads={n_heads} must divide d_mem={d_mem} and the model dim d={dim}")
+    return n_heads
+
+
+def check_assoc_state(A, z, batch: int, n_heads: int, d_mem: int, dim: int, dtype, device) -> None:
+    """``A [B, H, 6 d_mem / H, d / H]`` and ``z [B, H, 6 d_mem / H]`` in the state dtype of ``dtype``."""
+    key = 6 * d_mem // n_heads
+    want = {"A": (batch, n_heads, key, dim // n_heads), "z": (batch, n_heads, key)}
+    sdt = assoc_state_dtype(dtype)
+    for name, t in (("A", A), ("z", z)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != want[name]:
+            dims = "[B, H, 6 d_mem / H, d / H]" if name == "A" else "[B, H, 6 d_mem / H]"
+            raise ValueError(f"{name} must have shape {list(want[name])} = {dims}, got {list(t.shape)}")
+        if t.dtype != sdt:
+            raise TypeError(f"{name} has dtype {t.dtype}; the associative state of a {dtype} model is {sdt}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}; expected {device} (the inputs' device)")
+
+
+def check_assoc_read(x, q, A, z, n_heads) -> int:
+    """Arguments of ``assoc_read``; returns ``n_heads``."""
+    _tensor3(x, "x", "[B, N, d]")
+    _tensor3(q, "q", "[B, N, d_mem]")
+    if q.shape[:2] != x.shape[:2]:
+        raise ValueError(f"q {list(q.shape)} must have x's batch and rows {list(x.shape[:2])}")
+    if q.dtype != x.dtype:
+        raise TypeError(f"q has dtype {q.dtype}; expected x's {x.dtype}")
+    if q.device != x.device:
+        raise ValueError(f"q is on {q.device}; expected x's device {x.device}")
+    heads = check_assoc_heads(n_heads, q.shape[2], x.shape[2])
+    check_assoc_state(A, z, x.shape[0], heads, q.shape[2], x.shape[2], x.dtype, x.device)
+    return heads
+
+
+def check_assoc_write(k, v, b, A, z, n_heads, gating) -> int:
+    """Arguments of ``assoc_write`` (``A``/``z`` both None before the first segment); returns
+    ``n_heads``."""
+    _tensor3(k, "k", "[B, M, d_mem]")
+    _tensor3(v, "v", "[B, M, d]")
+    _tensor3(b, "b", "[B, M, H] (or [B, M, d] with gating)")
+    for name, t in (("v", v), ("b", b)):
+        if t.shape[:2] != k.shape[:2]:
+            raise ValueError(f"{name} {list(t.shape)} must have k's batch and rows {list(k.shape[:2])}")
+        if t.dtype != k.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}; expected k's {k.dtype}")
+        if t.device != k.device:
+            raise ValueError(f"{name} is on {t.device}; expected k's device {k.device}")
+    heads = check_assoc_heads(n_heads, k.shape[2], v.shape[2])
+    if not isinstance(gating, bool):
+        raise TypeError(f"gating must be a bool, got {type(gating).__name__}")
+    want = v.shape[2] if gating else heads
+    if b.shape[2] != want:
+        what = "d (gating=True: one gate per channel)" if gating else "H (one gate per head)"
+        raise ValueError(f"b must have last dim {want} = {what}, got {b.shape[2]}")
+    if (A is None) != (z is None):
+        raise ValueError("A and z must both be given (a later segment) or both be None (the first segment)")
+    if A is not None:
+        check_assoc_state(A, z, k.shape[0], heads, k.shape[2], v.shape[2], k.dtype, k.device)
+    return heads

@@ -6,7 +6,10 @@
 - :func:`pack_segment_ref`, :func:`pack_segment_from_ids_ref`: the handoff as ``torch.cat`` (and
   ``F.embedding``);
 - :func:`segment_split_ref`, :func:`recurrent_ref`: the official RMT wrapper's segmentation and its
-  unrolled loop (SPEC §3), what :class:`~rmt_kernels.recurrent.SegmentDriver` must equal.
+  unrolled loop (SPEC §3), what :class:`~rmt_kernels.recurrent.SegmentDriver` must equal;
+- :func:`dpfp_ref`, :func:`assoc_read_ref`, :func:`assoc_write_ref`: ARMT's associative memory (SPEC
+  §6) as the official code's einsums, differentiated by autograd: the einsum formulation the
+  benchmarks compare against.
 
 Tests and benchmarks import these; nobody copies them.
 """
@@ -214,3 +217,78 @@ def recurrent_ref(
         if i >= 1 and k2 not in (-1, None) and i + k2 <= max_n_segments:
             mem = mem.detach()
     return torch.cat(outs, dim=1), mem, tuple(torch.cat(layer, 1) for layer in zip(*states))
+
+
+# --------------------------------------------------------------------------- ARMT associative memory
+
+ASSOC_EPS = 1e-5  # the official code's epsilon in every denominator
+
+
+def dpfp_ref(u: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """DPFP with nu = 3 along the last dim ``p`` -> ``6p`` (SPEC §6), L2-normalised when ``normalize``
+    (``F.normalize``: a zero row stays zero)."""
+    r = torch.cat([F.relu(u), F.relu(-u)], dim=-1)
+    f = torch.cat([r * r.roll(j, dims=-1) for j in (1, 2, 3)], dim=-1)
+    return F.normalize(f, dim=-1, p=2.0) if normalize else f
+
+
+def _heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    b, n, d = t.shape
+    return t.reshape(b, n, n_heads, d // n_heads).transpose(1, 2)
+
+
+def _merge(t: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * d)
+
+
+def assoc_read_ref(
+    x: torch.Tensor, q: torch.Tensor, A: torch.Tensor, z: torch.Tensor, *, n_heads: int,
+    normalize: bool = True, use_denom: bool = True,
+) -> torch.Tensor:
+    """``x + (phi(q)^T A) / (phi(q)^T z + 1e-5)`` per head (without the denominator when not
+    ``use_denom``), computed in the state's dtype and returned in ``x``'s.
+
+    ``x [B, N, d]``; ``q [B, N, d_mem]`` the projection ``W_q x``; ``A [B, H, 6 d_mem / H, d / H]``;
+    ``z [B, H, 6 d_mem / H]``."""
+    f = dpfp_ref(_heads(q, n_heads).to(A.dtype), normalize)
+    num = torch.einsum("bhnk,bhkt->bhnt", f, A)
+    if use_denom:
+        num = num / (torch.einsum("bhk,bhnk->bhn", z, f)[..., None] + ASSOC_EPS)
+    return x + _merge(num).to(x.dtype)
+
+
+def assoc_write_ref(
+    k: torch.Tensor, v: torch.Tensor, b: torch.Tensor, A: Optional[torch.Tensor], z: Optional[torch.Tensor], *,
+    n_heads: int, normalize: bool = True, use_denom: bool = True, correction: bool = True, gating: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The delta-rule write of the M memory rows; returns the new ``(A, z)`` (SPEC §6, step 3).
+
+    ``k [B, M, d_mem]`` = ``W_k m``, ``v [B, M, d]`` = ``W_v m``, ``b [B, M, H]`` (or ``[B, M, d]``
+    with ``gating``) = ``W_b m`` before the sigmoid; ``A``/``z`` the old state, None before the first
+    segment (then ``vbar = 0`` and ``gamma = 1``). ``gamma`` is detached; its norm term is ``|k|^2``
+    with ``normalize`` (the ``experimental`` branch), ``|k|^2 + 1e-5`` without (``framework_accel``).
+    The state is float32 (float64 for float64 inputs)."""
+    sdt = torch.float64 if k.dtype == torch.float64 else torch.float32
+    f = dpfp_ref(_heads(k, n_heads).to(sdt), normalize)  # [B, H, M, K]
+    vv = _heads(v, n_heads).to(sdt)  # [B, H, M, dv]
+    beta = torch.sigmoid(_heads(b, n_heads).to(sdt))  # [B, H, M, 1] or [B, H, M, dv]
+    gamma = torch.ones_like(f[..., :1])
+    if A is None:
+        vbar = torch.zeros_like(vv)
+    else:
+        vbar = torch.einsum("bhmk,bhkt->bhmt", f, A)
+        if use_denom:
+            den = torch.einsum("bhk,bhmk->bhm", z, f)[..., None] + ASSOC_EPS
+            vbar = vbar / den
+            if correction:
+                norm2 = (f * f).sum(-1, keepdim=True) + (0.0 if normalize else ASSOC_EPS)
+                gamma = torch.clip(1 - den / norm2, 0, 1).detach()
+    if not gating:
+        assert beta.shape[-1] == 1
+    delta = beta * (vv - vbar)
+    upd = torch.einsum("bhmk,bhmt->bhkt", f, delta)
+    zu = (gamma * f).sum(-2)
+    if A is None:
+        return upd, zu
+    return A + upd, z + zu
