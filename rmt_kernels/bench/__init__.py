@@ -14,6 +14,7 @@ suite or the plot needs them.
 - :mod:`.handoff`: ``pack_segment`` vs ``torch.cat`` vs a plain copy of the same bytes.
 - :mod:`.step`: one RMT training step, official semantics vs the ``rmt_kernels`` drop-in.
 - :mod:`.dropout`: attention with dropout (p = 0.1), forward+backward, vs SDPA's dropout with a dense mask.
+- :mod:`.armt`: ARMT's associative memory per layer and in a whole step, vs the einsum formulation.
 - :mod:`.overhead`: per-call time of each public op vs its stock counterpart, eager and compiled.
 - :mod:`.report`: the printed tables; :mod:`.plot`: TFLOP/s against segment length (matplotlib PNG).
 - :mod:`.cli`: the ``rmt-kernels bench`` command, which runs the suites of :data:`SUITES`.
@@ -24,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import attention, dropout, handoff, overhead, report, step
+from . import armt, attention, dropout, handoff, overhead, report, step
 from .plot import plot_attention
 from .shapes import shapes_for
 
@@ -72,6 +73,7 @@ SUITES: Dict[str, Suite] = {
     "overhead": Suite("overhead", overhead.PROVIDERS, overhead.run_overhead, overhead.count_points,
                       report.print_overhead),
     "dropout": Suite("dropout", dropout.PROVIDERS, _run_dropout, _one_point_per_shape, report.print_dropout),
+    "armt": Suite("armt", armt.PROVIDERS, armt.run_armt, armt.count_points, report.print_armt),
 }
 
 __all__ = ["SUITES", "Suite"]

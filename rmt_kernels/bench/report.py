@@ -195,3 +195,25 @@ def print_dropout(rows: List[dict], env: dict) -> None:
     _print_table(f"dropout p=0.1 ({env['device_name']}, {rows[0]['dtype']})", header, body, notes)
     print("  attention with dropout_p=0.1, forward+backward; peer: SDPA with the dense mask and its dropout.")
     _print_noise_legend(rows)
+
+
+def print_armt(rows: List[dict], env: dict) -> None:
+    notes = _Footnotes()
+    body = []
+    for r in rows:
+        if r["series"] == "block":
+            size = f"B{r['batch']} N{r['seq_len']} M{r['num_write']} d{r['dim']}"
+        else:
+            size = f"{r['layers']}L d{r['dim']} B{r['batch']} K{r['segments']}x{r['segment_len']} M{r['num_write']}"
+        if r["status"] == "ok":
+            mem = _fmt(r["peak_mem_mb"], ".1f")
+            body.append([r["series"], r["shape"], size, r["mode"], r["provider"], f"{r['median_ms']:.2f}",
+                         f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}", mem, _ratio(r)])
+        else:
+            body.append([r["series"], r["shape"], size, r["mode"], r["provider"], notes.ref(r), "", "", ""])
+    header = ["level", "shape", "sizes", "mode", "provider", "median ms", "p20-p80 ms", "memory MB", "vs einsum"]
+    _print_table(f"armt ({env['device_name']}, {rows[0]['dtype']})", header, body, notes)
+    shares = [r for r in rows if r["status"] == "ok" and r["series"] == "step" and r["note"] and "share" in r["note"]]
+    for r in shares:
+        print(f"  {r['shape']} {r['mode']} {r['provider']}: {r['note']}")
+    _print_noise_legend(rows)

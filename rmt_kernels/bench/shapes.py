@@ -89,6 +89,37 @@ class StepShape:
 
 
 @dataclass(frozen=True)
+class ArmtShape:
+    """An ARMT point: the associative block (one layer's read over ``segment_len + num_mem`` rows and
+    write of the ``num_mem`` memory rows, width ``hidden``, memory width ``d_mem``, ``mem_heads``
+    heads) and, when ``layers`` > 0, a whole training step of a random ``family`` backbone of those
+    sizes over ``segments`` segments."""
+
+    name: str
+    family: str  # "gpt2" or "llama"
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    segment_len: int
+    num_mem: int
+    batch: int
+    segments: int
+    d_mem: int
+    mem_heads: int = 1
+
+    def sizes(self) -> dict:
+        return {
+            "batch": self.batch, "heads_q": self.heads, "heads_kv": self.kv_heads,
+            "head_dim": self.hidden // self.heads, "segment_len": self.segment_len,
+            "num_read": 0, "num_write": self.num_mem, "seq_len": self.segment_len + self.num_mem,
+            "dim": self.hidden, "layers": self.layers, "vocab": self.vocab, "segments": self.segments,
+        }
+
+
+@dataclass(frozen=True)
 class OverheadShape:
     """One size of the overhead suite: attention ``[B, H, N, D]`` (``H_q = H_kv``) over a packed
     ``R | S | W`` segment with ``R = W = num_mem``, under each mask family of ``attention_masks``, and the
@@ -184,6 +215,20 @@ _STEP_TINY = (
 )
 
 
+# ARMT (SPEC §6): the block at GPT-2 (S 512, M 16) and Llama-3.2-1B (S 1024, M 128) sizes with
+# d_mem = 64, one memory head; the step at the step suite's reduced CPU backbones over 4 segments.
+_ARMT_CPU = (
+    ArmtShape("gpt2-armt/cpu", "gpt2", 2, 256, 4, 4, 1024, 1024, 128, 16, 1, 4, 32),
+    ArmtShape("llama1b-armt/cpu", "llama", 2, 256, 4, 1, 512, 1024, 128, 16, 1, 4, 32),
+    ArmtShape("gpt2-armt-block", "gpt2", 0, 768, 12, 12, 3072, 50257, 512, 16, 1, 1, 64),
+    ArmtShape("llama1b-armt-block", "llama", 0, 2048, 32, 8, 8192, 128256, 1024, 128, 1, 1, 64),
+)
+_ARMT_CUDA = (
+    ArmtShape("gpt2-armt", "gpt2", 12, 768, 12, 12, 3072, 50257, 1024, 16, 2, 4, 64),
+    ArmtShape("llama1b-armt/4-layers", "llama", 4, 2048, 32, 8, 8192, 128256, 1024, 128, 1, 4, 64),
+)
+_ARMT_TINY = (ArmtShape("tiny-armt", "gpt2", 1, 32, 2, 2, 64, 97, 16, 4, 1, 2, 8, 2),)
+
 # The overhead suite: a tiny shape, where the call and not the math is the cost (the goals of
 # report.print_overhead are set there), and one GPT-2 RMT layer (H12, D64, S512, M16: N = 544; d = 768).
 _OVERHEAD_TINY = OverheadShape("tiny", 1, 2, 16, 8, 2, 16)
@@ -216,6 +261,7 @@ for _device in ("cpu", "cuda"):
     _TABLE["handoff", "tiny", _device] = _HANDOFF_TINY
     _TABLE["step", "tiny", _device] = _STEP_TINY
     _TABLE["overhead", "tiny", _device] = (_OVERHEAD_TINY,)
+    _TABLE["armt", "tiny", _device] = _ARMT_TINY
     _TABLE["overhead", "quick", _device] = (_OVERHEAD_TINY, _OVERHEAD_GPT2)
     _TABLE["overhead", "full", _device] = (_OVERHEAD_TINY, _OVERHEAD_GPT2)
 _TABLE.update({
@@ -231,6 +277,10 @@ _TABLE.update({
     ("step", "full", "cpu"): _STEP_CPU,
     ("step", "quick", "cuda"): _STEP_QUICK_CUDA,
     ("step", "full", "cuda"): _STEP_FULL,
+    ("armt", "quick", "cpu"): _ARMT_CPU,
+    ("armt", "full", "cpu"): _ARMT_CPU,
+    ("armt", "quick", "cuda"): _ARMT_CUDA,
+    ("armt", "full", "cuda"): _ARMT_CUDA,
     ("dropout", "quick", "cpu"): (GOAL_SHAPE,),
     ("dropout", "full", "cpu"): (GOAL_SHAPE,),
     ("dropout", "quick", "cuda"): _DROPOUT_CUDA,

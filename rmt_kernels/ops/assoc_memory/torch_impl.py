@@ -16,6 +16,7 @@ tests check them against ``reference.assoc_read_ref``/``assoc_write_ref`` (float
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -41,28 +42,55 @@ def _merge(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.transpose(1, 2).reshape(b, n, h * d).to(dtype).contiguous()
 
 
+def _roll_index(two_p, device: torch.device) -> Tuple[Tensor, Tensor]:
+    if isinstance(two_p, int):
+        return _roll_index_cached(two_p, device)
+    return _make_roll_index(two_p, device)  # a symbolic size (tracing): nothing to cache on
+
+
+@functools.lru_cache(maxsize=None)
+def _roll_index_cached(two_p: int, device: torch.device) -> Tuple[Tensor, Tensor]:
+    return _make_roll_index(two_p, device)
+
+
+def _make_roll_index(two_p, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """``(rolled, unrolled)`` gather indices over ``3 * 2p`` columns: ``r[..., rolled]`` is
+    ``[roll(r, 1) | roll(r, 2) | roll(r, 3)]`` (``roll(r, j)[i] = r[(i - j) mod 2p]``), and
+    ``t[..., unrolled]`` takes column ``j * 2p + (i + j) mod 2p`` to column ``j * 2p + i``: the
+    inverse of each roll, what the backward of the rolled factor gathers with."""
+    i = torch.arange(two_p, device=device)
+    rolled = torch.cat([(i - j) % two_p for j in (1, 2, 3)])
+    unrolled = torch.cat([(j - 1) * two_p + (i + j) % two_p for j in (1, 2, 3)])
+    return rolled, unrolled
+
+
 def features(u: Tensor, normalize: bool):
     """DPFP (nu = 3) of ``u [..., p]``: ``(f [..., 6p], r [..., 2p], norm [..., 1] or None)``, ``f``
     L2-normalised when ``normalize`` (``r`` and ``norm`` are what the backward needs)."""
     r = torch.cat([F.relu(u), F.relu(-u)], dim=-1)
-    f = torch.cat([r * r.roll(1, -1), r * r.roll(2, -1), r * r.roll(3, -1)], dim=-1)
+    rolled, _ = _roll_index(r.shape[-1], r.device)
+    f = r.repeat(*([1] * (r.dim() - 1)), 3).mul_(r.index_select(-1, rolled))
     if not normalize:
         return f, r, None
-    norm = f.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
-    return f / norm, r, norm
+    norm = torch.linalg.vector_norm(f, dim=-1, keepdim=True).clamp_min_(NORM_EPS)
+    return f.div_(norm), r, norm
 
 
 def features_bwd(df: Tensor, f: Tensor, r: Tensor, norm: Optional[Tensor], u: Tensor) -> Tensor:
-    """Gradient of :func:`features` with respect to ``u``, given ``df`` on its (normalised) output."""
+    """Gradient of :func:`features` with respect to ``u``, given ``df`` on its (normalised) output
+    (``df`` may be overwritten)."""
     if norm is not None:
         # f = g / max(|g|, eps): dg = (df - f (f . df)) / |g| where |g| > eps, df / eps elsewhere.
-        proj = (f * df).sum(-1, keepdim=True)
-        df = torch.where(norm > NORM_EPS, df - f * proj, df) / norm
+        proj = (f * df).sum(-1, keepdim=True).masked_fill_(norm <= NORM_EPS, 0.0)
+        df = df.sub_(f * proj).div_(norm)
     two_p = r.shape[-1]
-    dr = torch.zeros_like(r)
-    for j in (1, 2, 3):
-        g = df[..., (j - 1) * two_p : j * two_p]
-        dr = dr + g * r.roll(j, -1) + (g * r).roll(-j, -1)
+    rolled, unrolled = _roll_index(two_p, r.device)
+    lead = r.shape[:-1]
+    # g_j[i] = r[i] * r[(i - j) mod 2p]: the first factor's gradient is df_j * roll(r, j), the
+    # rolled factor's is df_j * r taken back through the inverse roll.
+    first = df * r.index_select(-1, rolled)
+    second = (df * r.repeat(*([1] * (r.dim() - 1)), 3)).index_select(-1, unrolled)
+    dr = (first + second).view(*lead, 3, two_p).sum(-2)
     p = two_p // 2
     return dr[..., :p] * (u > 0) - dr[..., p:] * (u < 0)
 
@@ -70,37 +98,48 @@ def features_bwd(df: Tensor, f: Tensor, r: Tensor, norm: Optional[Tensor], u: Te
 # --------------------------------------------------------------------------- read
 
 
+def _scaled_features(q: Tensor, z: Tensor, n_heads: int, normalize: bool, use_denom: bool):
+    """``(f, r, norm, u, inv_den)``: the features of ``q``, and ``1 / (f z + eps)`` (None without the
+    denominator)."""
+    u = _heads(q, n_heads, z.dtype)
+    f, r, norm = features(u, normalize)
+    inv_den = torch.matmul(f, z.unsqueeze(-1)).add_(EPS).reciprocal_() if use_denom else None
+    return f, r, norm, u, inv_den
+
+
 def read_fwd_torch(x: Tensor, q: Tensor, A: Tensor, z: Tensor, n_heads: int, normalize: bool,
                    use_denom: bool) -> Tensor:
-    """``y = x + (f A) / (f z + eps)`` per head, ``f = phi(q)``."""
-    f, _, _ = features(_heads(q, n_heads, A.dtype), normalize)
-    num = torch.matmul(f, A)
-    if use_denom:
-        num = num / (torch.matmul(f, z.unsqueeze(-1)) + EPS)
-    return (x + _merge(num, x.dtype)).contiguous()
+    """``y = x + (f A) / (f z + eps)`` per head, ``f = phi(q)``: the division scales the ``K``-wide
+    features, not the ``d``-wide product, and the residual add is fused into the product when the
+    dtypes and the layout allow (one head, ``x`` in the state's dtype)."""
+    f, _, _, _, inv_den = _scaled_features(q, z, n_heads, normalize, use_denom)
+    fs = f if inv_den is None else f.mul_(inv_den)
+    if n_heads == 1 and x.dtype == A.dtype:
+        return torch.baddbmm(x, fs.squeeze(1), A.squeeze(1))
+    return (x + _merge(torch.matmul(fs, A), x.dtype)).contiguous()
 
 
 def read_bwd_torch(dy: Tensor, q: Tensor, A: Tensor, z: Tensor, n_heads: int, normalize: bool,
                    use_denom: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(dq, dA, dz)`` of :func:`read_fwd_torch` given ``dy`` (``dx`` is ``dy`` itself)."""
-    u = _heads(q, n_heads, A.dtype)
-    f, r, norm = features(u, normalize)
+    """``(dq, dA, dz)`` of :func:`read_fwd_torch` given ``dy`` (``dx`` is ``dy`` itself).
+
+    Two products of the ``d``-wide gradient (``dy A^T`` and ``f^T dy``) and nothing else ``d``-wide:
+    ``dy . read = (dy A^T) . f / den`` gives the denominator's gradient from the first product."""
+    f, r, norm, u, inv_den = _scaled_features(q, z, n_heads, normalize, use_denom)
     g = _heads(dy, n_heads, A.dtype)  # [B, H, N, dv]
-    ft = f.transpose(-1, -2)
+    gA = torch.matmul(g, A.transpose(-1, -2))  # [B, H, N, K]
     if use_denom:
-        den = torch.matmul(f, z.unsqueeze(-1)) + EPS  # [B, H, N, 1]
-        gn = g / den
-        ratio = torch.matmul(f, A) / den
-        dden = -(gn * ratio).sum(-1, keepdim=True)  # [B, H, N, 1]
-        dA = torch.matmul(ft, gn)
-        dz = torch.matmul(ft, dden).squeeze(-1)
-        df = torch.matmul(gn, A.transpose(-1, -2)) + dden * z.unsqueeze(-2)
+        fs = f * inv_den
+        dA = torch.matmul(fs.transpose(-1, -2), g)
+        dden = (gA * fs).sum(-1, keepdim=True).mul_(inv_den).neg_()  # -(dy . read) / den
+        dz = torch.matmul(f.transpose(-1, -2), dden).squeeze(-1)
+        df = gA.mul_(inv_den).add_(dden * z.unsqueeze(-2))
     else:
-        dA = torch.matmul(ft, g)
+        dA = torch.matmul(f.transpose(-1, -2), g)
         dz = torch.zeros_like(z)
-        df = torch.matmul(g, A.transpose(-1, -2))
+        df = gA
     du = features_bwd(df, f, r, norm, u)
-    return _merge(du, q.dtype), dA, dz
+    return _merge(du, q.dtype), dA.contiguous(), dz.contiguous()
 
 
 # --------------------------------------------------------------------------- write
