@@ -1,0 +1,166 @@
+"""The Triton backend of ARMT's associative memory against its contract, ``torch_impl``.
+
+Every Triton launcher (read and write, forward and backward) runs on the same inputs as the torch
+launcher in the kernel's dtype (the baseline) and in float64 (the reference); each output must be within
+``tests/helpers.py``'s tolerance rule. Outputs start as NaN (``_empty`` poisoned), so an element no kernel
+writes fails. Shapes are tiny (the interpreter is slow) but cover: one and two heads, ``2p`` not a
+power of two, row counts that are not a multiple of the block (and more than one block), every flag,
+first and later segments, float32 and bfloat16 inputs with a float32 state, non-contiguous views.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from helpers import assert_close  # noqa: E402
+from rmt_kernels.ops.assoc_memory import torch_impl, triton_launch  # noqa: E402
+
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+@pytest.fixture
+def poisoned(nan_poison):
+    nan_poison(triton_launch, "_empty")
+
+
+def _rand(shape, dtype, device, strided=False, scale=1.0, shift=0.0):
+    """Random ``shape`` tensor; ``strided``: a view with last-dim stride 2."""
+    if strided:
+        t = torch.randn(*shape[:-1], 2 * shape[-1], device=device)[..., ::2]
+    else:
+        t = torch.randn(*shape, device=device)
+    return (t * scale + shift).to(dtype)
+
+
+def _state(bsz, h, kdim, dv, device, strided=False):
+    A = _rand((bsz, h, dv, kdim), F32, device, scale=0.3).transpose(-1, -2) if strided else \
+        _rand((bsz, h, kdim, dv), F32, device, scale=0.3)
+    z = torch.rand(bsz, h, kdim, device=device) + 0.05
+    return A, z
+
+
+def _double(t):
+    return None if t is None else t.detach().double()
+
+
+def _check(name, actual, ref, base, dtype):
+    if ref is None:
+        assert actual is None, name
+        return
+    assert actual.shape == ref.shape, name
+    assert actual.dtype == base.dtype, (name, actual.dtype, base.dtype)
+    assert_close(actual, ref, base, name=name, dtype=dtype)
+
+
+# (B, N, d_mem, d, H, normalize, use_denom, dtype, strided)
+READ_CASES = [
+    pytest.param(2, 37, 6, 8, 1, True, True, F32, False, id="H1-2p12-N37-norm-denom-fp32"),
+    pytest.param(1, 20, 8, 32, 2, True, False, F32, True, id="H2-p4-nodenom-strided-fp32"),
+    pytest.param(2, 17, 8, 32, 2, False, True, BF16, False, id="H2-p4-nonorm-bf16"),
+    pytest.param(1, 70, 16, 16, 1, False, False, F32, False, id="H1-p16-N70-two-blocks-plain"),
+    pytest.param(1, 33, 12, 24, 2, True, True, BF16, True, id="H2-2p12-bf16-strided"),
+]
+
+
+@pytest.mark.parametrize("bsz,n,d_mem,dim,heads,normalize,use_denom,dtype,strided", READ_CASES)
+def test_read_matches_torch_impl(device, poisoned, bsz, n, d_mem, dim, heads, normalize, use_denom, dtype, strided):
+    kdim, dv = 6 * d_mem // heads, dim // heads
+    x = _rand((bsz, n, dim), dtype, device, strided)
+    q = _rand((bsz, n, d_mem), dtype, device, strided)
+    A, z = _state(bsz, heads, kdim, dv, device, strided)
+    dy = _rand((bsz, n, dim), dtype, device, strided)
+    args = (heads, normalize, use_denom)
+
+    y = triton_launch.read_fwd_triton(x, q, A, z, *args)
+    base = torch_impl.read_fwd_torch(x, q, A, z, *args)
+    ref = torch_impl.read_fwd_torch(_double(x), _double(q), _double(A), _double(z), *args)
+    _check("y", y, ref, base, dtype)
+
+    grads = triton_launch.read_bwd_triton(dy, q, A, z, *args)
+    bases = torch_impl.read_bwd_torch(dy, q, A, z, *args)
+    refs = torch_impl.read_bwd_torch(_double(dy), _double(q), _double(A), _double(z), *args)
+    for name, g, b, r, dt in zip(("dq", "dA", "dz"), grads, bases, refs, (dtype, F32, F32)):
+        _check(name, g, r, b, dt)
+    if not use_denom:
+        assert torch.count_nonzero(grads[2]) == 0
+
+
+# (B, M, d_mem, d, H, normalize, use_denom, correction, gating, first, dtype, strided)
+WRITE_CASES = [
+    pytest.param(2, 5, 6, 8, 1, True, True, True, False, False, F32, False, id="H1-2p12-later-all-fp32"),
+    pytest.param(2, 5, 6, 8, 1, True, True, True, True, True, F32, False, id="H1-2p12-first-gating"),
+    pytest.param(1, 20, 8, 32, 2, False, True, True, True, False, BF16, True, id="H2-later-gating-bf16-strided"),
+    pytest.param(1, 40, 8, 16, 2, True, False, True, False, False, F32, False, id="H2-M40-two-blocks-nodenom"),
+    pytest.param(2, 7, 8, 32, 2, False, True, False, False, True, BF16, False, id="H2-first-nocorr-bf16"),
+    pytest.param(1, 9, 12, 24, 2, True, True, False, True, False, F32, True, id="H2-2p12-later-nocorr-strided"),
+    pytest.param(1, 6, 8, 2, 2, False, False, False, False, False, F32, False, id="H2-d-equals-H"),
+]
+
+
+@pytest.mark.parametrize("bsz,m,d_mem,dim,heads,normalize,use_denom,correction,gating,first,dtype,strided",
+                         WRITE_CASES)
+def test_write_matches_torch_impl(device, poisoned, bsz, m, d_mem, dim, heads, normalize, use_denom, correction,
+                                  gating, first, dtype, strided):
+    kdim, dv = 6 * d_mem // heads, dim // heads
+    k = _rand((bsz, m, d_mem), dtype, device, strided)
+    v = _rand((bsz, m, dim), dtype, device, strided)
+    b = _rand((bsz, m, dim if gating else heads), dtype, device, strided)
+    A, z = (None, None) if first else _state(bsz, heads, kdim, dv, device, strided)
+    if not first and correction and use_denom:
+        z = z * 0.05  # some gamma strictly inside (0, 1)
+    dA_new, dz_new = _state(bsz, heads, kdim, dv, device, strided)
+    dz_new = dz_new - 0.5
+    args = (heads, normalize, use_denom, correction)
+
+    out = triton_launch.write_fwd_triton(k, v, b, A, z, *args)
+    base = torch_impl.write_fwd_torch(k, v, b, A, z, *args)
+    ref = torch_impl.write_fwd_torch(_double(k), _double(v), _double(b), _double(A), _double(z), *args)
+    for name, o, bs, r in zip(("A_new", "z_new"), out, base, ref):
+        _check(name, o, r, bs, F32)
+
+    grads = triton_launch.write_bwd_triton(dA_new, dz_new, k, v, b, A, z, *args)
+    bases = torch_impl.write_bwd_torch(dA_new, dz_new, k, v, b, A, z, *args)
+    refs = torch_impl.write_bwd_torch(_double(dA_new), _double(dz_new), _double(k), _double(v), _double(b),
+                                      _double(A), _double(z), *args)
+    for name, g, bs, r, dt in zip(("dk", "dv", "db", "dA", "dz"), grads, bases, refs, (dtype,) * 3 + (F32,) * 2):
+        _check(name, g, r, bs, dt)
+
+
+@pytest.mark.parametrize("first", [pytest.param(True, id="first"), pytest.param(False, id="later")])
+def test_write_bwd_without_incoming_grads(device, poisoned, first):
+    """``dA_new``/``dz_new`` None count as zero (the last segment's state feeds no loss)."""
+    bsz, m, d_mem, dim, heads = 1, 6, 8, 16, 2
+    k, v, b = (_rand((bsz, m, s), F32, device) for s in (d_mem, dim, heads))
+    A, z = (None, None) if first else _state(bsz, heads, 6 * d_mem // heads, dim // heads, device)
+    for dA_new, dz_new in ((None, None), (None, torch.randn(bsz, heads, 6 * d_mem // heads, device=device))):
+        args = (dA_new, dz_new, k, v, b, A, z, heads, True, True, True)
+        grads = triton_launch.write_bwd_triton(*args)
+        bases = torch_impl.write_bwd_torch(*args)
+        refs = torch_impl.write_bwd_torch(_double(dA_new), _double(dz_new), _double(k), _double(v), _double(b),
+                                          _double(A), _double(z), heads, True, True, True)
+        for name, g, bs, r in zip(("dk", "dv", "db", "dA", "dz"), grads, bases, refs):
+            _check(name, g, r, bs, F32)
+
+
+def test_import_does_not_load_triton():
+    import subprocess
+    import sys
+
+    code = ("import sys; from rmt_kernels.ops.assoc_memory import triton_launch, aot; "
+            "assert 'triton' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_aot_jobs_use_the_launchers_configs():
+    from rmt_kernels.ops.assoc_memory import aot
+
+    rows = aot.jobs(90, quick=False)
+    assert {r["kernel"] for r in rows} == set(aot.kernel_table())
+    for p in aot.KEY_DIMS:
+        expected = triton_launch.read_fwd_config(p, aot.VALUE_DIM)
+        mine = [r["config"] for r in rows if r["kernel"] == "assoc_read_fwd" and r["head_dim"] == p
+                and not r.get("variant")]
+        assert mine and all({k: c[k] for k in expected} == expected for c in mine)
