@@ -263,6 +263,7 @@ _SUITE_ROWS = {
     "step": ("official", "rmt_kernels", dict(layers=2, dim=16, batch=1, segments=2, segment_len=8, num_read=2,
                                              peak_mem_mb=1.0)),
     "overhead": ("stock", "rmt_kernels", dict(series="segment_attention", mask="causal", note="eager")),
+    "armt": ("einsum", "rmt_kernels:torch", dict(series="block", batch=1, seq_len=12, num_write=2, dim=16)),
 }
 
 

@@ -137,3 +137,45 @@ def test_dropout_suite_times_the_kernel_against_sdpa_dropout():
     assert by["segment_attention:triton"]["status"] == "skipped"  # CPU without the interpreter's opt-in
     assert by["segment_attention:torch"]["best_peer"] == "sdpa_dense"
     assert by["segment_attention:torch"]["ratio_to_best_peer"] > 0
+
+
+# ----------------------------------------------------------------------------------------- armt
+
+
+def test_armt_suite_times_block_and_step_against_the_einsum_formulation():
+    pytest.importorskip("transformers", minversion="5")
+    from rmt_kernels.bench import armt
+
+    suite = SUITES["armt"]
+    (tiny,) = suite.shapes("cpu", "tiny")
+    modes = ("fwd", "fwd+bwd")
+    rows = suite.run((tiny,), modes, suite.providers, CPU, torch.float32, ONE_REP, ENV)
+    assert len(rows) == len(suite.providers) * suite.count_points((tiny,), modes)
+    by = {(r["series"], r["mode"], r["provider"]): r for r in rows}
+    for row in rows:
+        check_bench_row(row)
+        assert row["suite"] == "armt"
+    for level in ("block", "step"):
+        for mode in modes:
+            ours, peer = by[level, mode, "rmt_kernels:torch"], by[level, mode, "einsum"]
+            assert ours["status"] == "ok" and peer["status"] == "ok", (ours["reason"], peer["reason"])
+            assert ours["best_peer"] == "einsum" and ours["ratio_to_best_peer"] > 0
+            assert by[level, mode, "rmt_kernels:triton"]["status"] == "skipped"
+    assert by["block", "fwd", armt.CKPT]["status"] == "skipped"
+    assert by["step", "fwd+bwd", armt.CKPT]["status"] == "ok"
+    step = by["step", "fwd+bwd", "rmt_kernels:torch"]
+    assert step["peak_mem_mb"] > 0 and "associative block" in step["note"]
+
+
+def test_armt_block_check_catches_a_wrong_read():
+    """The check before timing fails a provider whose block differs from the reference."""
+    from rmt_kernels.bench import armt
+
+    (tiny,) = SUITES["armt"].shapes("cpu", "tiny")
+    t = armt.block_inputs(tiny, CPU, torch.float32)
+    read, write = armt._ops("einsum", CPU)
+    with torch.no_grad():
+        good = armt.block((read, write), t, tiny.mem_heads, tiny.num_mem)
+        bad = armt.block((lambda *a, **kw: read(*a, **kw) * 1.001, write), t, tiny.mem_heads, tiny.num_mem)
+    assert armt._check_block(good, t, tiny, torch.float32) is None
+    assert "differs from the float64 reference" in armt._check_block(bad, t, tiny, torch.float32)

@@ -14,20 +14,23 @@ Providers:
 
 - ``rmt_kernels:torch`` / ``rmt_kernels:triton``: ``assoc_read``/``assoc_write`` on that backend
   (the step: :class:`rmt_kernels.integrations.armt.AssociativeRecurrentWrapper` with that backend);
+- ``rmt_kernels:torch/ckpt4`` (step only): the same wrapper with ``checkpoint_every=4``, what keeps
+  the memory of long inputs flat (one extra forward per step);
 - ``einsum``: the official code's formulation, the peer: ``reference.assoc_read_ref`` /
   ``assoc_write_ref`` (the official einsums, autograd through them); for the step the official
   wrapper's semantics written out (:mod:`.armt_official`), HF ``"sdpa"`` attention, ``torch.cat``.
 
-Every provider's result is checked against a float64 evaluation of the reference (the tolerance rule
-of ``_tolerance.py``) before it is timed. Step rows carry the memory measure of the step suite and,
-in ``note``, the associative block's share of the step: the block's median time times layers times
-segments over the step's median, at the same mode and backend.
+Every block result is checked against a float64 evaluation of the reference (the tolerance rule of
+``_tolerance.py``) before it is timed; every step's loss against the einsum peer's (the drop-in loads
+the peer's state dict with ``strict=True``; ``W_mv`` is randomised, since its official zero init
+would leave the memory empty). Step rows in ``fwd+bwd`` carry the step's peak memory
+(:func:`peak_bytes`) and, in ``note``, the associative block's share of the step where the block was
+timed at the same sizes: the block's median times layers times segments over the step's median.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -43,23 +46,32 @@ from .shapes import ArmtShape
 from .timing import Call, TimingConfig, measure_alternating, summarize
 
 BACKENDS = ("torch", "triton")
-PROVIDERS = tuple(f"rmt_kernels:{b}" for b in BACKENDS) + ("einsum",)
+CKPT = "rmt_kernels:torch/ckpt4"
+PROVIDERS = tuple(f"rmt_kernels:{b}" for b in BACKENDS) + (CKPT, "einsum")
 PEERS = ("einsum",)
 MODES = ("fwd", "fwd+bwd")
 
 Ops = Tuple[Callable, Callable]
 
 
-def _ops(name: str, device: torch.device) -> Ops:
-    """``(read, write)`` of a provider, called as ``read(x, q, A, z)`` / ``write(k, v, b, A, z)``."""
-    if name == "einsum":
-        return assoc_read_ref, assoc_write_ref
-    backend = name.split(":", 1)[1]
+def _backend(name: str, device: torch.device) -> str:
+    """The backend of a ``rmt_kernels:*`` provider; Skip when it cannot run here."""
+    backend = name.split(":", 1)[1].split("/")[0]
     ok, reason = backends.backend_status(OP_READ, backend, device)
     if not ok:
         raise Skip(reason)
     if backend == "triton" and device.type == "cpu":
         raise Skip(TRITON_CPU_REASON)
+    return backend
+
+
+def _ops(name: str, device: torch.device) -> Ops:
+    """``(read, write)`` of a provider, called as ``read(x, q, A, z)`` / ``write(k, v, b, A, z)``."""
+    if name == "einsum":
+        return assoc_read_ref, assoc_write_ref
+    if name == CKPT:
+        raise Skip("checkpointing is a property of the step, not of the block")
+    backend = _backend(name, device)
     return (lambda *a, **kw: assoc_read(*a, backend=backend, **kw),
             lambda *a, **kw: assoc_write(*a, backend=backend, **kw))
 
@@ -167,12 +179,153 @@ def _block_point(shape, mode, providers, device, dtype, cfg, env) -> List[dict]:
     return point
 
 
+# --------------------------------------------------------------------------- step
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak tensor memory allocated while ``fn()`` runs, above what was allocated before: CUDA's
+    allocator peak; on CPU the running sum of the profiler's allocation/free events, in time order."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, n in events:
+        live += n
+        peak = max(peak, live)
+    return peak
+
+
+def _layers_attr(shape: ArmtShape) -> str:
+    return "transformer.h" if shape.family == "gpt2" else "model.layers"
+
+
+def step_modules(shape: ArmtShape, providers: Sequence[str], device: torch.device, dtype: torch.dtype):
+    """``{provider: module}`` over copies of one random backbone: the einsum peer (the official
+    semantics, HF ``"sdpa"``) and the drop-in per backend, which loads the peer's state dict strictly.
+    Raises Skip (per provider: ``{provider: exception}`` in the second result)."""
+    import warnings
+
+    from .armt_official import OfficialCell, OfficialWrapper
+    from .step import build_backbone
+
+    backbone = build_backbone(shape, device, dtype)
+    torch.manual_seed(0)
+    official = OfficialWrapper(
+        OfficialCell(copy.deepcopy(backbone), shape.num_mem, shape.d_mem, _layers_attr(shape), n_heads=shape.mem_heads),
+        shape.segment_len, max_n_segments=shape.segments).to(device, dtype)
+    with torch.no_grad():
+        for layer in official.memory_cell.layers:
+            layer.W_mv.weight.normal_(0.0, shape.hidden ** -0.5)
+    modules, failed = {"einsum": official}, {}
+    for name in providers:
+        if name == "einsum":
+            continue
+        try:
+            backend = _backend(name, device)
+            from ..integrations.armt import AssociativeMemoryCell, AssociativeRecurrentWrapper
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the announced switch to the rmt_kernels attention
+                cell = AssociativeMemoryCell(copy.deepcopy(backbone), shape.num_mem, shape.d_mem,
+                                             _layers_attr(shape), n_heads=shape.mem_heads, backend=backend)
+            ours = AssociativeRecurrentWrapper(cell, segment_size=shape.segment_len, max_n_segments=shape.segments,
+                                               checkpoint_every=4 if name == CKPT else None).to(device, dtype)
+            ours.load_state_dict(official.state_dict(), strict=True)
+            modules[name] = ours.train()
+        except Exception as exc:  # noqa: BLE001
+            failed[name] = exc
+    official.train()
+    return modules, failed
+
+
+def _loss(name: str, module):
+    if name == "einsum":
+        return lambda ids: module(ids, labels=ids)[0]
+    return lambda ids: module(input_ids=ids, labels=ids).loss
+
+
+def _step_point(shape, mode, providers, device, dtype, cfg, env, block_ms) -> List[dict]:
+    from .step import LOSS_RTOL
+
+    outcome: Dict[str, Tuple[str, str]] = {}
+    modules: Dict[str, object] = {}
+    ids = None
+    try:
+        modules, failed = step_modules(shape, providers, device, dtype)
+        outcome.update({n: classify_exception(e) for n, e in failed.items()})
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        ids = torch.randint(0, shape.vocab, (shape.batch, shape.segments * shape.segment_len), generator=gen)
+        ids = ids.to(device)
+    except Exception as exc:  # noqa: BLE001
+        outcome.update({n: classify_exception(exc) for n in providers})
+    losses = {}
+    for name in providers:
+        if name in modules and name not in outcome:
+            try:
+                with torch.no_grad():
+                    losses[name] = float(_loss(name, modules[name])(ids))
+            except Exception as exc:  # noqa: BLE001
+                outcome[name] = classify_exception(exc)
+    if "einsum" in losses:
+        for name, value in losses.items():
+            tol = LOSS_RTOL.get(dtype, 1e-4) * abs(losses["einsum"])
+            if name != "einsum" and not abs(value - losses["einsum"]) <= tol:
+                outcome[name] = ("failed", f"loss {value:.6g} differs from the einsum peer's "
+                                           f"{losses['einsum']:.6g} (allowed {tol:.3g})")
+    calls: Dict[str, Call] = {}
+    for name in providers:
+        if name not in modules or name in outcome:
+            continue
+        module, fn = modules[name], _loss(name, modules[name])
+        if mode == "fwd":
+            def run(_state, f=fn):
+                with torch.no_grad():
+                    return f(ids)
+        else:
+            def run(_state, f=fn):
+                f(ids).backward()
+        calls[name] = ((lambda _slot, m=module: m.zero_grad(set_to_none=True)), run)
+    times = measure_alternating(calls, device, cfg) if calls else {}
+    dname = str(dtype).replace("torch.", "")
+    point = []
+    for name in providers:
+        base = dict(suite="armt", provider=name, mode=mode, shape=shape.name, series="step", mask="causal",
+                    dtype=dname, **shape.sizes())
+        row = untimed_row(env, name, outcome, times.get(name), base)
+        if row is not None:
+            point.append(row)
+            continue
+        stats = summarize(times[name])
+        extra = {}
+        if mode == "fwd+bwd":
+            module, fn = modules[name], _loss(name, modules[name])
+            module.zero_grad(set_to_none=True)
+            extra = dict(peak_mem_mb=peak_bytes(lambda: fn(ids).backward(), device) / 2**20,
+                         peak_mem_kind="peak tensor memory of one step above its start (CPU: profiler events)")
+        block = block_ms.get((name.split("/")[0], mode))
+        if block is not None:
+            share = 100.0 * block * shape.layers * shape.segments / stats["median_ms"]
+            extra["note"] = f"associative block ~{share:.0f}% of the step"
+        point.append(make_row(env, status="ok", **stats, **base, **extra))
+    fill_ratios(point, PEERS, dense=None)
+    return point
+
+
 # --------------------------------------------------------------------------- suite
 
 
 def count_points(shapes: Sequence[ArmtShape], modes: Sequence[str]) -> int:
     modes = [m for m in modes if m in MODES] or list(MODES)
-    return sum(len(modes) * (2 if s.layers > 0 else 1) for s in shapes)
+    return sum(len(modes) * (int(s.block) + int(s.layers > 0)) for s in shapes)
 
 
 def run_armt(
@@ -190,8 +343,15 @@ def run_armt(
     modes = [m for m in modes if m in MODES] or list(MODES)
     rows: List[dict] = []
     for shape in shapes:
-        for mode in modes:
+        block_ms: Dict[Tuple[str, str], float] = {}
+        for mode in modes if shape.block else ():
             if progress is not None:
                 progress.start(f"armt block {shape.name} {mode}")
-            rows.extend(_block_point(shape, mode, providers, device, dtype, cfg, env))
+            point = _block_point(shape, mode, providers, device, dtype, cfg, env)
+            block_ms.update({(r["provider"], mode): r["median_ms"] for r in point if r["status"] == "ok"})
+            rows.extend(point)
+        for mode in modes if shape.layers > 0 else ():
+            if progress is not None:
+                progress.start(f"armt step {shape.name} {mode}")
+            rows.extend(_step_point(shape, mode, providers, device, dtype, cfg, env, block_ms))
     return rows

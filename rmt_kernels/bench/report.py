@@ -213,7 +213,7 @@ def print_armt(rows: List[dict], env: dict) -> None:
             body.append([r["series"], r["shape"], size, r["mode"], r["provider"], notes.ref(r), "", "", ""])
     header = ["level", "shape", "sizes", "mode", "provider", "median ms", "p20-p80 ms", "memory MB", "vs einsum"]
     _print_table(f"armt ({env['device_name']}, {rows[0]['dtype']})", header, body, notes)
-    shares = [r for r in rows if r["status"] == "ok" and r["series"] == "step" and r["note"] and "share" in r["note"]]
+    shares = [r for r in rows if r["status"] == "ok" and r["series"] == "step" and r["note"] and "associative block" in r["note"]]
     for r in shares:
         print(f"  {r['shape']} {r['mode']} {r['provider']}: {r['note']}")
     _print_noise_legend(rows)

@@ -109,6 +109,7 @@ class ArmtShape:
     segments: int
     d_mem: int
     mem_heads: int = 1
+    block: bool = True  # also time the associative block alone at these sizes
 
     def sizes(self) -> dict:
         return {
@@ -216,18 +217,23 @@ _STEP_TINY = (
 
 
 # ARMT (SPEC §6): the block at GPT-2 (S 512, M 16) and Llama-3.2-1B (S 1024, M 128) sizes with
-# d_mem = 64, one memory head; the step at the step suite's reduced CPU backbones over 4 segments.
+# d_mem = 64, one memory head; the step at the step suite's reduced CPU backbones over 4 segments,
+# and a narrower GPT-2 over 16 and 64 segments, where the memory of training (and checkpointing) shows.
 _ARMT_CPU = (
     ArmtShape("gpt2-armt/cpu", "gpt2", 2, 256, 4, 4, 1024, 1024, 128, 16, 1, 4, 32),
     ArmtShape("llama1b-armt/cpu", "llama", 2, 256, 4, 1, 512, 1024, 128, 16, 1, 4, 32),
+    ArmtShape("gpt2-armt-K16/cpu", "gpt2", 2, 128, 2, 2, 512, 512, 32, 16, 1, 16, 32, block=False),
+    ArmtShape("gpt2-armt-K64/cpu", "gpt2", 2, 128, 2, 2, 512, 512, 32, 16, 1, 64, 32, block=False),
     ArmtShape("gpt2-armt-block", "gpt2", 0, 768, 12, 12, 3072, 50257, 512, 16, 1, 1, 64),
     ArmtShape("llama1b-armt-block", "llama", 0, 2048, 32, 8, 8192, 128256, 1024, 128, 1, 1, 64),
 )
+_ARMT_QUICK_CPU = tuple(s for s in _ARMT_CPU if s.name not in ("llama1b-armt/cpu", "gpt2-armt-K64/cpu"))
 _ARMT_CUDA = (
     ArmtShape("gpt2-armt", "gpt2", 12, 768, 12, 12, 3072, 50257, 1024, 16, 2, 4, 64),
     ArmtShape("llama1b-armt/4-layers", "llama", 4, 2048, 32, 8, 8192, 128256, 1024, 128, 1, 4, 64),
+    ArmtShape("llama1b-armt-K16/4-layers", "llama", 4, 2048, 32, 8, 8192, 128256, 1024, 128, 1, 16, 64, block=False),
 )
-_ARMT_TINY = (ArmtShape("tiny-armt", "gpt2", 1, 32, 2, 2, 64, 97, 16, 4, 1, 2, 8, 2),)
+_ARMT_TINY = (ArmtShape("tiny-armt", "gpt2", 1, 32, 2, 2, 64, 97, 8, 4, 1, 3, 8, 2),)
 
 # The overhead suite: a tiny shape, where the call and not the math is the cost (the goals of
 # report.print_overhead are set there), and one GPT-2 RMT layer (H12, D64, S512, M16: N = 544; d = 768).
@@ -277,7 +283,7 @@ _TABLE.update({
     ("step", "full", "cpu"): _STEP_CPU,
     ("step", "quick", "cuda"): _STEP_QUICK_CUDA,
     ("step", "full", "cuda"): _STEP_FULL,
-    ("armt", "quick", "cpu"): _ARMT_CPU,
+    ("armt", "quick", "cpu"): _ARMT_QUICK_CPU,
     ("armt", "full", "cpu"): _ARMT_CPU,
     ("armt", "quick", "cuda"): _ARMT_CUDA,
     ("armt", "full", "cuda"): _ARMT_CUDA,
