@@ -127,9 +127,11 @@ def test_info_names_the_devices_and_lists_every_op(capsys):
     out = capsys.readouterr().out
     assert "cpu (cpu)" not in out
     assert re.search(rf"^device cpu \({re.escape(records.cpu_name())} \(\d+ threads\)\)$", out, re.M), out
-    for op in ("segment_attention", "pack_segment", "pack_segment_from_ids"):
+    ops = ("segment_attention", "pack_segment", "pack_segment_from_ids", "assoc_read", "assoc_write")
+    for op in ops:
         assert re.search(rf"^\s+{op}$", out, re.M), out
-    assert len(re.findall(r"^\s*auto: -> torch$", out, re.M)) == 3
+    assert len(re.findall(r"^\s*auto: -> torch$", out, re.M)) == len(ops)
+    assert "rmt_kernels has no cuda implementation of assoc_read" in out
 
 
 def test_info_names_the_extra_that_gets_each_missing_package(monkeypatch, capsys):

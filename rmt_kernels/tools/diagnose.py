@@ -24,10 +24,11 @@ CUDA_TORCH = "a CUDA build of torch: see https://pytorch.org/get-started/locally
 
 def _ops() -> Tuple[str, ...]:
     """Every registered op, in the order the package defines them."""
+    from ..ops.assoc_memory.interface import OP_READ, OP_WRITE
     from ..ops.pack_segment.interface import OP as PACK, OP_IDS as PACK_IDS
     from ..ops.segment_attention.interface import OP as ATTENTION
 
-    return ATTENTION, PACK, PACK_IDS
+    return ATTENTION, PACK, PACK_IDS, OP_READ, OP_WRITE
 
 
 def _versions() -> dict:
