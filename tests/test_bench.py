@@ -370,12 +370,16 @@ def test_official_k2_rule(tiny_gpt2, k2, reaches):
 def test_step_suite_rows(tiny_gpt2):
     shape, _ = tiny_gpt2
     rows = step.run_step([shape], step.PROVIDERS, CPU, torch.float32, ONE_REP, ENV)
-    by = {r["provider"]: r for r in rows}
+    assert len(rows) == len(step.PROVIDERS) * len(step.MODES)
+    by = {(r["mode"], r["provider"]): r for r in rows}
     for row in rows:
         check_bench_row(row)
-    assert by["official"]["status"] == "ok", by["official"]["reason"]
-    assert by["official"]["peak_mem_mb"] > 0
-    assert "saved for backward" in by["official"]["peak_mem_kind"]
+    for mode in step.MODES:  # loss+backward, and the whole training step (clip + AdamW)
+        for name in step.PROVIDERS:
+            assert by[mode, name]["status"] == "ok", by[mode, name]["reason"]
+    assert by["fwd+bwd", "official"]["peak_mem_mb"] > 0
+    assert "saved for backward" in by["fwd+bwd", "official"]["peak_mem_kind"]
+    assert by["train", "rmt_kernels"]["peak_mem_mb"] is None and by["train", "rmt_kernels"]["best_peer"] == "official"
 
 
 # ----------------------------------------------------------------------------------------- command

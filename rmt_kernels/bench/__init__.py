@@ -12,7 +12,8 @@ suite or the plot needs them.
 - :mod:`.progress`: per-point progress on stderr.
 - :mod:`.attention`: ``segment_attention`` vs the reference, dense-mask SDPA, FlexAttention, ...
 - :mod:`.handoff`: ``pack_segment`` vs ``torch.cat`` vs a plain copy of the same bytes.
-- :mod:`.step`: one RMT training step, official semantics vs the ``rmt_kernels`` drop-in.
+- :mod:`.step`: one RMT training step (loss+backward, and with clipping and AdamW), official semantics
+  vs the ``rmt_kernels`` drop-in.
 - :mod:`.dropout`: attention with dropout (p = 0.1), forward+backward, vs SDPA's dropout with a dense mask.
 - :mod:`.armt`: ARMT's associative memory per layer and in a whole step, vs the einsum formulation.
 - :mod:`.overhead`: per-call time of each public op vs its stock counterpart, eager and compiled.
@@ -69,7 +70,8 @@ SUITES: Dict[str, Suite] = {
     "attention": Suite("attention", attention.PROVIDERS, attention.run_attention, attention.count_points,
                        report.print_attention, plot=plot_attention),
     "handoff": Suite("handoff", handoff.PROVIDERS, _run_handoff, _one_point_per_shape, report.print_handoff),
-    "step": Suite("step", step.PROVIDERS, _run_step, _one_point_per_shape, report.print_step),
+    "step": Suite("step", step.PROVIDERS, _run_step, lambda shapes, modes: len(step.MODES) * len(shapes),
+                  report.print_step),
     "overhead": Suite("overhead", overhead.PROVIDERS, overhead.run_overhead, overhead.count_points,
                       report.print_overhead),
     "dropout": Suite("dropout", dropout.PROVIDERS, _run_dropout, _one_point_per_shape, report.print_dropout),

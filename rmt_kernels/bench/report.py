@@ -132,7 +132,7 @@ def print_step(rows: List[dict], env: dict) -> None:
         if r["status"] == "ok":
             body.append([
                 r["shape"], size, r["mode"], r["provider"], f"{r['median_ms']:.1f}",
-                f"{r['p20_ms']:.1f}-{r['p80_ms']:.1f}", f"{r['peak_mem_mb']:.1f}", _ratio(r),
+                f"{r['p20_ms']:.1f}-{r['p80_ms']:.1f}", _fmt(r["peak_mem_mb"], ".1f"), _ratio(r),
             ])
         else:
             body.append([r["shape"], size, r["mode"], r["provider"], notes.ref(r), "", "", ""])

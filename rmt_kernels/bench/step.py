@@ -11,7 +11,12 @@ Providers:
 - ``rmt_kernels``: the drop-in ``rmt_kernels.integrations.rmt.RecurrentWrapper`` around a copy of the
   same backbone and memory.
 
-Reported: the step's median time and spread, and its memory. On CUDA the memory is
+Modes: ``fwd+bwd`` (the loss and its backward) and ``train`` (a whole training step: ``zero_grad``,
+forward, backward, ``clip_grad_norm_(1.0)`` and one ``AdamW`` step, each provider with its own
+optimizer; what a user's loop runs, so gradient layouts or allocations that slow the optimizer
+show here and not in ``fwd+bwd``).
+
+Reported: the step's median time and spread, and (``fwd+bwd``) its memory. On CUDA the memory is
 ``torch.cuda.max_memory_allocated`` during one step above what was allocated before it (weights and
 inputs). On CPU no allocator statistic exists, so the memory reported is the bytes of the distinct
 tensors saved for backward (parameters excluded), counted with ``saved_tensors_hooks``: the
@@ -34,6 +39,7 @@ from .shapes import StepShape
 from .timing import Call, TimingConfig, measure_alternating, summarize
 
 PROVIDERS = ("official", "rmt_kernels")
+MODES = ("fwd+bwd", "train")
 PEERS = ("official",)
 LOSS_RTOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
@@ -162,6 +168,27 @@ def _memory(step_loss, module: nn.Module, ids: torch.Tensor, device: torch.devic
     return sum(saved.values()) / 2**20
 
 
+def _calls(live: Dict[str, nn.Module], ids: torch.Tensor, mode: str) -> Dict[str, Call]:
+    """The timed call of each provider in ``mode`` (see the module docstring)."""
+    calls: Dict[str, Call] = {}
+    for name, module in live.items():
+        fn = loss_fn(name, module)
+        if mode == "train":
+            opt = torch.optim.AdamW(module.parameters(), lr=1e-6)
+
+            def run(_state, f=fn, m=module, o=opt):
+                o.zero_grad(set_to_none=True)
+                f(ids).backward()
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+                o.step()
+
+            calls[name] = ((lambda _slot: None), run)
+        else:
+            calls[name] = ((lambda _slot, m=module: m.zero_grad(set_to_none=True)),
+                           (lambda _state, f=fn: f(ids).backward()))
+    return calls
+
+
 def memory_kind(device: torch.device) -> str:
     if device.type == "cuda":
         return "cuda max_memory_allocated during the step, above weights and inputs"
@@ -177,7 +204,7 @@ def run_step(
     env: dict,
     progress: Optional[Progress] = None,
 ) -> List[dict]:
-    """One point per backbone (mode ``fwd+bwd``), one row per provider."""
+    """Two points per backbone (modes :data:`MODES`), one row per provider."""
     rows: List[dict] = []
     dname = str(dtype).replace("torch.", "")
     for shape in shapes:
@@ -220,35 +247,31 @@ def run_step(
                     "failed", f"loss {b:.6g} differs from the official {a:.6g} (allowed {tol:.3g})"
                 )
         live = {n: m for n, m in modules.items() if n in providers and n not in outcome}
-        calls: Dict[str, Call] = {}
-        for name, module in live.items():
-            fn = loss_fn(name, module)
-            calls[name] = (
-                lambda _slot, m=module: m.zero_grad(set_to_none=True),
-                lambda _state, f=fn, x=ids: f(x).backward(),
-            )
-        times = measure_alternating(calls, device, cfg) if calls else {}
-        point = []
-        for name in providers:
-            base = dict(
-                suite="step", provider=name, mode="fwd+bwd", shape=shape.name, mask="causal", dtype=dname,
-                **shape.sizes(), note=notes.get(name), peak_mem_kind=memory_kind(device),
-            )
-            row = untimed_row(env, name, outcome, times.get(name), base)
-            if row is not None:
-                point.append(row)
-            else:
-                result = times[name]
-                try:
-                    mem = _memory(loss_fn(name, live[name]), live[name], ids, device)
-                except Exception as exc:  # noqa: BLE001
-                    status, reason = classify_exception(exc)
-                    point.append(make_row(env, status=status, reason="memory measurement: " + reason, **base))
+        for mode in MODES:
+            times = measure_alternating(_calls(live, ids, mode), device, cfg) if live else {}
+            point = []
+            for name in providers:
+                base = dict(
+                    suite="step", provider=name, mode=mode, shape=shape.name, mask="causal", dtype=dname,
+                    **shape.sizes(), note=notes.get(name),
+                )
+                row = untimed_row(env, name, outcome, times.get(name), base)
+                if row is not None:
+                    point.append(row)
                     continue
-                point.append(make_row(env, status="ok", peak_mem_mb=mem, **summarize(result), **base))
-        fill_ratios(point, PEERS, dense=None)
-        rows.extend(point)
-        del modules, live, calls, ids
+                extra = {}
+                if mode == "fwd+bwd":
+                    try:
+                        extra = dict(peak_mem_mb=_memory(loss_fn(name, live[name]), live[name], ids, device),
+                                     peak_mem_kind=memory_kind(device))
+                    except Exception as exc:  # noqa: BLE001
+                        status, reason = classify_exception(exc)
+                        point.append(make_row(env, status=status, reason="memory measurement: " + reason, **base))
+                        continue
+                point.append(make_row(env, status="ok", **extra, **summarize(times[name]), **base))
+            fill_ratios(point, PEERS, dense=None)
+            rows.extend(point)
+        del modules, live, ids
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
