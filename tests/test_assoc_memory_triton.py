@@ -62,6 +62,7 @@ READ_CASES = [
     pytest.param(2, 17, 8, 32, 2, False, True, BF16, False, id="H2-p4-nonorm-bf16"),
     pytest.param(1, 70, 16, 16, 1, False, False, F32, False, id="H1-p16-N70-two-blocks-plain"),
     pytest.param(1, 33, 12, 24, 2, True, True, BF16, True, id="H2-2p12-bf16-strided"),
+    pytest.param(1, 21, 32, 16, 1, True, True, F32, False, id="H1-p32-two-chunks-per-piece"),
 ]
 
 
@@ -97,6 +98,7 @@ WRITE_CASES = [
     pytest.param(2, 7, 8, 32, 2, False, True, False, False, True, BF16, False, id="H2-first-nocorr-bf16"),
     pytest.param(1, 9, 12, 24, 2, True, True, False, True, False, F32, True, id="H2-2p12-later-nocorr-strided"),
     pytest.param(1, 6, 8, 2, 2, False, False, False, False, False, F32, False, id="H2-d-equals-H"),
+    pytest.param(1, 9, 24, 16, 1, True, True, True, True, False, F32, False, id="H1-2p48-chunks-later-all"),
 ]
 
 
@@ -164,3 +166,47 @@ def test_aot_jobs_use_the_launchers_configs():
         mine = [r["config"] for r in rows if r["kernel"] == "assoc_read_fwd" and r["head_dim"] == p
                 and not r.get("variant")]
         assert mine and all({k: c[k] for k in expected} == expected for c in mine)
+
+
+def test_aot_jobs_cover_every_kernel_config():
+    from rmt_kernels.ops.assoc_memory import aot
+
+    rows = aot.jobs(90, quick=False)
+    configs = {
+        "assoc_read_bwd_dq": lambda p: triton_launch.read_bwd_dq_config(p, aot.VALUE_DIM),
+        "assoc_read_bwd_da": lambda p: triton_launch.read_bwd_da_config(p, aot.VALUE_DIM),
+        "assoc_write_fwd": lambda p: triton_launch.write_fwd_config(p, aot.VALUE_DIM, aot.MEMORY_ROWS),
+        "assoc_write_bwd_rows": lambda p: triton_launch.write_bwd_rows_config(p, aot.VALUE_DIM, aot.MEMORY_ROWS),
+        "assoc_write_bwd_dk": lambda p: triton_launch.write_bwd_dk_config(p, aot.VALUE_DIM, aot.MEMORY_ROWS),
+        "assoc_write_bwd_state": lambda p: triton_launch.write_bwd_state_config(p, aot.VALUE_DIM, aot.MEMORY_ROWS),
+    }
+    for kernel, config in configs.items():
+        for dtype in aot.DTYPES:
+            for p in aot.KEY_DIMS:
+                expected = dict(config(p), num_stages=1)
+                assert any(r["kernel"] == kernel and r["dtype"] == dtype and r["head_dim"] == p
+                           and r["config"] == expected for r in rows), (kernel, dtype, p)
+
+
+@pytest.mark.parametrize("matmul_precision", ["highest", "high", "medium"])
+def test_aot_compiles_the_launchers_precision(matmul_precision):
+    """Each dtype's ``DOT_PREC`` at the launch is one ``aot.py`` compiles for that dtype and key dim,
+    and never the scalar ``"ieee"`` path."""
+    from rmt_kernels.ops.assoc_memory import aot
+
+    rows = aot.jobs(90, quick=False)
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(matmul_precision)
+        for dtype, name in ((torch.float16, "fp16"), (BF16, "bf16"), (F32, "fp32")):
+            prec = triton_launch.dot_precision(dtype)
+            assert prec != "ieee"
+            if dtype != F32:
+                assert prec == "tf32"
+            for p in aot.KEY_DIMS:
+                compiled = {(r.get("variant") or {}).get("DOT_PREC", aot.derived_constexprs(None, name, p)["DOT_PREC"])
+                            for r in rows if r["dtype"] == name and r["head_dim"] == p}
+                assert prec in compiled, (dtype, p, prec, compiled)
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert triton_launch.dot_precision(F32) == ("tf32x3" if old == "highest" else "tf32")

@@ -1,14 +1,28 @@
 """Device code the associative-memory kernels share: the DPFP feature map (nu = 3) computed in
-registers from the projection, its L2 norm, its backward, and tile loads of the state.
+registers from the projection, in lane chunks, its L2 norm, its backward, and tile loads of the state.
 
 Per head, ``u`` is the ``p`` columns ``[h p, (h + 1) p)`` of a projection row and
 ``r = [relu(u) | relu(-u)]`` (``2p``); element ``i`` of ``r`` is ``relu(s_i u[i mod p])`` with
 ``s_i = +1`` for ``i < p`` and ``-1`` otherwise. The feature vector is three pieces
-``phi_j = r * roll(r, j)`` (``j = 1, 2, 3``), ``roll(r, j)[i] = r[(i - j) mod 2p]``: every rolled copy
-of ``r`` is loaded straight from the projection with gathered column indices and signs, so the feature
-map never reaches global memory. Tiles are ``[BLOCK_M, TWO_P]`` (``TWO_P``: ``2p`` rounded up to a
-power of two, at least 16 for ``tl.dot``), padded lanes masked to zero; every product runs in float32,
-the state's dtype. This module imports triton.
+``phi_j = r * roll(r, j)`` (``j = 1, 2, 3``), ``roll(r, j)[i] = r[(i - j) mod 2p]``. Every lane of a
+rolled copy of ``r`` is an independent gather from the projection (column ``(i - j) mod 2p mod p``,
+sign), so the feature map is computed in chunks of ``BLOCK_K`` lanes (:func:`_f_chunk`): the operand
+tiles of the products are ``[BLOCK_M, BLOCK_K]``, never ``2p`` wide, and the feature map never reaches
+global memory. The norm is a first pass over the chunks (:func:`_feature_norm`). ``TWO_P`` is ``2p``
+rounded up to a power of two (at least 16), padded lanes masked to zero; ``BLOCK_K`` divides it.
+
+The chunks of the flattened feature vector are numbered ``t = 0 .. 3 TWO_P / BLOCK_K``: piece
+``j = t BLOCK_K // TWO_P + 1``, lanes ``c0 = t BLOCK_K mod TWO_P``; the state rows of a chunk are
+``(j - 1) 2p + c0 + [0, BLOCK_K)``.
+
+The feature backward (:func:`_lmap`, :func:`_store_du`) works on full ``[BLOCK_M, TWO_P]`` tiles of
+one piece at a time: ``roll(x, -j)`` is a ``tl.gather`` along the lanes (no product, no permutation
+matrix). This module imports triton.
+
+Precision (every kernel): the products run on tensor cores in float32 with ``input_precision``
+``DOT_PREC``: ``"tf32"`` for 16-bit inputs, and for float32 inputs ``"tf32x3"`` (float32-accurate)
+when torch's float32 matmul precision is ``"highest"``, else ``"tf32"``; never ``"ieee"``
+(``triton_launch.dot_precision``).
 """
 
 from __future__ import annotations
@@ -21,10 +35,11 @@ NORM_EPS = tl.constexpr(1e-12)  # F.normalize's floor on the norm (torch_impl.NO
 
 
 @triton.jit
-def _r_piece(u_ptr, row_off, row_mask, su_d, J, P: tl.constexpr, TWO_P: tl.constexpr):
-    """``roll(r, J)`` of the rows at element offsets ``row_off`` ``[BM]`` (int64, the head's first
-    column included): ``[BM, TWO_P]`` float32, zero on masked rows and padded lanes."""
-    i = tl.arange(0, TWO_P)
+def _r_chunk(u_ptr, row_off, row_mask, su_d, J, c0, P: tl.constexpr, BK: tl.constexpr):
+    """Lanes ``[c0, c0 + BK)`` of ``roll(r, J)`` for the rows at element offsets ``row_off`` ``[BM]``
+    (int64, the head's first column included): ``[BM, BK]`` float32, zero on masked rows and lanes
+    ``>= 2p``."""
+    i = c0 + tl.arange(0, BK)
     src = (i + 4 * P - J) % (2 * P)  # (i - J) mod 2p, J in 0..3
     col = src % P
     sign = tl.where(src < P, 1.0, -1.0)
@@ -34,38 +49,39 @@ def _r_piece(u_ptr, row_off, row_mask, su_d, J, P: tl.constexpr, TWO_P: tl.const
 
 
 @triton.jit
-def _phi_piece(u_ptr, row_off, row_mask, su_d, r0, J, P: tl.constexpr, TWO_P: tl.constexpr):
-    """Unnormalised feature piece ``phi_J = r * roll(r, J)`` given ``r0 = r``."""
-    return r0 * _r_piece(u_ptr, row_off, row_mask, su_d, J, P, TWO_P)
+def _phi_chunk(u_ptr, row_off, row_mask, su_d, J, c0, P: tl.constexpr, BK: tl.constexpr):
+    """Lanes ``[c0, c0 + BK)`` of the unnormalised feature piece ``phi_J = r * roll(r, J)``."""
+    return _r_chunk(u_ptr, row_off, row_mask, su_d, 0, c0, P, BK) * \
+        _r_chunk(u_ptr, row_off, row_mask, su_d, J, c0, P, BK)
 
 
 @triton.jit
-def _feature_norm(u_ptr, row_off, row_mask, su_d, r0, P: tl.constexpr, TWO_P: tl.constexpr):
-    """``max(|phi|, 1e-12)`` per row ``[BM]`` (``F.normalize``'s divisor)."""
-    p1 = _phi_piece(u_ptr, row_off, row_mask, su_d, r0, 1, P, TWO_P)
-    n2 = tl.sum(p1 * p1, axis=1)
-    p2 = _phi_piece(u_ptr, row_off, row_mask, su_d, r0, 2, P, TWO_P)
-    n2 += tl.sum(p2 * p2, axis=1)
-    p3 = _phi_piece(u_ptr, row_off, row_mask, su_d, r0, 3, P, TWO_P)
-    n2 += tl.sum(p3 * p3, axis=1)
+def _feature_norm(u_ptr, row_off, row_mask, su_d, BLOCK_M: tl.constexpr, P: tl.constexpr, TWO_P: tl.constexpr,
+                  BK: tl.constexpr):
+    """``max(|phi|, 1e-12)`` per row ``[BM]`` (``F.normalize``'s divisor): a pass over the chunks."""
+    n2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for t in tl.range(0, 3 * TWO_P, BK, loop_unroll_factor=1):
+        ph = _phi_chunk(u_ptr, row_off, row_mask, su_d, t // TWO_P + 1, t % TWO_P, P, BK)
+        n2 += tl.sum(ph * ph, axis=1)
     return tl.maximum(tl.sqrt(n2), NORM_EPS)
 
 
 @triton.jit
-def _f_piece(u_ptr, row_off, row_mask, su_d, r0, norm, J, NORMALIZE: tl.constexpr, P: tl.constexpr,
-             TWO_P: tl.constexpr):
-    """Feature piece ``J`` as the op uses it: ``phi_J``, divided by ``norm`` when ``NORMALIZE``."""
-    f = _phi_piece(u_ptr, row_off, row_mask, su_d, r0, J, P, TWO_P)
+def _f_chunk(u_ptr, row_off, row_mask, su_d, norm, J, c0, NORMALIZE: tl.constexpr, P: tl.constexpr,
+             BK: tl.constexpr):
+    """Lanes ``[c0, c0 + BK)`` of feature piece ``J`` as the op uses it: ``phi_J``, divided by
+    ``norm`` when ``NORMALIZE``."""
+    f = _phi_chunk(u_ptr, row_off, row_mask, su_d, J, c0, P, BK)
     if NORMALIZE:
         f = f / norm[:, None]
     return f
 
 
 @triton.jit
-def _state_piece(s_ptr, base, sk, sv, J, cols, col_mask, P: tl.constexpr, TWO_P: tl.constexpr):
-    """Rows ``[(J - 1) 2p, J 2p)`` of a ``[K, dv]`` state matrix at columns ``cols``:
-    ``[TWO_P, BLOCK_DV]`` float32 (``base``: the int64 offset of the head's matrix)."""
-    i = tl.arange(0, TWO_P)
+def _state_chunk(s_ptr, base, sk, sv, J, c0, cols, col_mask, P: tl.constexpr, BK: tl.constexpr):
+    """Rows ``(J - 1) 2p + [c0, c0 + BK)`` of a ``[K, dv]`` state matrix at columns ``cols``:
+    ``[BK, BLOCK_DV]`` float32 (``base``: the int64 offset of the head's matrix)."""
+    i = c0 + tl.arange(0, BK)
     rows = (J - 1) * 2 * P + i
     mask = (i < 2 * P)[:, None] & col_mask[None, :]
     return tl.load(s_ptr + base + (rows * sk)[:, None] + (cols.to(tl.int64) * sv)[None, :], mask=mask,
@@ -73,59 +89,42 @@ def _state_piece(s_ptr, base, sk, sv, J, cols, col_mask, P: tl.constexpr, TWO_P:
 
 
 @triton.jit
-def _vec_piece(s_ptr, base, sk, J, P: tl.constexpr, TWO_P: tl.constexpr):
-    """Elements ``[(J - 1) 2p, J 2p)`` of a ``[K]`` state vector: ``[TWO_P]`` float32."""
-    i = tl.arange(0, TWO_P)
+def _vec_chunk(s_ptr, base, sk, J, c0, P: tl.constexpr, BK: tl.constexpr):
+    """Elements ``(J - 1) 2p + [c0, c0 + BK)`` of a ``[K]`` state vector: ``[BK]`` float32."""
+    i = c0 + tl.arange(0, BK)
     return tl.load(s_ptr + base + ((J - 1) * 2 * P + i) * sk, mask=i < 2 * P, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _store_state_piece(s_ptr, base, sk, sv, J, cols, col_mask, val, P: tl.constexpr, TWO_P: tl.constexpr):
-    i = tl.arange(0, TWO_P)
+def _store_state_chunk(s_ptr, base, sk, sv, J, c0, cols, col_mask, val, P: tl.constexpr, BK: tl.constexpr):
+    i = c0 + tl.arange(0, BK)
     rows = (J - 1) * 2 * P + i
     mask = (i < 2 * P)[:, None] & col_mask[None, :]
     tl.store(s_ptr + base + (rows * sk)[:, None] + (cols.to(tl.int64) * sv)[None, :], val, mask=mask)
 
 
 @triton.jit
-def _store_vec_piece(s_ptr, base, sk, J, val, P: tl.constexpr, TWO_P: tl.constexpr):
-    i = tl.arange(0, TWO_P)
+def _store_vec_chunk(s_ptr, base, sk, J, c0, val, P: tl.constexpr, BK: tl.constexpr):
+    i = c0 + tl.arange(0, BK)
     tl.store(s_ptr + base + ((J - 1) * 2 * P + i) * sk, val, mask=i < 2 * P)
 
 
 @triton.jit
-def _roll_back(x, J, P: tl.constexpr, TWO_P: tl.constexpr):
-    """``roll(x, -J)`` along the ``2p`` valid lanes of ``x`` ``[BM, TWO_P]``: ``out[:, i] =
-    x[:, (i + J) mod 2p]``, as an product with a 0/1 permutation matrix (3xTF32: float32-accurate on tensor cores)."""
-    src = tl.arange(0, TWO_P)[:, None]
-    dst = tl.arange(0, TWO_P)[None, :]
-    perm = tl.where((src == (dst + J) % (2 * P)) & (dst < 2 * P), 1.0, 0.0)
-    return tl.dot(x, perm, input_precision="tf32x3")
+def _lmap(x, r0, rj, J, BLOCK_M: tl.constexpr, P: tl.constexpr, TWO_P: tl.constexpr):
+    """The backward of ``phi_J = r * roll(r, J)`` with respect to ``r``, for ``x`` ``[BM, TWO_P]`` on
+    ``phi_J``: ``x * roll(r, J) + roll(x * r, -J)`` (``roll(y, -J)[i] = y[(i + J) mod 2p]``, a
+    gather along the lanes; lanes ``>= 2p`` are garbage, the caller masks them)."""
+    lane = tl.arange(0, TWO_P)[None, :]
+    idx = tl.broadcast_to((lane + J) % (2 * P), (BLOCK_M, TWO_P))
+    return x * rj + tl.gather(x * r0, idx, 1)
 
 
 @triton.jit
-def _features_bwd_store(du_ptr, du_off, sdu_d, u_ptr, row_off, row_mask, su_d, r0, norm, df1, df2, df3,
-                        NORMALIZE: tl.constexpr, P: tl.constexpr, TWO_P: tl.constexpr):
-    """Gradient of the feature map (``torch_impl.features_bwd``) given ``df_j`` on the pieces of the
-    (normalised) features, stored to the ``p`` columns of ``du`` at ``row_off`` (int64) in ``du``'s
-    dtype (``du_off``: the rows' int64 offsets in ``du``, head column included). ``du[c] = dr[c] (u[c] > 0) - dr[c + p] (u[c] < 0)``: lane ``c`` of the ``2p`` lanes writes
-    column ``c`` where ``u[c] >= 0``, lane ``c + p`` where ``u[c] < 0``, so each column has one writer."""
-    r1 = _r_piece(u_ptr, row_off, row_mask, su_d, 1, P, TWO_P)
-    r2 = _r_piece(u_ptr, row_off, row_mask, su_d, 2, P, TWO_P)
-    r3 = _r_piece(u_ptr, row_off, row_mask, su_d, 3, P, TWO_P)
-    if NORMALIZE:
-        f1 = r0 * r1 / norm[:, None]
-        f2 = r0 * r2 / norm[:, None]
-        f3 = r0 * r3 / norm[:, None]
-        proj = tl.sum(f1 * df1, axis=1) + tl.sum(f2 * df2, axis=1) + tl.sum(f3 * df3, axis=1)
-        big = (norm > NORM_EPS)[:, None]
-        df1 = tl.where(big, df1 - f1 * proj[:, None], df1) / norm[:, None]
-        df2 = tl.where(big, df2 - f2 * proj[:, None], df2) / norm[:, None]
-        df3 = tl.where(big, df3 - f3 * proj[:, None], df3) / norm[:, None]
-    dr = df1 * r1 + _roll_back(df1 * r0, 1, P, TWO_P)
-    dr += df2 * r2 + _roll_back(df2 * r0, 2, P, TWO_P)
-    dr += df3 * r3 + _roll_back(df3 * r0, 3, P, TWO_P)
-    # Signed u of each lane: s_i u[i mod p]; r0 = relu of it.
+def _store_du(du_ptr, du_off, sdu_d, u_ptr, row_off, row_mask, su_d, dr, P: tl.constexpr, TWO_P: tl.constexpr):
+    """``du[c] = dr[c] (u[c] > 0) - dr[c + p] (u[c] < 0)`` from ``dr`` ``[BM, TWO_P]`` (the gradient on
+    ``r``), stored to the ``p`` columns of ``du`` at ``du_off`` (int64, head column included) in
+    ``du``'s dtype: lane ``c`` writes column ``c`` where ``u[c] >= 0``, lane ``c + p`` where
+    ``u[c] < 0``, so each column has one writer."""
     i = tl.arange(0, TWO_P)
     col = i % P
     lo = i < P

@@ -1,11 +1,13 @@
 """Triton forward kernels of ARMT's associative memory: the read ``y = x + phi(q) A / (phi(q) z + eps)``
 and the delta-rule write of the memory rows into ``(A, z)`` (the contract of ``torch_impl``).
 
-The DPFP feature map and its L2 normalisation are computed in registers from the projection rows
-(``triton_common``) and never reach global memory; every product runs in float32 (the state's dtype)
-with ``tl.dot`` on ``[rows, 2p]`` x ``[2p, dv]`` tiles, one per feature piece. Element offsets of
-the batched tensors are int64. This module imports triton; ``triton_launch`` imports it on the first
-launch.
+The DPFP feature map and its L2 normalisation are computed in registers from the projection rows in
+chunks of ``BLOCK_K`` lanes (``triton_common``) and never reach global memory; every product runs in
+float32 (the state's dtype) on tensor cores with ``tl.dot`` on ``[rows, BLOCK_K] x [BLOCK_K, dv]``
+tiles, at ``input_precision=DOT_PREC``: ``"tf32"`` for 16-bit inputs, ``"tf32x3"`` for float32
+inputs under torch's ``"highest"`` float32 matmul precision, else ``"tf32"``
+(``triton_launch.dot_precision``; never the scalar ``"ieee"`` path). Element offsets of the batched
+tensors are int64. This module imports triton; ``triton_launch`` imports it on the first launch.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import EPS, _f_piece, _feature_norm, _r_piece, _state_piece, _store_state_piece, \
-    _store_vec_piece, _vec_piece
+from .triton_common import EPS, _f_chunk, _feature_norm, _state_chunk, _store_state_chunk, _store_vec_chunk, \
+    _vec_chunk
 
 
 @triton.jit
@@ -27,11 +29,12 @@ def _assoc_read_fwd_kernel(
     sa_b, sa_h, sa_k, sa_v,
     sz_b, sz_h, sz_k,
     NORMALIZE: tl.constexpr, USE_DENOM: tl.constexpr, P: tl.constexpr, TWO_P: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # Grid: (B * H, cdiv(N, BLOCK_M), cdiv(dv, BLOCK_DV)). One program: rows [pid_m BM, +BM) of head h,
-    # value columns [pid_v BDV, +BDV). The feature pieces are recomputed per value block (gathers of
-    # the q rows, cache hits): cheaper than a second pass over memory.
+    # value columns [pid_v BDV, +BDV), over the 3 TWO_P / BLOCK_K feature chunks. The features are
+    # recomputed per value block (gathers of the q rows, cache hits): cheaper than a second pass over
+    # memory.
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_v = tl.program_id(2)
@@ -41,22 +44,23 @@ def _assoc_read_fwd_kernel(
     rmask = rows < N
     rows64 = rows.to(tl.int64)
     q_off = b * sq_b + rows64 * sq_n + h * P * sq_d
-    r0 = _r_piece(q_ptr, q_off, rmask, sq_d, 0, P, TWO_P)
     norm = tl.full([BLOCK_M], 1.0, tl.float32)
     if NORMALIZE:
-        norm = _feature_norm(q_ptr, q_off, rmask, sq_d, r0, P, TWO_P)
+        norm = _feature_norm(q_ptr, q_off, rmask, sq_d, BLOCK_M, P, TWO_P, BLOCK_K)
     cols = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     cmask = cols < DV
     a_base = b * sa_b + h * sa_h
     z_base = b * sz_b + h * sz_h
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     den = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for j in tl.static_range(1, 4):
-        f = _f_piece(q_ptr, q_off, rmask, sq_d, r0, norm, j, NORMALIZE, P, TWO_P)
-        acc = tl.dot(f, _state_piece(a_ptr, a_base, sa_k, sa_v, j, cols, cmask, P, TWO_P), acc,
+    for t in tl.range(0, 3 * TWO_P, BLOCK_K, loop_unroll_factor=1):
+        j = t // TWO_P + 1
+        c0 = t % TWO_P
+        f = _f_chunk(q_ptr, q_off, rmask, sq_d, norm, j, c0, NORMALIZE, P, BLOCK_K)
+        acc = tl.dot(f, _state_chunk(a_ptr, a_base, sa_k, sa_v, j, c0, cols, cmask, P, BLOCK_K), acc,
                      input_precision=DOT_PREC)
         if USE_DENOM:
-            den += tl.sum(f * _vec_piece(z_ptr, z_base, sz_k, j, P, TWO_P)[None, :], axis=1)
+            den += tl.sum(f * _vec_chunk(z_ptr, z_base, sz_k, j, c0, P, BLOCK_K)[None, :], axis=1)
     if USE_DENOM:
         acc = acc / (den + EPS)[:, None]
     gcols = (h * DV + cols).to(tl.int64)
@@ -81,13 +85,14 @@ def _assoc_write_fwd_kernel(
     sz_b, sz_h, sz_k,
     HAS_STATE: tl.constexpr, NORMALIZE: tl.constexpr, USE_DENOM: tl.constexpr, CORRECTION: tl.constexpr,
     GATING: tl.constexpr, P: tl.constexpr, TWO_P: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # Grid: (B * H, cdiv(dv, BLOCK_DV), 3). One program writes feature piece J = pid_j + 1 (rows
     # [(J - 1) 2p, J 2p) of the head's state) at value columns [pid_v BDV, +BDV), looping over the M
-    # memory rows: A'_J = A_J + phi_J^T (beta (v - vbar)). vbar needs the full feature width, which
-    # every program recomputes (M is small). z'_J = z_J + sum_i gamma_i phi_J,i is written by the
-    # programs of value block 0. Without HAS_STATE (a first segment) a_ptr/z_ptr are placeholders.
+    # memory rows: A'_J = A_J + phi_J^T (beta (v - vbar)), a [TWO_P, BLOCK_M] x [BLOCK_M, BLOCK_DV]
+    # product. vbar needs the full feature width, which every program recomputes in BLOCK_K chunks
+    # (M is small). z'_J = z_J + sum_i gamma_i phi_J,i is written by the programs of value block 0.
+    # Without HAS_STATE (a first segment) a_ptr/z_ptr are placeholders.
     pid_bh = tl.program_id(0)
     pid_v = tl.program_id(1)
     J = tl.program_id(2) + 1
@@ -105,10 +110,9 @@ def _assoc_write_fwd_kernel(
         rmask = rows < M
         rows64 = rows.to(tl.int64)
         k_off = b * sk_b + rows64 * sk_m + h * P * sk_d
-        r0 = _r_piece(k_ptr, k_off, rmask, sk_d, 0, P, TWO_P)
         norm = tl.full([BLOCK_M], 1.0, tl.float32)
         if NORMALIZE:
-            norm = _feature_norm(k_ptr, k_off, rmask, sk_d, r0, P, TWO_P)
+            norm = _feature_norm(k_ptr, k_off, rmask, sk_d, BLOCK_M, P, TWO_P, BLOCK_K)
         mask = rmask[:, None] & cmask[None, :]
         diff = tl.load(v_ptr + (b * sv_b + rows64 * sv_m)[:, None] + (gcols * sv_d)[None, :], mask=mask,
                        other=0.0).to(tl.float32)
@@ -117,12 +121,14 @@ def _assoc_write_fwd_kernel(
             vbar = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
             den = tl.zeros([BLOCK_M], dtype=tl.float32)
             n2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for j in tl.static_range(1, 4):
-                f = _f_piece(k_ptr, k_off, rmask, sk_d, r0, norm, j, NORMALIZE, P, TWO_P)
-                vbar = tl.dot(f, _state_piece(a_ptr, a_base, sa_k, sa_v, j, cols, cmask, P, TWO_P), vbar,
+            for t in tl.range(0, 3 * TWO_P, BLOCK_K, loop_unroll_factor=1):
+                j = t // TWO_P + 1
+                c0 = t % TWO_P
+                f = _f_chunk(k_ptr, k_off, rmask, sk_d, norm, j, c0, NORMALIZE, P, BLOCK_K)
+                vbar = tl.dot(f, _state_chunk(a_ptr, a_base, sa_k, sa_v, j, c0, cols, cmask, P, BLOCK_K), vbar,
                               input_precision=DOT_PREC)
                 if USE_DENOM:
-                    den += tl.sum(f * _vec_piece(z_ptr, z_base, sz_k, j, P, TWO_P)[None, :], axis=1)
+                    den += tl.sum(f * _vec_chunk(z_ptr, z_base, sz_k, j, c0, P, BLOCK_K)[None, :], axis=1)
                     if CORRECTION:
                         n2 += tl.sum(f * f, axis=1)
             if USE_DENOM:
@@ -142,12 +148,12 @@ def _assoc_write_fwd_kernel(
             logit = tl.load(b_ptr + b * sb_b + rows64 * sb_m + h * sb_d, mask=rmask, other=0.0).to(tl.float32)
             beta = (1.0 / (1.0 + tl.exp(-logit)))[:, None]
         delta = tl.where(mask, beta * diff, 0.0)
-        fj = _f_piece(k_ptr, k_off, rmask, sk_d, r0, norm, J, NORMALIZE, P, TWO_P)
+        fj = _f_chunk(k_ptr, k_off, rmask, sk_d, norm, J, 0, NORMALIZE, P, TWO_P)
         acc = tl.dot(tl.trans(fj), delta, acc, input_precision=DOT_PREC)
         zacc += tl.sum(tl.where(rmask[:, None], gamma[:, None] * fj, 0.0), axis=0)
     if HAS_STATE:
-        acc += _state_piece(a_ptr, a_base, sa_k, sa_v, J, cols, cmask, P, TWO_P)
-        zacc += _vec_piece(z_ptr, z_base, sz_k, J, P, TWO_P)
-    _store_state_piece(an_ptr, b * san_b + h * san_h, san_k, san_v, J, cols, cmask, acc, P, TWO_P)
+        acc += _state_chunk(a_ptr, a_base, sa_k, sa_v, J, 0, cols, cmask, P, TWO_P)
+        zacc += _vec_chunk(z_ptr, z_base, sz_k, J, 0, P, TWO_P)
+    _store_state_chunk(an_ptr, b * san_b + h * san_h, san_k, san_v, J, 0, cols, cmask, acc, P, TWO_P)
     if pid_v == 0:
-        _store_vec_piece(zn_ptr, b * szn_b + h * szn_h, szn_k, J, zacc, P, TWO_P)
+        _store_vec_chunk(zn_ptr, b * szn_b + h * szn_h, szn_k, J, 0, zacc, P, TWO_P)

@@ -10,9 +10,16 @@ Every launch runs under the tensors' device (:func:`_device_guard`); the grids p
 (up to 2^31 - 1) and row / value / feature-piece blocks on axes y and z.
 
 The meta-parameters come from :func:`read_fwd_config`, :func:`read_bwd_dq_config`,
-:func:`read_bwd_da_config`, :func:`write_fwd_config`, :func:`write_bwd_rows_config` and
-:func:`write_bwd_state_config`, which ``aot.py`` reads too: ``rmt-kernels aot`` compiles the tiles
-the launches use.
+:func:`read_bwd_da_config`, :func:`write_fwd_config`, :func:`write_bwd_rows_config`,
+:func:`write_bwd_dk_config` and :func:`write_bwd_state_config`, which ``aot.py`` reads too:
+``rmt-kernels aot`` compiles the tiles the launches use.
+
+Precision (:func:`dot_precision`, which ``aot.py`` compiles per dtype): the kernels' float32 products
+run on tensor cores with ``input_precision`` ``"tf32"`` for 16-bit inputs (fp16/bf16 models, float32
+state: a 10-bit mantissa, finer than the model's own 16-bit rounding of the result), and for float32
+inputs ``"tf32x3"`` (float32-accurate) when ``torch.get_float32_matmul_precision()`` is
+``"highest"``, ``"tf32"`` otherwise. Never the scalar ``"ieee"`` path on the GPU (the interpreter
+ignores ``input_precision``).
 """
 
 from __future__ import annotations
@@ -25,11 +32,15 @@ from .._alloc import GRID_YZ_MAX, accum_dtype
 from .._alloc import device_guard as _device_guard
 
 _NUM_WARPS = 8
-# Elements of the [2p, BLOCK_DV] float32 tiles a program keeps (state accumulators, operands): 8192
-# is 32 registers a thread at 8 warps.
-_STATE_TILE = 8192
-# Elements of the [BLOCK_M, 2p] feature tiles of the row kernels that keep several of them.
+# Lanes of a feature chunk, the K of the products over the feature width (operand tiles are
+# [rows, BLOCK_K], never 2p wide).
+_BLOCK_K = 32
+# Elements of one [BLOCK_M, TWO_P] float32 tile of the row kernels that keep full-width pieces live
+# over their value loop (the accumulator G_j and the feature backward's sums): 4096 is 16 registers a
+# thread at 8 warps, and the dq / dk kernels keep about five of them.
 _ROW_TILE = 2048
+# Elements of the [TWO_P, BLOCK_DV] float32 state accumulator of the per-piece kernels.
+_STATE_TILE = 8192
 
 
 def _next_pow2(n: int) -> int:
@@ -45,20 +56,28 @@ def two_p(p: int) -> int:
     return max(16, _next_pow2(2 * p))
 
 
+def _block_k(p: int) -> int:
+    return min(_BLOCK_K, two_p(p))
+
+
 def _block_dv(dv: int, cap: int) -> int:
     return max(16, min(_next_pow2(max(dv, 1)), cap))
 
 
+def _row_block(m: int, cap: int) -> int:
+    return max(16, min(_next_pow2(max(m, 1)), cap))
+
+
 def read_fwd_config(p: int, dv: int) -> dict:
-    """``_assoc_read_fwd_kernel`` for head key dim ``p`` (``d_mem / H``) and value dim ``dv``."""
-    tp = two_p(p)
-    return {"BLOCK_M": 64 if tp <= 32 else 16, "BLOCK_DV": _block_dv(dv, 64), "num_warps": _NUM_WARPS}
+    """``_assoc_read_fwd_kernel`` for head key dim ``p`` (``d_mem / H``) and value dim ``dv``: a
+    ``[128, BLOCK_DV]`` accumulator, ``[128, BLOCK_K]`` feature chunks (two warpgroups on sm_90)."""
+    return {"BLOCK_M": 128, "BLOCK_DV": _block_dv(dv, 64), "BLOCK_K": _block_k(p), "num_warps": _NUM_WARPS}
 
 
 def read_bwd_dq_config(p: int, dv: int) -> dict:
-    """``_assoc_read_bwd_dq_kernel``: three ``[BLOCK_M, 2p]`` accumulators live over the value loop."""
+    """``_assoc_read_bwd_dq_kernel``: about five ``[BLOCK_M, 2p]`` tiles live over the value loop."""
     tp = two_p(p)
-    return {"BLOCK_M": max(16, min(64, _ROW_TILE // tp)), "BLOCK_DV": _block_dv(dv, 32),
+    return {"BLOCK_M": max(16, min(64, _ROW_TILE // tp)), "BLOCK_DV": _block_dv(dv, 32), "BLOCK_K": _block_k(p),
             "num_warps": _NUM_WARPS}
 
 
@@ -70,30 +89,41 @@ def read_bwd_da_config(p: int, dv: int) -> dict:
 
 
 def write_fwd_config(p: int, dv: int, m: int) -> dict:
-    """``_assoc_write_fwd_kernel`` for ``m`` memory rows."""
+    """``_assoc_write_fwd_kernel`` for ``m`` memory rows: a ``[2p, BLOCK_DV]`` accumulator."""
     tp = two_p(p)
-    return {"BLOCK_M": max(16, min(_next_pow2(max(m, 1)), 32 if tp <= 64 else 16)),
-            "BLOCK_DV": _block_dv(dv, max(16, min(64, _STATE_TILE // tp // 2))), "num_warps": _NUM_WARPS}
+    return {"BLOCK_M": _row_block(m, 32), "BLOCK_DV": _block_dv(dv, max(16, min(64, _STATE_TILE // tp))),
+            "BLOCK_K": _block_k(p), "num_warps": _NUM_WARPS}
 
 
 def write_bwd_rows_config(p: int, dv: int, m: int) -> dict:
-    """``_assoc_write_bwd_rows_kernel``: three features and three gradient tiles ``[BLOCK_M, 2p]``."""
+    """``_assoc_write_bwd_rows_kernel``: two ``[BLOCK_M, BLOCK_DV]`` accumulators, feature chunks."""
+    return {"BLOCK_M": _row_block(m, 32), "BLOCK_DV": _block_dv(dv, 32), "BLOCK_K": 16,
+            "num_warps": _NUM_WARPS}
+
+
+def write_bwd_dk_config(p: int, dv: int, m: int) -> dict:
+    """``_assoc_write_bwd_dk_kernel``: about four ``[BLOCK_M, 2p]`` tiles live over the value loop."""
     tp = two_p(p)
-    return {"BLOCK_M": max(16, min(_next_pow2(max(m, 1)), _ROW_TILE // tp, 32)), "BLOCK_DV": _block_dv(dv, 32),
+    return {"BLOCK_M": _row_block(m, max(16, min(64, _ROW_TILE // tp))), "BLOCK_DV": _block_dv(dv, 32),
             "num_warps": _NUM_WARPS}
 
 
 def write_bwd_state_config(p: int, dv: int, m: int) -> dict:
-    """``_assoc_write_bwd_state_kernel``."""
+    """``_assoc_write_bwd_state_kernel``: one ``[2p, BLOCK_DV]`` accumulator, rows streamed."""
     tp = two_p(p)
-    return {"BLOCK_M": max(16, min(_next_pow2(max(m, 1)), 32 if tp <= 64 else 16)),
-            "BLOCK_DV": _block_dv(dv, max(16, min(64, _STATE_TILE // tp // 2))), "num_warps": _NUM_WARPS}
+    return {"BLOCK_M": _row_block(m, 32 if tp <= 64 else 16),
+            "BLOCK_DV": _block_dv(dv, max(16, min(64, _STATE_TILE // tp))), "num_warps": _NUM_WARPS}
 
 
-def _dot_precision() -> str:
-    """``input_precision`` of the float32 products: IEEE unless torch allows TF32
-    (``torch.set_float32_matmul_precision``), as torch's own matmuls."""
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of the float32 products for inputs of ``dtype`` (what ``aot.py`` compiles):
+    ``"tf32"`` for 16-bit inputs (a 10-bit mantissa, finer than the model's own 16-bit rounding of the
+    result); for float32 (and float64) inputs ``"tf32x3"`` (float32-accurate on tensor cores) when
+    torch's float32 matmul precision is ``"highest"``, else ``"tf32"``. Never ``"ieee"`` (scalar FMA
+    loops on the GPU)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return "tf32"
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def _kernels():
@@ -127,8 +157,8 @@ def _dims(q: torch.Tensor, x: torch.Tensor, n_heads: int):
     return bsz, n, n_heads, d_mem // n_heads, x.shape[2] // n_heads
 
 
-def _meta(cfg: dict, p: int, **flags) -> dict:
-    meta = dict(cfg, P=p, TWO_P=two_p(p), DOT_PREC=_dot_precision(), **flags)
+def _meta(cfg: dict, p: int, dtype: torch.dtype, **flags) -> dict:
+    meta = dict(cfg, P=p, TWO_P=two_p(p), DOT_PREC=dot_precision(dtype), **flags)
     meta["num_stages"] = 1
     return meta
 
@@ -144,7 +174,7 @@ def read_fwd_triton(x, q, A, z, n_heads: int, normalize: bool, use_denom: bool):
     grid = (bsz * h, _cdiv(n, cfg["BLOCK_M"]), _cdiv(dv, cfg["BLOCK_DV"]))
     args = (y, x, q, A, z, n, dv, h, *y.stride(), *x.stride(), *q.stride(), *A.stride(), *z.stride())
     _launch(_kernels()[0]._assoc_read_fwd_kernel, grid, args,
-            _meta(cfg, p, NORMALIZE=bool(normalize), USE_DENOM=bool(use_denom)), x)
+            _meta(cfg, p, x.dtype, NORMALIZE=bool(normalize), USE_DENOM=bool(use_denom)), x)
     return y
 
 
@@ -162,11 +192,11 @@ def read_bwd_triton(dy, q, A, z, n_heads: int, normalize: bool, use_denom: bool)
     cfg = read_bwd_dq_config(p, dv)
     _launch(kf._assoc_read_bwd_dq_kernel, (bsz * h, _cdiv(n, cfg["BLOCK_M"]), 1),
             (dq, stat, dy, q, A, z, n, dv, h, *dq.stride(), *dy.stride(), *q.stride(), *A.stride(), *z.stride(),
-             stat.stride(0)), _meta(cfg, p, **flags), q)
+             stat.stride(0)), _meta(cfg, p, q.dtype, **flags), q)
     cfg = read_bwd_da_config(p, dv)
     _launch(kf._assoc_read_bwd_da_kernel, (bsz * h, _cdiv(dv, cfg["BLOCK_DV"]), 3),
             (dA, dz, stat, dy, q, n, dv, h, *dA.stride(), *dz.stride(), *dy.stride(), *q.stride(), stat.stride(0)),
-            _meta(cfg, p, **flags), q)
+            _meta(cfg, p, q.dtype, **flags), q)
     return dq, dA, dz
 
 
@@ -195,7 +225,7 @@ def write_fwd_triton(k, v, b, A: Optional[torch.Tensor], z: Optional[torch.Tenso
             *b.stride(), *a_t.stride(), *z_t.stride())
     flags = dict(HAS_STATE=has_state, NORMALIZE=bool(normalize), USE_DENOM=bool(use_denom),
                  CORRECTION=bool(correction), GATING=_gating(b, n_heads))
-    _launch(_kernels()[0]._assoc_write_fwd_kernel, grid, args, _meta(cfg, p, **flags), k)
+    _launch(_kernels()[0]._assoc_write_fwd_kernel, grid, args, _meta(cfg, p, k.dtype, **flags), k)
     return A_new, z_new
 
 
@@ -214,24 +244,31 @@ def write_bwd_triton(dA_new, dz_new, k, v, b, A, z, n_heads: int, normalize: boo
     dvv = _empty(v.shape, v.dtype, v.device)
     db = _empty(b.shape, b.dtype, b.device)
     has_state = A is not None
-    stat = torch.empty((2, bsz * h, m), dtype=torch.float32, device=k.device)  # den, d den
+    stat = torch.empty((4, bsz * h, m), dtype=torch.float32, device=k.device)  # den, d den, gamma, |phi|
+    # w = beta (v - vbar) and dnum = -beta (phi dA') / den per memory row and value column.
+    scr = torch.empty((2, bsz * h, m, dv), dtype=torch.float32, device=k.device)
     a_t, z_t = (A, z) if has_state else (dA_new, dz_new)  # placeholders, never read without HAS_STATE
-    gating = _gating(b, n_heads)
-    flags = dict(NORMALIZE=bool(normalize), USE_DENOM=bool(use_denom), GATING=gating)
+    flags = dict(NORMALIZE=bool(normalize), USE_DENOM=bool(use_denom))
     kb = _kernels()[1]
     cfg = write_bwd_rows_config(p, dv, m)
     _launch(kb._assoc_write_bwd_rows_kernel, (bsz * h, _cdiv(m, cfg["BLOCK_M"]), 1),
-            (dk, dvv, db, stat, dA_new, dz_new, k, v, b, a_t, z_t, m, dv, h, *dk.stride(), *dvv.stride(),
-             *db.stride(), *dA_new.stride(), *dz_new.stride(), *k.stride(), *v.stride(), *b.stride(),
-             *a_t.stride(), *z_t.stride(), stat.stride(0)),
-            _meta(cfg, p, HAS_STATE=has_state, CORRECTION=bool(correction), **flags), k)
+            (dvv, db, stat, scr, dA_new, k, v, b, a_t, z_t, m, dv, h, *dvv.stride(), *db.stride(),
+             *dA_new.stride(), *k.stride(), *v.stride(), *b.stride(), *a_t.stride(), *z_t.stride(), stat.stride(0),
+             scr.stride(0)),
+            _meta(cfg, p, k.dtype, HAS_STATE=has_state, CORRECTION=bool(correction), GATING=_gating(b, n_heads),
+                  **flags), k)
+    cfg = write_bwd_dk_config(p, dv, m)
+    _launch(kb._assoc_write_bwd_dk_kernel, (bsz * h, _cdiv(m, cfg["BLOCK_M"]), 1),
+            (dk, stat, scr, dA_new, dz_new, k, a_t, z_t, m, dv, h, *dk.stride(), *dA_new.stride(),
+             *dz_new.stride(), *k.stride(), *a_t.stride(), *z_t.stride(), stat.stride(0), scr.stride(0)),
+            _meta(cfg, p, k.dtype, HAS_STATE=has_state, **flags), k)
     if not has_state:
         return dk, dvv, db, None, None
     dA = _empty(A.shape, sdt, k.device)
     dz = _empty(z.shape, sdt, k.device)
     cfg = write_bwd_state_config(p, dv, m)
     _launch(kb._assoc_write_bwd_state_kernel, (bsz * h, _cdiv(dv, cfg["BLOCK_DV"]), 3),
-            (dA, dz, stat, dA_new, dz_new, k, b, m, dv, h, *dA.stride(), *dz.stride(), *dA_new.stride(),
-             *dz_new.stride(), *k.stride(), *b.stride(), stat.stride(0)),
-            _meta(cfg, p, **flags), k)
+            (dA, dz, stat, scr, dA_new, dz_new, k, m, dv, h, *dA.stride(), *dz.stride(), *dA_new.stride(),
+             *dz_new.stride(), *k.stride(), stat.stride(0), scr.stride(0)),
+            _meta(cfg, p, k.dtype, **flags), k)
     return dk, dvv, db, dA, dz
