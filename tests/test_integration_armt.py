@@ -14,6 +14,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", minversion="5")
 
+from rmt_kernels.bench.armt import peak_bytes  # noqa: E402
 from rmt_kernels.bench.armt_official import OfficialCell, OfficialWrapper, official_keys  # noqa: E402
 from helpers import assert_close  # noqa: E402
 from rmt_kernels.integrations import hf  # noqa: E402
@@ -220,21 +221,6 @@ def test_generate_reads_the_state():
     assert not torch.allclose(long, short)
 
 
-def _peak_bytes(fn) -> int:
-    """Peak CPU tensor memory allocated during ``fn()`` (forward and backward), from the profiler's
-    allocation/free events: the running sum of their sizes in time order."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, n in events:
-        live += n
-        peak = max(peak, live)
-    return peak
-
-
 def _saved_bytes(fn) -> int:
     """Bytes of the distinct non-parameter tensors the autograd graph saves during ``fn()``."""
     seen = {}
@@ -265,7 +251,7 @@ def test_checkpoint_every_same_results_less_memory():
 
         out = step()
         results[c] = (out.loss.detach(), out.logits.detach(), _grads(ours))
-        peaks[c] = _peak_bytes(step)
+        peaks[c] = peak_bytes(step, torch.device("cpu"))
         saved[c] = _saved_bytes(lambda: ours(input_ids=ids, labels=ids).loss)
     for c in (2, 16):
         assert torch.equal(results[c][0], results[None][0]) and torch.equal(results[c][1], results[None][1])
