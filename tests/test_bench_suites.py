@@ -161,8 +161,11 @@ def test_armt_suite_times_block_and_step_against_the_einsum_formulation():
             assert ours["status"] == "ok" and peer["status"] == "ok", (ours["reason"], peer["reason"])
             assert ours["best_peer"] == "einsum" and ours["ratio_to_best_peer"] > 0
             assert by[level, mode, "rmt_kernels:triton"]["status"] == "skipped"
-    assert by["block", "fwd", armt.CKPT]["status"] == "skipped"
-    assert by["step", "fwd+bwd", armt.CKPT]["status"] == "ok"
+    for name in (armt.CKPT, armt.DIAGONAL, armt.FULL):
+        assert by["block", "fwd", name]["status"] == "skipped"
+        for mode in modes:
+            assert by["step", mode, name]["status"] == "ok", by["step", mode, name]["reason"]
+            assert "GFLOP/s" in by["step", mode, name]["note"]
     step = by["step", "fwd+bwd", "rmt_kernels:torch"]
     assert step["peak_mem_mb"] > 0 and "associative block" in step["note"]
 

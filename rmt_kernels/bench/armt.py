@@ -16,6 +16,12 @@ Providers:
   (the step: :class:`rmt_kernels.integrations.armt.AssociativeRecurrentWrapper` with that backend);
 - ``rmt_kernels:torch/ckpt4`` (step only): the same wrapper with ``checkpoint_every=4``, what keeps
   the memory of long inputs flat (one extra forward per step);
+- ``rmt_kernels:torch/diagonal`` (step only): the same wrapper with ``schedule="diagonal"`` (SPEC §7):
+  ``segments + layers - 1`` grouped steps over stacked per-layer weights instead of ``segments x layers``
+  layer calls; its loss is checked against the einsum peer's like the others;
+- ``full_attention`` (step only): the plain backbone (no memory) over the whole concatenated sequence
+  under causal ``"sdpa"`` attention, the cost ARMT replaces (its loss is another model's: not checked);
+  skipped where the sequence exceeds the backbone's positions;
 - ``einsum``: the official code's formulation, the peer: ``reference.assoc_read_ref`` /
   ``assoc_write_ref`` (the official einsums, autograd through them); for the step the official
   wrapper's semantics written out (:mod:`.armt_official`), HF ``"sdpa"`` attention, ``torch.cat``.
@@ -47,7 +53,10 @@ from .timing import Call, TimingConfig, measure_alternating, summarize
 
 BACKENDS = ("torch", "triton")
 CKPT = "rmt_kernels:torch/ckpt4"
-PROVIDERS = tuple(f"rmt_kernels:{b}" for b in BACKENDS) + (CKPT, "einsum")
+DIAGONAL = "rmt_kernels:torch/diagonal"
+FULL = "full_attention"
+STEP_ONLY = (CKPT, DIAGONAL, FULL)
+PROVIDERS = tuple(f"rmt_kernels:{b}" for b in BACKENDS) + (CKPT, DIAGONAL, "einsum", FULL)
 PEERS = ("einsum",)
 MODES = ("fwd", "fwd+bwd")
 
@@ -69,8 +78,8 @@ def _ops(name: str, device: torch.device) -> Ops:
     """``(read, write)`` of a provider, called as ``read(x, q, A, z)`` / ``write(k, v, b, A, z)``."""
     if name == "einsum":
         return assoc_read_ref, assoc_write_ref
-    if name == CKPT:
-        raise Skip("checkpointing is a property of the step, not of the block")
+    if name in STEP_ONLY:
+        raise Skip(f"{name} is a property of the whole step (schedule, checkpointing or backbone), not of the block")
     backend = _backend(name, device)
     return (lambda *a, **kw: assoc_read(*a, backend=backend, **kw),
             lambda *a, **kw: assoc_write(*a, backend=backend, **kw))
@@ -229,6 +238,9 @@ def step_modules(shape: ArmtShape, providers: Sequence[str], device: torch.devic
     for name in providers:
         if name == "einsum":
             continue
+        if name == FULL:
+            modules[name] = copy.deepcopy(backbone).to(device, dtype).train()
+            continue
         try:
             backend = _backend(name, device)
             from ..integrations.armt import AssociativeMemoryCell, AssociativeRecurrentWrapper
@@ -238,7 +250,9 @@ def step_modules(shape: ArmtShape, providers: Sequence[str], device: torch.devic
                 cell = AssociativeMemoryCell(copy.deepcopy(backbone), shape.num_mem, shape.d_mem,
                                              _layers_attr(shape), n_heads=shape.mem_heads, backend=backend)
             ours = AssociativeRecurrentWrapper(cell, segment_size=shape.segment_len, max_n_segments=shape.segments,
-                                               checkpoint_every=4 if name == CKPT else None).to(device, dtype)
+                                               checkpoint_every=4 if name == CKPT else None,
+                                               schedule="diagonal" if name == DIAGONAL else "sequential")
+            ours = ours.to(device, dtype)
             ours.load_state_dict(official.state_dict(), strict=True)
             modules[name] = ours.train()
         except Exception as exc:  # noqa: BLE001
@@ -250,6 +264,13 @@ def step_modules(shape: ArmtShape, providers: Sequence[str], device: torch.devic
 def _loss(name: str, module):
     if name == "einsum":
         return lambda ids: module(ids, labels=ids)[0]
+    if name == FULL:
+        def full(ids):
+            positions = getattr(module.config, "n_positions", None)
+            if positions is not None and ids.shape[1] > positions:
+                raise Skip(f"the whole sequence ({ids.shape[1]} tokens) exceeds the backbone's {positions} positions")
+            return module(input_ids=ids, labels=ids, use_cache=False).loss
+        return full
     return lambda ids: module(input_ids=ids, labels=ids).loss
 
 
@@ -278,7 +299,7 @@ def _step_point(shape, mode, providers, device, dtype, cfg, env, block_ms) -> Li
     if "einsum" in losses:
         for name, value in losses.items():
             tol = LOSS_RTOL.get(dtype, 1e-4) * abs(losses["einsum"])
-            if name != "einsum" and not abs(value - losses["einsum"]) <= tol:
+            if name not in ("einsum", FULL) and not abs(value - losses["einsum"]) <= tol:
                 outcome[name] = ("failed", f"loss {value:.6g} differs from the einsum peer's "
                                            f"{losses['einsum']:.6g} (allowed {tol:.3g})")
     calls: Dict[str, Call] = {}
@@ -311,13 +332,36 @@ def _step_point(shape, mode, providers, device, dtype, cfg, env, block_ms) -> Li
             module.zero_grad(set_to_none=True)
             extra = dict(peak_mem_mb=peak_bytes(lambda: fn(ids).backward(), device) / 2**20,
                          peak_mem_kind="peak tensor memory of one step above its start (CPU: profiler events)")
+        notes = []
         block = block_ms.get((name.split("/")[0], mode))
-        if block is not None:
+        if block is not None and name != FULL:
             share = 100.0 * block * shape.layers * shape.segments / stats["median_ms"]
-            extra["note"] = f"associative block ~{share:.0f}% of the step"
+            notes.append(f"associative block ~{share:.0f}% of the step")
+        flops = step_flops(shape, full=name == FULL) * (3 if mode == "fwd+bwd" else 1)
+        notes.append(f"{flops / 1e9:.3g} GFLOP (model) at {flops / (stats['median_ms'] * 1e6):.3g} GFLOP/s")
+        extra["note"] = "; ".join(notes)
         point.append(make_row(env, status="ok", **stats, **base, **extra))
     fill_ratios(point, PEERS, dense=None)
     return point
+
+
+def step_flops(shape: ArmtShape, full: bool = False) -> float:
+    """Forward FLOPs of one step (matmuls only; the backward is about twice this): every layer's linears
+    and attention (causal: half the square) on each packed segment ``[X | W]``, the associative
+    projections, and ``lm_head`` on the X rows; ``full``: the backbone alone over the whole sequence."""
+    d, h, kv, hd = shape.hidden, shape.heads, shape.kv_heads, shape.hidden // shape.heads
+    if shape.family == "gpt2":
+        per_token = 2 * (4 * d * d + 2 * d * shape.intermediate)
+    else:
+        per_token = 2 * (d * (h + 2 * kv) * hd + h * hd * d + 3 * d * shape.intermediate)
+    tokens = shape.segments * shape.segment_len
+    head = 2 * d * shape.vocab * tokens * shape.batch
+    if full:
+        return shape.batch * shape.layers * (per_token * tokens + 2 * h * hd * tokens * tokens) + head
+    n = shape.segment_len + shape.num_mem
+    assoc = 2 * n * d * shape.d_mem + 2 * shape.num_mem * d * (shape.d_mem + d)  # q; k, v of the memory rows
+    per_segment = per_token * n + 2 * h * hd * n * n + assoc
+    return shape.batch * shape.layers * shape.segments * per_segment + head
 
 
 # --------------------------------------------------------------------------- suite

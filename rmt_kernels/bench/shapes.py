@@ -224,6 +224,9 @@ _ARMT_CPU = (
     ArmtShape("llama1b-armt/cpu", "llama", 2, 256, 4, 1, 512, 1024, 128, 16, 1, 4, 32),
     ArmtShape("gpt2-armt-K16/cpu", "gpt2", 2, 128, 2, 2, 512, 512, 32, 16, 1, 16, 32, block=False),
     ArmtShape("gpt2-armt-K64/cpu", "gpt2", 2, 128, 2, 2, 512, 512, 32, 16, 1, 64, 32, block=False),
+    # the schedules side by side (SPEC §7): a small Llama, 4 layers over 8 segments (11 diagonal steps
+    # instead of 32 layer calls), against the backbone alone over all 512 tokens
+    ArmtShape("llama-armt-L4/cpu", "llama", 4, 256, 4, 2, 512, 1024, 64, 16, 1, 8, 32, block=False),
     ArmtShape("gpt2-armt-block", "gpt2", 0, 768, 12, 12, 3072, 50257, 512, 16, 1, 1, 64),
     ArmtShape("llama1b-armt-block", "llama", 0, 2048, 32, 8, 8192, 128256, 1024, 128, 1, 1, 64),
 )

@@ -75,11 +75,14 @@ from ..recurrent import ALIGNMENTS, memory_detached, segment_bounds  # noqa: E40
 from ._armt_run import (  # noqa: E402
     AssocConfig, AssociativeLayerWrapper, Run, active, detach_states, flatten_states, unflatten_states,
 )
+from ._armt_diagonal import run_diagonal  # noqa: E402
+from ._armt_stacked import family_of  # noqa: E402
 from .rmt import RecurrentLMOutput, _as_int, _plain_embedding  # noqa: E402
 
 __all__ = ["AssociativeMemoryCell", "AssociativeRecurrentWrapper", "AssociativeLayerWrapper"]
 
 _AUTO = "auto"
+SCHEDULES = ("sequential", "diagonal")
 _switch_warned = False
 
 
@@ -299,6 +302,14 @@ class AssociativeRecurrentWrapper(torch.nn.Module):
             extra forward pass of the whole sequence (about a third more compute for a training step)
             for saved memory that no longer grows with segments x layers beyond one chunk. Results
             and gradients are those without checkpointing (dropout replays the same random numbers).
+        schedule: ``"sequential"`` (default: segment after segment, each through every layer, ``S x L``
+            layer calls) or ``"diagonal"`` (SPEC §7, arXiv 2506.05229): the cells of an anti-diagonal
+            ``layer + segment = c`` run as one grouped step over the layers in flight (stacked per-layer
+            weights, one grouped GEMM per linear, one batched attention call, the associative read and
+            write over the stacked per-layer states), ``S + L - 1`` steps in all
+            (:mod:`rmt_kernels.integrations._armt_diagonal`). The same logits, loss, hidden states,
+            states and gradients up to float reassociation; GPT-2 and Llama backbones only; no
+            ``checkpoint_every`` (ValueError); dropout in training draws other random numbers.
         rmt_kwargs: other options the official stores in ``rmt_config`` (ignored here).
 
     Example::
@@ -309,7 +320,7 @@ class AssociativeRecurrentWrapper(torch.nn.Module):
 
     def __init__(self, memory_cell: AssociativeMemoryCell, segment_size: int = None, max_n_segments: int = None,
                  k2: Optional[int] = -1, segment_alignment: Optional[str] = None,
-                 checkpoint_every: Optional[int] = None, **rmt_kwargs):
+                 checkpoint_every: Optional[int] = None, schedule: str = "sequential", **rmt_kwargs):
         super().__init__()
         if not isinstance(memory_cell, AssociativeMemoryCell):
             raise TypeError(f"memory_cell must be an AssociativeMemoryCell, got {type(memory_cell).__name__}")
@@ -327,8 +338,18 @@ class AssociativeRecurrentWrapper(torch.nn.Module):
         checkpoint_every = _as_int("checkpoint_every", checkpoint_every, allow_none=True)
         if checkpoint_every is not None and checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be None or >= 1, got {checkpoint_every}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if schedule == "diagonal":
+            if checkpoint_every is not None:
+                raise ValueError(
+                    "schedule='diagonal' does not support checkpoint_every: its checkpointed chunks are runs of "
+                    "consecutive segments through every layer, which the wavefront of the diagonal schedule cuts "
+                    "across; use schedule='sequential' with checkpoint_every, or the diagonal schedule without it")
+            family_of(memory_cell)  # raises UnsupportedForDiagonal (a ValueError) for another backbone
         self.memory_cell = memory_cell
         self.checkpoint_every = checkpoint_every
+        self.schedule = schedule
         self.rmt_config = dict(segment_size=segment_size, max_n_segments=max_n_segments, k2=k2,
                                segment_alignment=segment_alignment, **rmt_kwargs)
 
@@ -358,6 +379,8 @@ class AssociativeRecurrentWrapper(torch.nn.Module):
 
     def run_segments(self, input_ids, inputs_embeds, attention_mask, output_hidden_states: bool, bounds):
         """All segments of ``bounds``: ``(per-segment logits, per-segment hidden states, final states)``."""
+        if self.schedule == "diagonal":
+            return run_diagonal(self, input_ids, inputs_embeds, attention_mask, output_hidden_states, bounds)
         c = self.checkpoint_every
         ckpt = c is not None and torch.is_grad_enabled()
         step = c if ckpt else max(len(bounds), 1)
