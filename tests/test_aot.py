@@ -137,6 +137,24 @@ def test_pack_kernels_compile_without_spills(quick_results, arch):
             assert 0 < r["registers"] <= 255, r
 
 
+ASSOC_KERNELS = ("assoc_read_fwd", "assoc_read_bwd_dq", "assoc_read_bwd_da", "assoc_write_fwd",
+                 "assoc_write_bwd_rows", "assoc_write_bwd_dk", "assoc_write_bwd_state")
+
+
+@pytest.mark.parametrize("arch", [pytest.param(80, id="sm80"), pytest.param(90, id="sm90")])
+def test_assoc_kernels_compile_without_spills(quick_results, arch):
+    _, rows = quick_results
+    for kernel in ASSOC_KERNELS:
+        mine = [r for r in rows if r["name"] == kernel and r["arch"] == arch]
+        assert mine, f"{kernel} sm_{arch} was not compiled"
+        for r in mine:
+            assert r["error"] is None, r
+            assert r["spill_bytes"] == 0, r
+            assert r["shared_bytes"] <= aot.SHARED_LIMIT[arch], r
+            assert 0 < r["registers"] <= 255, r
+            assert r["uses_mma"], r
+
+
 def test_pack_jobs_use_the_launchers_configs():
     from rmt_kernels.ops.pack_segment import aot as pack_aot
     from rmt_kernels.ops.pack_segment import triton_launch

@@ -42,7 +42,7 @@ from typing import List, Optional
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 # The ops whose kernels are compiled, each with its ahead-of-time table ``rmt_kernels.ops.<op>.aot``.
-OPS = ("segment_attention", "pack_segment")
+OPS = ("segment_attention", "pack_segment", "assoc_memory")
 
 # What the JIT sees of the integer arguments an op's ``arg_kind`` calls "size" (lengths, offsets, strides
 # that are sizes) and "count" (e.g. query heads per K/V head), per specialization: any value, or a
@@ -311,7 +311,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="write the results as a JSON list to PATH (stdout with no PATH: then no table)")
     parser.add_argument("--quick", action="store_true",
                         help="a short list per op: segment attention at head dims 64 and 128, the handoff at "
-                             "d=768, bfloat16, plus each op's variants")
+                             "d=768, bfloat16, plus each op's variants; the associative memory at key dim 64 "
+                             "without flag variants")
     parser.add_argument("--workers", type=int, default=None, help="parallel compiles (default: CPU count)")
     parser.add_argument("--cuda", action="store_true",
                         help="compile the CUDA C++ kernels of csrc/ with nvcc instead (sm_80 and sm_90a); "

@@ -4,9 +4,11 @@ and ``write_bwd_torch``).
 Read: ``_assoc_read_bwd_dq_kernel`` (one program per head and row block) loops over the three feature
 pieces; per piece it accumulates ``G_j = dy A_j^T`` over the value columns (one ``[BLOCK_M, TWO_P]``
 accumulator) and folds it into the feature backward at once, by linearity:
-``dG = sum_j L_j(G_j)``, ``dZ = sum_j L_j(z_j)``, ``dF = sum_j L_j(phi_j)`` (``L_j``: the backward of
-``phi_j`` with respect to ``r``, ``triton_common._lmap``) and the row sums ``phi . G``, ``phi . z``;
-then ``d den``, the normalisation's projection and ``dr = (dG / den + d den dZ - proj dF) / |phi|``.
+``dG = sum_j L_j(G_j)`` (``L_j``: the backward of ``phi_j`` with respect to ``r``,
+``triton_common._lmap``) and the row sums ``phi . G``, ``phi . z``; then ``d den`` and the
+normalisation's projection, and a second pass over the pieces (no products) adds
+``sum_j L_j(d den z_j - proj phi_j)``: ``dr = (dG / den + sum_j L_j(d den z_j - proj phi_j)) / |phi|``,
+with only ``r``, ``dr`` and one piece's tiles live at a time.
 It stores ``dq`` and per-row ``den``, ``d den`` and ``|phi|`` (float32 ``[3, B H, N]``);
 ``_assoc_read_bwd_da_kernel`` (one program per head, value block and feature piece; loops over the
 rows) accumulates ``dA_J = phi_J^T (dy / den)`` and ``dz_J = phi_J^T d den``.
@@ -66,9 +68,7 @@ def _assoc_read_bwd_dq_kernel(
         norm = _feature_norm(q_ptr, q_off, rmask, sq_d, BLOCK_M, P, TWO_P, BLOCK_K)
         tl.store(stat_ptr + 2 * s_plane + stat_off, norm, mask=rmask)
     r0 = _r_chunk(q_ptr, q_off, rmask, sq_d, 0, 0, P, TWO_P)
-    d_g = tl.zeros([BLOCK_M, TWO_P], dtype=tl.float32)
-    d_z = tl.zeros([BLOCK_M, TWO_P], dtype=tl.float32)
-    d_f = tl.zeros([BLOCK_M, TWO_P], dtype=tl.float32)
+    d_r = tl.zeros([BLOCK_M, TWO_P], dtype=tl.float32)
     fg = tl.zeros([BLOCK_M], dtype=tl.float32)
     den = tl.zeros([BLOCK_M], dtype=tl.float32)
     for j in tl.range(1, 4, loop_unroll_factor=1):
@@ -86,28 +86,36 @@ def _assoc_read_bwd_dq_kernel(
         if NORMALIZE:
             f = f / norm[:, None]
         fg += tl.sum(f * g, axis=1)
-        d_g += _lmap(g, r0, rj, j, BLOCK_M, P, TWO_P)
+        d_r += _lmap(g, r0, rj, j, BLOCK_M, P, TWO_P)
         if USE_DENOM:
-            zj = _vec_chunk(z_ptr, z_base, sz_k, j, 0, P, TWO_P)
-            den += tl.sum(f * zj[None, :], axis=1)
-            d_z += _lmap(tl.broadcast_to(zj[None, :], (BLOCK_M, TWO_P)), r0, rj, j, BLOCK_M, P, TWO_P)
-        if NORMALIZE:
-            d_f += _lmap(f, r0, rj, j, BLOCK_M, P, TWO_P)
+            den += tl.sum(f * _vec_chunk(z_ptr, z_base, sz_k, j, 0, P, TWO_P)[None, :], axis=1)
+    dden = tl.zeros([BLOCK_M], dtype=tl.float32)
     if USE_DENOM:
         fz = den
         den += EPS
         dden = -(fg / den) / den
-        dr = d_g / den[:, None] + dden[:, None] * d_z
+        d_r = d_r / den[:, None]
         proj = fg / den + dden * fz
         tl.store(stat_ptr + stat_off, den, mask=rmask)
         tl.store(stat_ptr + s_plane + stat_off, dden, mask=rmask)
     else:
-        dr = d_g
         proj = fg
+    if USE_DENOM or NORMALIZE:
+        # The rest of dr = sum_j L_j(d den z_j - proj phi_j) (linearity): a second pass over the pieces,
+        # so that only r0, dr and one piece's tiles are live in the value loop above.
+        proj = tl.where(norm > NORM_EPS, proj, 0.0)
+        for j in tl.range(1, 4, loop_unroll_factor=1):
+            rj = _r_chunk(q_ptr, q_off, rmask, sq_d, j, 0, P, TWO_P)
+            x = tl.zeros([BLOCK_M, TWO_P], dtype=tl.float32)
+            if USE_DENOM:
+                x += dden[:, None] * _vec_chunk(z_ptr, z_base, sz_k, j, 0, P, TWO_P)[None, :]
+            if NORMALIZE:
+                x -= proj[:, None] * (r0 * rj / norm[:, None])
+            d_r += _lmap(x, r0, rj, j, BLOCK_M, P, TWO_P)
     if NORMALIZE:
-        dr = tl.where((norm > NORM_EPS)[:, None], dr - proj[:, None] * d_f, dr) / norm[:, None]
+        d_r = d_r / norm[:, None]
     dq_off = b * sdq_b + rows64 * sdq_n + h * P * sdq_d
-    _store_du(dq_ptr, dq_off, sdq_d, q_ptr, q_off, rmask, sq_d, dr, P, TWO_P)
+    _store_du(dq_ptr, dq_off, sdq_d, q_ptr, q_off, rmask, sq_d, d_r, P, TWO_P)
 
 
 @triton.jit
@@ -308,7 +316,6 @@ def _assoc_write_bwd_dk_kernel(
     scr_row = (pid_bh.to(tl.int64) * M + rows64) * DV
     r0 = _r_chunk(k_ptr, k_off, rmask, sk_d, 0, 0, P, TWO_P)
     d_r = tl.zeros([BLOCK_M, TWO_P], dtype=tl.float32)
-    d_f = tl.zeros([BLOCK_M, TWO_P], dtype=tl.float32)
     proj = tl.zeros([BLOCK_M], dtype=tl.float32)
     for j in tl.range(1, 4, loop_unroll_factor=1):
         g = tl.zeros([BLOCK_M, TWO_P], dtype=tl.float32)
@@ -331,11 +338,15 @@ def _assoc_write_bwd_dk_kernel(
         rj = _r_chunk(k_ptr, k_off, rmask, sk_d, j, 0, P, TWO_P)
         d_r += _lmap(g, r0, rj, j, BLOCK_M, P, TWO_P)
         if NORMALIZE:
-            f = r0 * rj / norm[:, None]
-            proj += tl.sum(f * g, axis=1)
-            d_f += _lmap(f, r0, rj, j, BLOCK_M, P, TWO_P)
+            proj += tl.sum(r0 * rj / norm[:, None] * g, axis=1)
     if NORMALIZE:
-        d_r = tl.where((norm > NORM_EPS)[:, None], d_r - proj[:, None] * d_f, d_r) / norm[:, None]
+        # The normalisation's part, -proj sum_j L_j(phi_j) (linearity): a second pass over the pieces,
+        # so that only r0, dR and one piece's tiles are live in the value loop above.
+        proj = tl.where(norm > NORM_EPS, proj, 0.0)
+        for j in tl.range(1, 4, loop_unroll_factor=1):
+            rj = _r_chunk(k_ptr, k_off, rmask, sk_d, j, 0, P, TWO_P)
+            d_r += _lmap(-proj[:, None] * (r0 * rj / norm[:, None]), r0, rj, j, BLOCK_M, P, TWO_P)
+        d_r = d_r / norm[:, None]
     dk_off = b * sdk_b + rows64 * sdk_m + h * P * sdk_d
     _store_du(dk_ptr, dk_off, sdk_d, k_ptr, k_off, rmask, sk_d, d_r, P, TWO_P)
 

@@ -70,14 +70,19 @@ def _row_block(m: int, cap: int) -> int:
 
 def read_fwd_config(p: int, dv: int) -> dict:
     """``_assoc_read_fwd_kernel`` for head key dim ``p`` (``d_mem / H``) and value dim ``dv``: a
-    ``[128, BLOCK_DV]`` accumulator, ``[128, BLOCK_K]`` feature chunks (two warpgroups on sm_90)."""
-    return {"BLOCK_M": 128, "BLOCK_DV": _block_dv(dv, 64), "BLOCK_K": _block_k(p), "num_warps": _NUM_WARPS}
+    ``[128, BLOCK_DV]`` accumulator, ``[128, 16]`` feature chunks (two warpgroups on sm_90; 32-lane
+    chunks spill on sm_80 with float32 inputs and ``"tf32x3"`` products)."""
+    return {"BLOCK_M": 128, "BLOCK_DV": _block_dv(dv, 64), "BLOCK_K": 16, "num_warps": _NUM_WARPS}
 
 
 def read_bwd_dq_config(p: int, dv: int) -> dict:
-    """``_assoc_read_bwd_dq_kernel``: about five ``[BLOCK_M, 2p]`` tiles live over the value loop."""
+    """``_assoc_read_bwd_dq_kernel``: about four ``[BLOCK_M, 2p]`` tiles live over the value loop; at
+    ``p = 16`` 32 rows (64 spill with ``"tf32x3"`` on sm_80), at ``p = 128`` ``[2p, 16]`` state tiles."""
     tp = two_p(p)
-    return {"BLOCK_M": max(16, min(64, _ROW_TILE // tp)), "BLOCK_DV": _block_dv(dv, 32), "BLOCK_K": _block_k(p),
+    bm = max(16, min(64, _ROW_TILE // tp))
+    if tp == 32:
+        bm = 32
+    return {"BLOCK_M": bm, "BLOCK_DV": _block_dv(dv, 16 if tp >= 256 else 32), "BLOCK_K": _block_k(p),
             "num_warps": _NUM_WARPS}
 
 
@@ -89,9 +94,12 @@ def read_bwd_da_config(p: int, dv: int) -> dict:
 
 
 def write_fwd_config(p: int, dv: int, m: int) -> dict:
-    """``_assoc_write_fwd_kernel`` for ``m`` memory rows: a ``[2p, BLOCK_DV]`` accumulator."""
+    """``_assoc_write_fwd_kernel`` for ``m`` memory rows: a ``[2p, BLOCK_DV]`` accumulator; 16-row
+    blocks from ``p = 64`` (the ``[BLOCK_M, 2p]`` feature piece), 32 value columns at ``p = 8``
+    (64 spill in float32 on sm_90)."""
     tp = two_p(p)
-    return {"BLOCK_M": _row_block(m, 32), "BLOCK_DV": _block_dv(dv, max(16, min(64, _STATE_TILE // tp))),
+    return {"BLOCK_M": _row_block(m, 16 if tp >= 128 else 32),
+            "BLOCK_DV": _block_dv(dv, max(16, min(32 if tp <= 16 else 64, _STATE_TILE // tp))),
             "BLOCK_K": _block_k(p), "num_warps": _NUM_WARPS}
 
 
@@ -102,10 +110,11 @@ def write_bwd_rows_config(p: int, dv: int, m: int) -> dict:
 
 
 def write_bwd_dk_config(p: int, dv: int, m: int) -> dict:
-    """``_assoc_write_bwd_dk_kernel``: about four ``[BLOCK_M, 2p]`` tiles live over the value loop."""
+    """``_assoc_write_bwd_dk_kernel``: about three ``[BLOCK_M, 2p]`` tiles live over the value loop;
+    ``[2p, 16]`` state tiles except at ``p = 8`` and ``p = 32`` (float32 inputs spill with 32)."""
     tp = two_p(p)
-    return {"BLOCK_M": _row_block(m, max(16, min(64, _ROW_TILE // tp))), "BLOCK_DV": _block_dv(dv, 32),
-            "num_warps": _NUM_WARPS}
+    return {"BLOCK_M": _row_block(m, max(16, min(32 if tp == 32 else 64, _ROW_TILE // tp))),
+            "BLOCK_DV": _block_dv(dv, 32 if tp in (16, 64) else 16), "num_warps": _NUM_WARPS}
 
 
 def write_bwd_state_config(p: int, dv: int, m: int) -> dict:
