@@ -78,7 +78,56 @@ def test_masked_call_is_used_only_where_it_is_exact():
     assert not torch_impl._plan(layout, 2, 10, 0, (10, 0), True).masked
     assert torch_impl._plan(MemoryLayout(2, 2, MB), 2, 10, 0, (10, 0), True).masked
     assert not torch_impl._plan(MemoryLayout(2, 2, MB), 2, 10, 3, None, True).masked  # prefix
-    assert not torch_impl._plan(MemoryLayout(2, 2, MB), 1, torch_impl.MASKED_CALL_MAX_N, 0, None, True).masked
+    big = torch_impl.MEASURED_CHOICE_MAX_N  # S = that: N above it, the composition always runs
+    assert not torch_impl._plan(MemoryLayout(2, 2, MB), 1, big, 0, None, True).masked
+    assert torch_impl._plan(MemoryLayout(2, 2, MB), 1, big - 4, 0, None, True).masked
+
+
+def _choice_inputs(n, grad=False):
+    return _attention_inputs(b=1, hq=2, hkv=2, n=n, d=16, grad=grad)
+
+
+def test_masked_or_composed_is_measured_once_per_shape(monkeypatch):
+    layout = MemoryLayout(4, 4, MB)
+    timed = []
+    real = torch_impl._masked_is_faster
+    monkeypatch.setattr(torch_impl, "_masked_is_faster", lambda *a: timed.append(a[1].shape) or real(*a))
+    monkeypatch.setattr(torch_impl, "_CHOICES", {})
+    small = _choice_inputs(torch_impl.MASKED_CALL_MAX_N)
+    segment_attention(*small, layout, backend="torch")
+    assert not timed  # up to MASKED_CALL_MAX_N the masked call runs without timing
+    q, k, v = _choice_inputs(200)
+    for _ in range(3):
+        segment_attention(q, k, v, layout, backend="torch")
+    assert len(timed) == 1 and len(torch_impl.plan_choices()) == 1
+    (key, masked), = torch_impl.plan_choices().items()
+    assert key[0] == layout and key[1] == tuple(q.shape) and isinstance(masked, bool)
+    monkeypatch.setenv(torch_impl.ENV_PLAN, "static")
+    segment_attention(*_choice_inputs(300), layout, backend="torch")
+    assert len(timed) == 1  # static rule: nothing timed, the composition runs
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["masked-call", "composition"])
+def test_both_choices_compute_the_attention(monkeypatch, masked):
+    """Whichever path the measurement picks, forward and backward equal the reference."""
+    from rmt_kernels import segment_attention_ref
+
+    monkeypatch.setattr(torch_impl, "_CHOICES", {})
+    monkeypatch.setattr(torch_impl, "_masked_is_faster", lambda *a: masked)
+    layout = MemoryLayout(4, 4, MB)
+    q, k, v = _choice_inputs(200, grad=True)
+    lengths = torch.tensor([150])
+    out = segment_attention(q, k, v, layout, segment_lengths=lengths, backend="torch")
+    assert list(torch_impl.plan_choices().values()) == [masked]
+    ref = segment_attention_ref(q, k, v, layout, segment_lengths=lengths)
+    base = segment_attention_ref(q, k, v, layout, segment_lengths=lengths, upcast=False)
+    assert_close(out, ref.double(), base, name="out")
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    exp = torch.autograd.grad(ref, (q, k, v), dout)
+    eager = torch.autograd.grad(base, (q, k, v), dout)
+    for g, e, b, name in zip(got, exp, eager, "qkv"):
+        assert_close(g, e.double(), b, name=f"d{name}")
 
 
 def test_value_checks_read_only_host_tensors(monkeypatch):

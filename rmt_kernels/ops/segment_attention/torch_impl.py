@@ -11,16 +11,27 @@ row statistics.
 
 The prefix is read from its own tensors, padding only shortens the key ranges of the blocks (batch
 rows with equal ``segment_lengths`` share one set of calls), and a mask that is one causal or one
-rectangular block costs exactly one attention call. Short segments whose mask needs several blocks
-take one stock call with an additive ``[N, N]`` mask instead (``MASKED_CALL_MAX_N``): there the fixed
-cost of each extra call and of the merge outweighs the masked work it saves. The plan of a call (runs
-of equal lengths, blocks, which path) depends only on the layout and the sizes, and is cached.
+rectangular block costs exactly one attention call.
+
+A mask of several blocks can also run as one stock call with an additive ``[N, N]`` mask (CPU, no
+prefix, every row sees a key). Which of the two is faster is measured, not guessed: up to
+``MASKED_CALL_MAX_N`` packed rows the masked call always wins (the fixed cost of each extra call and of
+the merge outweighs the masked work it saves); from there to ``MEASURED_CHOICE_MAX_N`` the first call
+of each layout, shape, dtype and thread count times both forwards (twice each, alternated, best of
+two, no autograd) and the faster one serves every later call (``plan_choices()`` shows them); above
+it the composition always wins (the masked call's work and its mask grow as N^2). Under
+``torch.compile`` tracing, or with ``RMT_KERNELS_TORCH_PLAN=static``, nothing is timed: the static
+rule (masked only up to ``MASKED_CALL_MAX_N``) decides. Both paths compute the same attention; the
+choice changes only rounding. The plan of a call (runs of equal lengths, blocks) depends only on the
+layout and the sizes, and is cached.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional, Tuple
+import os
+import time
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -34,6 +45,10 @@ _sdpa = torch._C._nn.scaled_dot_product_attention
 # Packed lengths up to which a mask of several blocks runs as one stock call with an additive mask
 # (CPU, no prefix, no row without keys); measured in ``rmt-kernels bench --suite overhead``.
 MASKED_CALL_MAX_N = 128
+# Up to this many packed rows the choice between that masked call and the composition is timed on the
+# first call of each shape (see the module docstring); above it the composition runs.
+MEASURED_CHOICE_MAX_N = 2048
+ENV_PLAN = "RMT_KERNELS_TORCH_PLAN"  # "static": never time, use the static rule
 
 
 # --------------------------------------------------------------------------- one block
@@ -112,7 +127,7 @@ class _Run(NamedTuple):
 class _Plan(NamedTuple):
     runs: Tuple[_Run, ...]
     whole: Optional[object]  # the one block that is the whole op (one stock call), else None
-    masked: bool  # one stock call with an additive mask over the packed keys
+    masked: bool  # one stock call with an additive mask is possible (CPU, several blocks, exact)
     lengths: Optional[tuple]
 
 
@@ -139,7 +154,7 @@ def _plan(layout: MemoryLayout, batch: int, segment_len: int, prefix_len: int, l
     if len(runs) == 1 and len(runs[0].blocks) == 1 and _is_whole(runs[0].blocks[0], n):
         whole = runs[0].blocks[0]
     masked = (
-        on_cpu and whole is None and prefix_len == 0 and n <= MASKED_CALL_MAX_N
+        on_cpu and whole is None and prefix_len == 0 and n <= MEASURED_CHOICE_MAX_N
         and bool((layout.visible_counts(segment_len, 0, lengths) > 0).all())
     )
     return _Plan(tuple(runs), whole, masked, lengths)
@@ -234,6 +249,62 @@ def _union(intervals):
     return merged
 
 
+# --------------------------------------------------------------------------- masked call or composition
+
+_CHOICES: Dict[tuple, bool] = {}
+
+
+def plan_choices() -> Dict[tuple, bool]:
+    """The measured choices so far: ``(layout, q shape, k shape, dtype, lengths, threads) -> masked``."""
+    return dict(_CHOICES)
+
+
+def _static_only(q) -> bool:
+    if os.environ.get(ENV_PLAN, "").strip() == "static":
+        return True
+    if type(q) is not torch.Tensor:  # fake or functional tensors while tracing: nothing to time
+        return True
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - torch < 2.3
+        return False
+
+
+def _use_masked(plan: _Plan, q, k, v, layout: MemoryLayout, scale: float) -> bool:
+    """Whether this call runs as one stock call with an additive mask (see the module docstring)."""
+    if not plan.masked or scale <= 0:
+        return False
+    n = q.shape[2]
+    if n <= MASKED_CALL_MAX_N:
+        return True
+    if _static_only(q):
+        return False
+    key = (layout, tuple(q.shape), tuple(k.shape), q.dtype, plan.lengths, torch.get_num_threads())
+    choice = _CHOICES.get(key)
+    if choice is None:
+        choice = _CHOICES[key] = _masked_is_faster(plan, q, k, v, layout, scale)
+    return choice
+
+
+def _masked_is_faster(plan: _Plan, q, k, v, layout: MemoryLayout, scale: float) -> bool:
+    best = {True: float("inf"), False: float("inf")}
+    with torch.no_grad():
+        for _ in range(2):
+            for masked in (True, False):
+                t0 = time.perf_counter()
+                if masked:
+                    _masked_fwd(plan, q, k, v, layout, scale)
+                else:
+                    _composed_fwd(plan, q, k, v, None, None, scale)
+                best[masked] = min(best[masked], time.perf_counter() - t0)
+    return best[True] < best[False]
+
+
+def _masked_fwd(plan: _Plan, q, k, v, layout: MemoryLayout, scale: float):
+    bias = _additive_mask(layout, layout.segment_len(q.shape[2]), plan.lengths, q.dtype, q.device)
+    return _cpu_fwd(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+
+
 # --------------------------------------------------------------------------- launchers
 
 
@@ -259,11 +330,15 @@ def segment_attention_fwd_torch(
     if prefix_k is not None:
         prefix_k, prefix_v = _unit_last_stride(prefix_k), _unit_last_stride(prefix_v)
     plan = _plan_of(q, prefix_k, segment_lengths, layout)
-    if plan.masked and scale > 0:
-        bias = _additive_mask(layout, layout.segment_len(q.shape[2]), plan.lengths, q.dtype, q.device)
-        return _cpu_fwd(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+    if _use_masked(plan, q, k, v, layout, scale):
+        return _masked_fwd(plan, q, k, v, layout, scale)
     if plan.whole is not None:
         return _block_fwd(q, k, v, plan.whole.causal, scale)
+    return _composed_fwd(plan, q, k, v, prefix_k, prefix_v, scale)
+
+
+def _composed_fwd(plan: _Plan, q, k, v, prefix_k, prefix_v, scale: float):
+    """One stock call per block of ``plan``, rows covered by several blocks merged by log-sum-exp."""
     out, lse = alloc_outputs(q)
     for run in plan.runs:
         b0, b1, blocks = run.b0, run.b1, run.blocks
@@ -311,7 +386,7 @@ def segment_attention_eager_torch(
     gqa = q.shape[1] != k.shape[1]
     if plan.whole is not None:
         return _sdpa(q, k, v, None, 0.0, plan.whole.causal, scale=scale, enable_gqa=gqa)
-    if plan.masked:
+    if _use_masked(plan, q, k, v, layout, scale):
         bias = _additive_mask(layout, layout.segment_len(q.shape[2]), plan.lengths, q.dtype, q.device)
         return _sdpa(q, k, v, bias, 0.0, False, scale=scale, enable_gqa=gqa)
     return None
@@ -328,7 +403,7 @@ def segment_attention_bwd_torch(
                             need_prefix_grad, dropout_p, seed)
     dout, q, k, v, prefix_k, prefix_v = map(_unit_last_stride, (dout, q, k, v, prefix_k, prefix_v))
     plan = _plan_of(q, prefix_k, segment_lengths, layout)
-    if plan.masked and scale > 0:
+    if _use_masked(plan, q, k, v, layout, scale):
         bias = _additive_mask(layout, layout.segment_len(q.shape[2]), plan.lengths, q.dtype, q.device)
         return (*_cpu_bwd(dout, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale), None, None)
     if plan.whole is not None:
