@@ -116,11 +116,21 @@ def _read_backward(ctx, dy):
 torch.library.register_autograd("rmt_kernels::assoc_read_fwd", _read_backward, setup_context=_read_setup)
 
 
+# _ONE_CALL: the eager Functions below define ``forward(ctx, ...)`` and call the custom op's setup
+# themselves, rather than ``forward`` + ``setup_context``: torch binds the arguments of a Function that
+# has a ``setup_context`` with ``inspect.signature`` on every call (measured on CPU: an eager pack with
+# autograd went from 73 to 38 us).
+
+
 class _Read(torch.autograd.Function):
     """Eager autograd of the read: the custom op's setup and backward on a direct launch."""
 
-    forward = staticmethod(_read_fwd)
-    setup_context = staticmethod(_read_setup)
+    @staticmethod
+    def forward(ctx, *args):  # old style: see _ONE_CALL
+        out = _read_fwd(*args)
+        _read_setup(ctx, args, out)
+        return out
+
     backward = staticmethod(_read_backward)
 
 
@@ -203,8 +213,12 @@ torch.library.register_autograd("rmt_kernels::assoc_write_fwd", _write_backward,
 class _Write(torch.autograd.Function):
     """Eager autograd of the write: the custom op's setup and backward on a direct launch."""
 
-    forward = staticmethod(_write_fwd)
-    setup_context = staticmethod(_write_setup)
+    @staticmethod
+    def forward(ctx, *args):  # old style: see _ONE_CALL
+        out = _write_fwd(*args)
+        _write_setup(ctx, args, out)
+        return out
+
     backward = staticmethod(_write_backward)
 
 

@@ -272,19 +272,33 @@ torch.library.register_autograd(
 )
 
 
+# _ONE_CALL: the eager Functions below define ``forward(ctx, ...)`` and call the custom op's setup
+# themselves, rather than ``forward`` + ``setup_context``: torch binds the arguments of a Function that
+# has a ``setup_context`` with ``inspect.signature`` on every call (measured on CPU: an eager pack with
+# autograd went from 73 to 38 us).
+
+
 class _Pack(torch.autograd.Function):
     """Eager autograd of the pack: the custom op's setup and backward on a direct launch."""
 
-    forward = staticmethod(_pack_fwd)
-    setup_context = staticmethod(_pack_setup)
+    @staticmethod
+    def forward(ctx, *args):  # old style: see _ONE_CALL
+        out = _pack_fwd(*args)
+        _pack_setup(ctx, args, out)
+        return out
+
     backward = staticmethod(_pack_backward)
 
 
 class _PackIds(torch.autograd.Function):
     """Eager autograd of the pack from ids: the custom op's setup and backward on a direct launch."""
 
-    forward = staticmethod(_pack_ids_fwd)
-    setup_context = staticmethod(_pack_ids_setup)
+    @staticmethod
+    def forward(ctx, *args):  # old style: see _ONE_CALL
+        out = _pack_ids_fwd(*args)
+        _pack_ids_setup(ctx, args, out)
+        return out
+
     backward = staticmethod(_pack_ids_backward)
 
 
