@@ -210,3 +210,45 @@ def test_aot_compiles_the_launchers_precision(matmul_precision):
     finally:
         torch.set_float32_matmul_precision(old)
     assert triton_launch.dot_precision(F32) == ("tf32x3" if old == "highest" else "tf32")
+
+
+# --------------------------------------------------------------------------- on a GPU
+
+
+def _public_block(backend, dtype, device, n_heads, gating):
+    """One layer's read and write through the public functions (custom ops, autograd) at GPT-2 ARMT
+    sizes (N = 512 + 16, d 768, d_mem 64): outputs and the gradients of every input."""
+    from rmt_kernels import assoc_read, assoc_write
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    bsz, n, m, dim, d_mem = 2, 528, 16, 768, 64
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device, dtype).requires_grad_(True)
+
+    x, q = rnd(bsz, n, dim), rnd(bsz, n, d_mem)
+    k, v, b = rnd(bsz, m, d_mem), rnd(bsz, m, dim), rnd(bsz, m, dim if gating else n_heads)
+    opts = dict(n_heads=n_heads, backend=backend)
+    A, z = assoc_write(k, v, b, gating=gating, **opts)
+    y = assoc_read(x, q, A, z, **opts)
+    A2, z2 = assoc_write(k * 0.5, y[:, -m:], b, A, z, gating=gating, **opts)
+    outs = (y, A2, z2)
+    gen_g = torch.Generator(device="cpu").manual_seed(1)
+    grads = [torch.randn(o.shape, generator=gen_g).to(device, o.dtype) for o in outs]
+    leaves = (x, q, k, v, b)
+    return outs + torch.autograd.grad(outs, leaves, grads)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [BF16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("n_heads, gating", [(1, False), (4, True)], ids=["h1", "h4-gating"])
+def test_public_ops_on_gpu_match_the_reference(dtype, n_heads, gating):
+    """Compiled kernels (not the interpreter) at model sizes: the Triton backend against a float64 run
+    of the torch backend, with the torch backend in the same dtype as the baseline."""
+    device = torch.device("cuda")
+    got = _public_block("triton", dtype, device, n_heads, gating)
+    base = _public_block("torch", dtype, device, n_heads, gating)
+    ref = _public_block("torch", torch.float64, device, n_heads, gating)
+    names = ("y", "A'", "z'", "dx", "dq", "dk", "dv", "db")
+    for name, g, b, r in zip(names, got, base, ref):
+        assert_close(g, r, b, name=name, dtype=dtype if g.dtype == dtype else g.dtype)

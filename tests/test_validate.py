@@ -87,7 +87,7 @@ def test_dry_run_results(dry_run):
     assert tests["order"][-len(validate.DRY_RUN_TESTS):] == list(validate.DRY_RUN_TESTS)
     assert not any(validate.is_cuda_extension_test(i) for i in tests["order"])
     bench = json.loads((out / "bench.json").read_text())
-    assert sorted(bench) == sorted(n for n in ("attention", "handoff", "overhead", "step") if n in SUITES)
+    assert sorted(bench) == sorted(n for n in ("attention", "handoff", "overhead", "step", "armt") if n in SUITES)
     for name, record in bench.items():
         assert record["complete"] and record["rows"], name
         assert {r["status"] for r in record["rows"]} <= {"ok", "skipped"}, name

@@ -2,7 +2,7 @@
 
 Made for a lent GPU with a few minutes of device time: one prepared command runs the stages of
 :data:`STAGES` in priority order (info, the ``cuda``-marked Triton tests, the attention, handoff,
-overhead and step benchmarks, the CUDA extension's build and tests), then prints the summary.
+overhead, step and armt benchmarks, the CUDA extension's build and tests), then prints the summary.
 
 A stage's cap is its share of ``--budget`` (default 480 s), and it runs as a subprocess killed at
 ``min(cap, what is left)`` (SIGINT, then SIGKILL after :data:`GRACE_S`); a stage whose minimum no longer
@@ -70,10 +70,11 @@ class Stage:
 STAGES = (  # name, group, cap as a share of the budget, least seconds worth starting with
     Stage("info", "setup", 0.06, 5.0),  # rmt-kernels info
     Stage("triton_tests", "tests", 0.28, 20.0),  # cuda-marked, not slow, no float32; smallest first
-    Stage("attention", "bench", 0.25, 20.0),  # SPEC §4 shapes, bf16, fwd and fwd+bwd, RMT mask first
+    Stage("attention", "bench", 0.22, 20.0),  # SPEC §4 shapes, bf16, fwd and fwd+bwd, RMT mask first
     Stage("handoff", "bench", 0.06, 10.0),  # pack bandwidth against a device copy
     Stage("overhead", "bench", 0.08, 10.0),  # per-call cost, eager and compiled (skipped without the suite)
-    Stage("step", "bench", 0.12, 15.0),  # the drop-in training step against the official semantics
+    Stage("step", "bench", 0.10, 15.0),  # the drop-in training step against the official semantics
+    Stage("armt", "bench", 0.05, 10.0),  # ARMT's associative block and step (schedules) against einsum
     Stage("cuda_build", "setup", 0.35, 30.0),  # the CUDA extension's just-in-time build
     Stage("cuda_tests", "tests", 1.0, 20.0),  # its cuda-marked tests, with what is left
 )
@@ -81,7 +82,8 @@ STAGES = (  # name, group, cap as a share of the budget, least seconds worth sta
 
 # suite -> (shape profile on the GPU, modes); the dry run measures only the first unit of the "tiny" shapes
 BENCH_PLANS = {"attention": ("full", ("fwd", "fwd+bwd")), "handoff": ("full", ("fwd",)),
-               "overhead": ("quick", ("fwd", "fwd+bwd")), "step": ("quick", ("fwd+bwd",))}
+               "overhead": ("quick", ("fwd", "fwd+bwd")), "step": ("quick", ("fwd+bwd",)),
+               "armt": ("quick", ("fwd", "fwd+bwd"))}
 
 
 @dataclasses.dataclass
@@ -463,7 +465,8 @@ def bench_result(name: str, record: Optional[dict]) -> str:
         return "no rows"
     count = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
     text = f"{len(rows)} rows: {count['ok']} ok, {count['skipped']} skipped, {count['failed']} failed"
-    ours = {"attention": "triton", "handoff": "pack_segment:triton", "step": "rmt_kernels"}.get(name)
+    ours = {"attention": "triton", "handoff": "pack_segment:triton", "step": "rmt_kernels",
+            "armt": "rmt_kernels:triton"}.get(name)
     mine = [r for r in rows if r["provider"] == ours and r["status"] == "ok"]
     if name == "handoff" and any(r.get("pct_copy_bw") for r in mine):
         text += "; pack_segment:triton at " + ", ".join(f"{r['pct_copy_bw']:.0f}%" for r in mine) + " of copy bw"
@@ -496,7 +499,8 @@ def _bench_stage(run: Run, stage: Stage, timeout: float) -> Outcome:
 
 RUNNERS: Dict[str, Callable[[Run, Stage, float], Outcome]] = {
     "info": _info, "triton_tests": _tests, "attention": _bench_stage, "handoff": _bench_stage,
-    "overhead": _bench_stage, "step": _bench_stage, "cuda_build": _cuda_build, "cuda_tests": _tests,
+    "overhead": _bench_stage, "step": _bench_stage, "armt": _bench_stage, "cuda_build": _cuda_build,
+    "cuda_tests": _tests,
 }
 
 
