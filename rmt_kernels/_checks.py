@@ -44,6 +44,15 @@ def _is_compiling() -> bool:
         return False
 
 
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, jvp, ...) is running: the eager paths then take
+    their ``autograd.Function`` with ``setup_context``, which functorch requires."""
+    try:
+        return torch._C._are_functorch_transforms_active()
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
 ENV_DEBUG_CHECKS = "RMT_KERNELS_DEBUG_CHECKS"
 
 

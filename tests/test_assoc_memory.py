@@ -296,3 +296,49 @@ def test_launcher_formulas_cover_every_flag_combination():
         got = torch_impl.write_bwd_torch(gA, gz, k, v, beta, *state, h, normalize, use_denom, correction)
         for g, e in zip(got, exp):
             assert_close(g, torch.zeros_like(g) if e is None else e, name="write bwd")
+
+
+# --------------------------------------------------------------------------- autocast, torch.func
+
+
+def test_autocast_keeps_a_float32_state_and_backward_runs():
+    """Inside ``torch.autocast`` the projections arrive in bfloat16: the ops cast them (q to x's dtype;
+    k, v, b to their common dtype), run with autocast off, and the state stays float32."""
+    b, n, m, d_mem, d, h = 2, 6, 3, 4, 8, 2
+    x = torch.randn(b, n, d, requires_grad=True)
+    wq, wk = torch.randn(d_mem, d, requires_grad=True), torch.randn(d_mem, d, requires_grad=True)
+    wv, wb = torch.randn(d, d, requires_grad=True), torch.randn(h, d, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mem = x[:, -m:]
+        k, v, beta = F.linear(mem, wk), F.linear(mem, wv), F.linear(mem, wb)
+        assert k.dtype == torch.bfloat16
+        A, z = assoc_write(k, v, beta, n_heads=h, backend="torch")
+        assert A.dtype == z.dtype == torch.float32
+        y = assoc_read(x, F.linear(x, wq), A, z, n_heads=h, backend="torch")
+        A2, z2 = assoc_write(k, v, beta, A, z, n_heads=h, backend="torch")
+    assert y.dtype == x.dtype and A2.dtype == z2.dtype == torch.float32
+    (y.sum() + A2.sum() + z2.sum()).backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (x, wq, wk, wv, wb))
+    with torch.no_grad():  # the same numbers as the reference on the same bfloat16 inputs, autocast off
+        ref_A, ref_z = assoc_write_ref(k, v, beta, None, None, n_heads=h)
+    torch.testing.assert_close(A.detach(), ref_A, rtol=0, atol=0)
+    torch.testing.assert_close(z.detach(), ref_z, rtol=0, atol=0)
+
+
+def test_torch_func_grad_through_the_ops():
+    b, n, m, d_mem, d, h = 1, 4, 2, 4, 8, 2
+    A, z = _state(b, h, d_mem, d, torch.float64)
+    x = torch.randn(b, n, d, dtype=torch.float64)
+    q = torch.randn(b, n, d_mem, dtype=torch.float64)
+    k, v, beta = _write_inputs(b, m, d_mem, d, h, False, torch.float64)
+
+    def loss(A_, z_, impl):
+        read, write = impl
+        A2, z2 = write(k, v, beta, A_, z_, n_heads=h)
+        return read(x, q, A2, z2, n_heads=h).sin().sum()
+
+    ours = (lambda *a, **kw: assoc_read(*a, backend="torch", **kw), lambda *a, **kw: assoc_write(*a, backend="torch", **kw))
+    got = torch.func.grad(loss, argnums=(0, 1))(A, z, ours)
+    exp = torch.func.grad(loss, argnums=(0, 1))(A, z, (assoc_read_ref, assoc_write_ref))
+    for g, e in zip(got, exp):
+        assert_close(g, e, name="torch.func.grad")

@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers", minversion="5")
 from rmt_kernels.bench.armt import peak_bytes  # noqa: E402
 from rmt_kernels.bench.armt_official import OfficialCell, OfficialWrapper, official_keys  # noqa: E402
 from helpers import assert_close  # noqa: E402
-from rmt_kernels.integrations import hf  # noqa: E402
+from rmt_kernels.integrations import _armt_run, hf  # noqa: E402
 from rmt_kernels.integrations.armt import AssociativeMemoryCell, AssociativeRecurrentWrapper  # noqa: E402
 
 VOCAB, DIM, M, D_MEM = 64, 32, 3, 8
@@ -336,3 +336,28 @@ def test_bad_arguments():
         AssociativeMemoryCell(_llama(), M, D_MEM, "model.layers", wrap_pos=True, attn_implementation="rmt_kernels")
     with pytest.raises(ValueError, match="layers_attr"):
         AssociativeMemoryCell(_llama(), M, D_MEM, "model.nope", attn_implementation="rmt_kernels")
+
+
+@pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("schedule", ["sequential", "diagonal"])
+def test_mixed_precision_training_under_autocast(build, schedule):
+    """A float32 model trained under bfloat16 autocast: the associative state stays float32, the loss is
+    the float32 one within bfloat16 rounding, and backward reaches every parameter."""
+    _, _, ours = _pair(build, dict(n_heads=2), segment_size=6)
+    ours.schedule = schedule
+    ids = torch.randint(1, VOCAB, (2, 15))
+    with torch.no_grad():
+        full = ours(input_ids=ids, labels=ids).loss
+    states = []
+    real = _armt_run.assoc_write_validated
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        import unittest.mock as mock
+        with mock.patch.object(_armt_run, "assoc_write_validated",
+                               side_effect=lambda *a: states.append(real(*a)) or states[-1]):
+            out = ours(input_ids=ids, labels=ids)
+    out.loss.backward()
+    if schedule == "sequential":
+        assert states and all(s.dtype == torch.float32 for pair in states for s in pair)
+    assert_close(out.loss.float(), full.double(), full, name="autocast loss", dtype=torch.bfloat16)
+    grads = [p.grad for p in ours.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -16,6 +16,7 @@ launchers through ``torch.autograd.Function`` without the custom-op machinery (`
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -77,7 +78,8 @@ def assoc_read_bwd_op(dy: Tensor, q: Tensor, A: Tensor, z: Tensor, n_heads: int,
 
 @assoc_read_bwd_op.register_fake
 def _(dy, q, A, z, n_heads, normalize, use_denom, backend):
-    return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty_like(A, memory_format=torch.contiguous_format),
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty_like(A, memory_format=torch.contiguous_format),
             torch.empty_like(z, memory_format=torch.contiguous_format))
 
 
@@ -105,10 +107,11 @@ def _read_backward(ctx, dy):
     dq = dA = dz = None
     if need[1] or need[2] or need[3]:
         args = (dy, q, A, z, cfg.n_heads, cfg.normalize, cfg.use_denom)
-        if _checks._is_compiling():
-            dq, dA, dz = assoc_read_bwd_op(*args, cfg.backend)
-        else:
-            dq, dA, dz = READ_TABLE[cfg.backend].bwd(*args)
+        with _no_autocast(q.device):
+            if _checks._is_compiling():
+                dq, dA, dz = assoc_read_bwd_op(*args, cfg.backend)
+            else:
+                dq, dA, dz = READ_TABLE[cfg.backend].bwd(*args)
     return (dy if need[0] else None, dq if need[1] else None, dA if need[2] else None,
             dz if need[3] and cfg.use_denom else None, None, None, None, None)
 
@@ -119,7 +122,8 @@ torch.library.register_autograd("rmt_kernels::assoc_read_fwd", _read_backward, s
 # _ONE_CALL: the eager Functions below define ``forward(ctx, ...)`` and call the custom op's setup
 # themselves, rather than ``forward`` + ``setup_context``: torch binds the arguments of a Function that
 # has a ``setup_context`` with ``inspect.signature`` on every call (measured on CPU: an eager pack with
-# autograd went from 73 to 38 us).
+# autograd went from 73 to 38 us). functorch needs ``setup_context``: under ``torch.func`` transforms
+# the ``*Func`` twins run instead (same functions).
 
 
 class _Read(torch.autograd.Function):
@@ -131,6 +135,14 @@ class _Read(torch.autograd.Function):
         _read_setup(ctx, args, out)
         return out
 
+    backward = staticmethod(_read_backward)
+
+
+class _ReadFunc(torch.autograd.Function):
+    """_Read with ``setup_context``, for ``torch.func`` transforms (see _ONE_CALL)."""
+
+    forward = staticmethod(_read_fwd)
+    setup_context = staticmethod(_read_setup)
     backward = staticmethod(_read_backward)
 
 
@@ -197,12 +209,13 @@ def _write_backward(ctx, dA_new, dz_new):
     if not any(need[:5]):
         return (None,) * 10
     args = (dA_new, dz_new, k, v, b, A, z, cfg.n_heads, cfg.normalize, cfg.use_denom, cfg.correction)
-    if _checks._is_compiling():
-        dk, dv, db, dA, dz = assoc_write_bwd_op(*args, cfg.backend)
-        if cfg.first:
-            dA = dz = None
-    else:
-        dk, dv, db, dA, dz = WRITE_TABLE[cfg.backend].bwd(*args)
+    with _no_autocast(k.device):
+        if _checks._is_compiling():
+            dk, dv, db, dA, dz = assoc_write_bwd_op(*args, cfg.backend)
+            if cfg.first:
+                dA = dz = None
+        else:
+            dk, dv, db, dA, dz = WRITE_TABLE[cfg.backend].bwd(*args)
     grads = (dk, dv, db, dA, dz)
     return tuple(g if n else None for g, n in zip(grads, need[:5])) + (None,) * 5
 
@@ -222,6 +235,14 @@ class _Write(torch.autograd.Function):
     backward = staticmethod(_write_backward)
 
 
+class _WriteFunc(torch.autograd.Function):
+    """_Write with ``setup_context``, for ``torch.func`` transforms (see _ONE_CALL)."""
+
+    forward = staticmethod(_write_fwd)
+    setup_context = staticmethod(_write_setup)
+    backward = staticmethod(_write_backward)
+
+
 # --------------------------------------------------------------------------- public
 
 
@@ -231,6 +252,43 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
     name = backends.resolve_backend(OP_READ, backend, device, dtype)
     _checks.check_backend_dtype(OP_READ, name, dtype, READ_TABLE[name].dtypes)
     return name
+
+
+def _autocast_on(device: torch.device) -> bool:
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except TypeError:  # pragma: no cover - torch < 2.4 takes no device type
+        return device.type == "cuda" and torch.is_autocast_enabled()
+
+
+def _common_dtype(*tensors) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _read_under_autocast(x, q):
+    """Under ``torch.autocast`` the query projection arrives in the autocast dtype while the residual
+    ``x`` may not: ``q`` is cast to ``x``'s dtype (the read returns ``x``'s dtype either way)."""
+    if isinstance(x, Tensor) and isinstance(q, Tensor) and _autocast_on(x.device) and q.dtype != x.dtype \
+            and q.dtype.is_floating_point and x.dtype.is_floating_point:
+        q = q.to(x.dtype)
+    return q
+
+
+def _write_under_autocast(k, v, b):
+    """Under ``torch.autocast``, ``k``, ``v`` and ``b`` are cast to their common (widest) dtype."""
+    ts = (k, v, b)
+    if all(isinstance(t, Tensor) and t.dtype.is_floating_point for t in ts) and _autocast_on(k.device):
+        dtype = _common_dtype(*ts)
+        return tuple(t.to(dtype) for t in ts)
+    return ts
+
+
+def _no_autocast(device: torch.device):
+    """The op's own arithmetic, whatever autocast region the caller is in: the state stays float32."""
+    return torch.autocast(device.type, enabled=False) if _autocast_on(device) else contextlib.nullcontext()
 
 
 def _needs_graph(*tensors) -> bool:
@@ -273,6 +331,7 @@ def assoc_read(
         >>> assoc_read(x, q, A, z).shape
         torch.Size([2, 10, 32])
     """
+    q = _read_under_autocast(x, q)
     heads = _checks.check_assoc_read(x, q, A, z, n_heads)
     name = resolve_backend(backend, x.device, x.dtype)
     return assoc_read_validated(x, q, A, z, heads, bool(normalize), bool(use_denom), name)
@@ -280,12 +339,16 @@ def assoc_read(
 
 def assoc_read_validated(x, q, A, z, n_heads: int, normalize: bool, use_denom: bool, backend: str) -> Tensor:
     """:func:`assoc_read` for checked arguments and a resolved backend (a caller that checks once per
-    run calls this per layer and segment)."""
-    if _checks._is_compiling():
-        return assoc_read_fwd_op(x, q, A, z, n_heads, normalize, use_denom, backend)
-    if _needs_graph(x, q, A, z):
-        return _Read.apply(x, q, A, z, n_heads, normalize, use_denom, backend)
-    return _read_fwd(x, q, A, z, n_heads, normalize, use_denom, backend)
+    run calls this per layer and segment). Under ``torch.autocast`` ``q`` is cast to ``x``'s dtype and
+    the op runs with autocast off."""
+    q = _read_under_autocast(x, q)
+    with _no_autocast(x.device):
+        if _checks._is_compiling():
+            return assoc_read_fwd_op(x, q, A, z, n_heads, normalize, use_denom, backend)
+        if _needs_graph(x, q, A, z):
+            fn = _ReadFunc if _checks.functorch_active() else _Read
+            return fn.apply(x, q, A, z, n_heads, normalize, use_denom, backend)
+        return _read_fwd(x, q, A, z, n_heads, normalize, use_denom, backend)
 
 
 def assoc_write(
@@ -321,6 +384,7 @@ def assoc_write(
         >>> A.shape, z.shape
         (torch.Size([2, 1, 48, 32]), torch.Size([2, 1, 48]))
     """
+    k, v, b = _write_under_autocast(k, v, b)
     heads = _checks.check_assoc_write(k, v, b, A, z, n_heads, gating)
     name = resolve_backend(backend, k.device, k.dtype)
     return assoc_write_validated(k, v, b, A, z, heads, bool(normalize), bool(use_denom), bool(correction), name)
@@ -328,9 +392,14 @@ def assoc_write(
 
 def assoc_write_validated(k, v, b, A, z, n_heads: int, normalize: bool, use_denom: bool, correction: bool,
                           backend: str) -> Tuple[Tensor, Tensor]:
-    """:func:`assoc_write` for checked arguments and a resolved backend."""
-    if _checks._is_compiling():
-        return assoc_write_fwd_op(k, v, b, A, z, n_heads, normalize, use_denom, correction, backend)
-    if _needs_graph(k, v, b, A, z):
-        return _Write.apply(k, v, b, A, z, n_heads, normalize, use_denom, correction, backend)
-    return _write_fwd(k, v, b, A, z, n_heads, normalize, use_denom, correction, backend)
+    """:func:`assoc_write` for checked arguments and a resolved backend. Under ``torch.autocast``
+    ``k``, ``v`` and ``b`` are cast to their common dtype and the op runs with autocast off (the state
+    stays float32)."""
+    k, v, b = _write_under_autocast(k, v, b)
+    with _no_autocast(k.device):
+        if _checks._is_compiling():
+            return assoc_write_fwd_op(k, v, b, A, z, n_heads, normalize, use_denom, correction, backend)
+        if _needs_graph(k, v, b, A, z):
+            fn = _WriteFunc if _checks.functorch_active() else _Write
+            return fn.apply(k, v, b, A, z, n_heads, normalize, use_denom, correction, backend)
+        return _write_fwd(k, v, b, A, z, n_heads, normalize, use_denom, correction, backend)

@@ -275,7 +275,8 @@ torch.library.register_autograd(
 # _ONE_CALL: the eager Functions below define ``forward(ctx, ...)`` and call the custom op's setup
 # themselves, rather than ``forward`` + ``setup_context``: torch binds the arguments of a Function that
 # has a ``setup_context`` with ``inspect.signature`` on every call (measured on CPU: an eager pack with
-# autograd went from 73 to 38 us).
+# autograd went from 73 to 38 us). functorch needs ``setup_context``: under ``torch.func`` transforms
+# the ``*Func`` twins run instead (same functions).
 
 
 class _Pack(torch.autograd.Function):
@@ -290,6 +291,14 @@ class _Pack(torch.autograd.Function):
     backward = staticmethod(_pack_backward)
 
 
+class _PackFunc(torch.autograd.Function):
+    """_Pack with ``setup_context``, for ``torch.func`` transforms (see _ONE_CALL)."""
+
+    forward = staticmethod(_pack_fwd)
+    setup_context = staticmethod(_pack_setup)
+    backward = staticmethod(_pack_backward)
+
+
 class _PackIds(torch.autograd.Function):
     """Eager autograd of the pack from ids: the custom op's setup and backward on a direct launch."""
 
@@ -299,6 +308,14 @@ class _PackIds(torch.autograd.Function):
         _pack_ids_setup(ctx, args, out)
         return out
 
+    backward = staticmethod(_pack_ids_backward)
+
+
+class _PackIdsFunc(torch.autograd.Function):
+    """_PackIds with ``setup_context``, for ``torch.func`` transforms (see _ONE_CALL)."""
+
+    forward = staticmethod(_pack_ids_fwd)
+    setup_context = staticmethod(_pack_ids_setup)
     backward = staticmethod(_pack_ids_backward)
 
 
@@ -444,8 +461,10 @@ def pack_validated(
     sources = (segment if embedding_weight is None else embedding_weight, read, write)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources):
         if embedding_weight is None:
-            return _Pack.apply(segment, read, write, r, w, tied, backend)
-        return _PackIds.apply(segment, embedding_weight, read, write, r, w, tied, backend)
+            fn = _PackFunc if _checks.functorch_active() else _Pack
+            return fn.apply(segment, read, write, r, w, tied, backend)
+        fn = _PackIdsFunc if _checks.functorch_active() else _PackIds
+        return fn.apply(segment, embedding_weight, read, write, r, w, tied, backend)
     if embedding_weight is None:
         return _pack_fwd(segment, read, write, r, w, tied, backend)
     return _pack_ids_fwd(segment, embedding_weight, read, write, r, w, tied, backend)
