@@ -509,6 +509,13 @@ def check_assoc_state(A, z, batch: int, n_heads: int, d_mem: int, dim: int, dtyp
             raise ValueError(f"{name} is on {t.device}; expected {device} (the inputs' device)")
 
 
+def check_flags(**flags) -> None:
+    """Each variant flag is a bool (a truthy string or number would silently pick a variant)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
 def check_assoc_read(x, q, A, z, n_heads) -> int:
     """Arguments of ``assoc_read``; returns ``n_heads``."""
     _tensor3(x, "x", "[B, N, d]")
@@ -538,8 +545,7 @@ def check_assoc_write(k, v, b, A, z, n_heads, gating) -> int:
         if t.device != k.device:
             raise ValueError(f"{name} is on {t.device}; expected k's device {k.device}")
     heads = check_assoc_heads(n_heads, k.shape[2], v.shape[2])
-    if not isinstance(gating, bool):
-        raise TypeError(f"gating must be a bool, got {type(gating).__name__}")
+    check_flags(gating=gating)
     want = v.shape[2] if gating else heads
     if b.shape[2] != want:
         what = "d (gating=True: one gate per channel)" if gating else "H (one gate per head)"

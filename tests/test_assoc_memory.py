@@ -269,6 +269,10 @@ def test_write_argument_errors():
         assoc_write(k, v, beta, n_heads=2, gating=1)
     with pytest.raises(ValueError, match="n_heads must be a positive int"):
         assoc_write(k, v, beta, n_heads=0)
+    with pytest.raises(TypeError, match="correction must be a bool, got str"):
+        assoc_write(k, v, beta, n_heads=2, correction="no")
+    with pytest.raises(TypeError, match="normalize must be a bool, got int"):
+        assoc_read(torch.randn(2, 5, 8), torch.randn(2, 5, 4), *_state(2, 2, 4, 8), n_heads=2, normalize=0)
 
 
 def test_launcher_formulas_cover_every_flag_combination():

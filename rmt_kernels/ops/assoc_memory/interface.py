@@ -333,8 +333,9 @@ def assoc_read(
     """
     q = _read_under_autocast(x, q)
     heads = _checks.check_assoc_read(x, q, A, z, n_heads)
+    _checks.check_flags(normalize=normalize, use_denom=use_denom)
     name = resolve_backend(backend, x.device, x.dtype)
-    return assoc_read_validated(x, q, A, z, heads, bool(normalize), bool(use_denom), name)
+    return assoc_read_validated(x, q, A, z, heads, normalize, use_denom, name)
 
 
 def assoc_read_validated(x, q, A, z, n_heads: int, normalize: bool, use_denom: bool, backend: str) -> Tensor:
@@ -386,8 +387,9 @@ def assoc_write(
     """
     k, v, b = _write_under_autocast(k, v, b)
     heads = _checks.check_assoc_write(k, v, b, A, z, n_heads, gating)
+    _checks.check_flags(normalize=normalize, use_denom=use_denom, correction=correction)
     name = resolve_backend(backend, k.device, k.dtype)
-    return assoc_write_validated(k, v, b, A, z, heads, bool(normalize), bool(use_denom), bool(correction), name)
+    return assoc_write_validated(k, v, b, A, z, heads, normalize, use_denom, correction, name)
 
 
 def assoc_write_validated(k, v, b, A, z, n_heads: int, normalize: bool, use_denom: bool, correction: bool,
