@@ -451,7 +451,7 @@ def test_integer_labels_mask_is_refused():
 
 
 def test_memory_cell_says_it_switches_the_attention(monkeypatch):
-    monkeypatch.setattr(rmt, "_switch_warned", False)
+    monkeypatch.setattr(hf, "SWITCH_WARNED", set())
     model = _gpt2()
     with pytest.warns(UserWarning, match="switched the attention.*'sdpa' to 'rmt_kernels' in place"):
         rmt.MemoryCell(model, M)
@@ -459,7 +459,7 @@ def test_memory_cell_says_it_switches_the_attention(monkeypatch):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rmt.MemoryCell(_gpt2(), M)  # once per process
-        monkeypatch.setattr(rmt, "_switch_warned", False)
+        monkeypatch.setattr(hf, "SWITCH_WARNED", set())
         rmt.MemoryCell(_gpt2(), M, attn_implementation="rmt_kernels")  # asked for explicitly: no warning
         kept = _gpt2()
         rmt.MemoryCell(kept, M, attn_implementation=None)

@@ -56,7 +56,6 @@ What differs is how it runs, and a few deliberate departures:
 
 from __future__ import annotations
 
-import warnings
 from typing import List, Optional
 
 import torch
@@ -81,34 +80,8 @@ from .rmt import RecurrentLMOutput, _as_int, _plain_embedding  # noqa: E402
 
 __all__ = ["AssociativeMemoryCell", "AssociativeRecurrentWrapper", "AssociativeLayerWrapper"]
 
-_AUTO = "auto"
+_AUTO = hf.AUTO
 SCHEDULES = ("sequential", "diagonal")
-_switch_warned = False
-
-
-def _switch_attention(base_model, attn_implementation) -> None:
-    """As :class:`rmt_kernels.integrations.rmt.MemoryCell`: ``"auto"`` switches to ``"rmt_kernels"``
-    in place (warning once), a name switches silently, None leaves the model alone."""
-    global _switch_warned
-    if attn_implementation is None:
-        return
-    auto = attn_implementation == _AUTO
-    if auto:
-        attn_implementation = hf.ATTN_IMPLEMENTATION
-    if attn_implementation == hf.ATTN_IMPLEMENTATION:
-        hf.register()
-    current = base_model.config._attn_implementation
-    if current == attn_implementation:
-        return
-    base_model.set_attn_implementation(attn_implementation)
-    if auto and not _switch_warned:
-        _switch_warned = True
-        warnings.warn(
-            f"AssociativeMemoryCell switched the attention of the {type(base_model).__name__} it was given from "
-            f"{current!r} to {attn_implementation!r} in place; pass attn_implementation={attn_implementation!r} "
-            "to do this without a warning, or attn_implementation=None to leave the model as it is",
-            UserWarning, stacklevel=3,
-        )
 
 
 class AssociativeMemoryCell(torch.nn.Module):
@@ -149,7 +122,7 @@ class AssociativeMemoryCell(torch.nn.Module):
             raise ValueError(f"num_mem_tokens and d_mem must be >= 1, got {num_mem_tokens} and {d_mem}")
         if not hasattr(base_model, "get_input_embeddings"):
             raise TypeError(f"base_model must be a transformers model, got {type(base_model).__name__}")
-        _switch_attention(base_model, attn_implementation)
+        hf.switch_attention(base_model, attn_implementation, "AssociativeMemoryCell")
         self.model = base_model
         self.num_mem_tokens = num_mem_tokens
         self.d_mem = d_mem

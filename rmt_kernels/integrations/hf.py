@@ -127,6 +127,38 @@ def register(name: str = ATTN_IMPLEMENTATION) -> str:
     return name
 
 
+AUTO = "auto"  # attn_implementation of the memory cells: switch to this attention, saying so once
+SWITCH_WARNED = set()  # the cells (by name) that have said so in this process
+
+
+def switch_attention(model, attn_implementation, who: str) -> None:
+    """What a memory cell (``who``: its class name) does with its ``attn_implementation`` argument:
+    ``"auto"`` switches ``model`` to ``"rmt_kernels"`` in place and warns once per ``who`` and process
+    that it did; a name switches to that attention silently (``"rmt_kernels"`` is registered first);
+    None leaves the model as it is."""
+    if attn_implementation is None:
+        return
+    auto = attn_implementation == AUTO
+    if auto:
+        attn_implementation = ATTN_IMPLEMENTATION
+    if attn_implementation == ATTN_IMPLEMENTATION:
+        register()
+    current = model.config._attn_implementation
+    if current == attn_implementation:
+        return
+    model.set_attn_implementation(attn_implementation)
+    if auto and who not in SWITCH_WARNED:
+        SWITCH_WARNED.add(who)
+        warnings.warn(
+            f"{who} switched the attention of the {type(model).__name__} it was given from {current!r} to "
+            f"{attn_implementation!r} in place (that object is changed for all its users); pass "
+            f"attn_implementation={attn_implementation!r} to do this without a warning, or "
+            "attn_implementation=None to leave the model as it is",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def as_layout(value) -> Optional[MemoryLayout]:
     """A :class:`MemoryLayout` from a layout, a mapping of its fields (as stored on a config) or None."""
     if value is None or isinstance(value, MemoryLayout):

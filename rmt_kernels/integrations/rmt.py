@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import numbers
 import re
-import warnings
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -73,8 +72,7 @@ from ..recurrent import SegmentDriver, StepOutput  # noqa: E402
 __all__ = ["MemoryCell", "RecurrentWrapper", "RecurrentLMOutput"]
 
 
-_AUTO = "auto"
-_switch_warned = False
+_AUTO = hf.AUTO
 
 
 _SEGMENT_KEY = re.compile(r"(logits|hidden_states)_(\d+)")
@@ -213,7 +211,6 @@ class MemoryCell(torch.nn.Module):
     """
 
     def __init__(self, base_model, num_mem_tokens: int, attn_implementation: Optional[str] = _AUTO):
-        global _switch_warned
         super().__init__()
         num_mem_tokens = _as_int("num_mem_tokens", num_mem_tokens)
         if num_mem_tokens < 1:
@@ -224,27 +221,7 @@ class MemoryCell(torch.nn.Module):
             raise TypeError(f"base_model must be a transformers model, got {type(base_model).__name__}")
         self.model = base_model
         self.create_memory(num_mem_tokens)
-        if attn_implementation is None:
-            return
-        auto = attn_implementation == _AUTO
-        if auto:
-            attn_implementation = hf.ATTN_IMPLEMENTATION
-        if attn_implementation == hf.ATTN_IMPLEMENTATION:
-            hf.register()
-        current = base_model.config._attn_implementation
-        if current == attn_implementation:
-            return
-        base_model.set_attn_implementation(attn_implementation)
-        if auto and not _switch_warned:
-            _switch_warned = True
-            warnings.warn(
-                f"MemoryCell switched the attention of the {type(base_model).__name__} it was given from "
-                f"{current!r} to {attn_implementation!r} in place (that object is changed for all its users); "
-                f"pass attn_implementation={attn_implementation!r} to do this without a warning, or "
-                "attn_implementation=None to leave the model as it is",
-                UserWarning,
-                stacklevel=2,
-            )
+        hf.switch_attention(base_model, attn_implementation, "MemoryCell")
 
     def create_memory(self, num_mem_tokens: int) -> None:
         """Create ``self.memory`` exactly as the original (same shape, init and RNG use)."""

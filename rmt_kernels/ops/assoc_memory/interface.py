@@ -10,8 +10,9 @@ Custom ops (``torch.library``, with fakes, so ``torch.compile(fullgraph=True)`` 
 
 Autograd is registered once per op for every backend. The read saves ``q``, ``A`` and ``z`` (the
 feature map is recomputed from ``q``, never stored); the write saves its inputs. Eager calls run the
-launchers through ``torch.autograd.Function`` without the custom-op machinery (``_Read``,
-``_Write``); under ``torch.compile`` the custom ops are what the graph holds.
+launchers through ``torch.autograd.Function`` s without the custom-op machinery (``_Read``,
+``_Write``, built by ``ops/_function.py``); under ``torch.compile`` the custom ops are what the graph
+holds.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ... import _checks, backends
+from .. import _function
 from . import torch_impl, triton_launch
 
 OP_READ = "assoc_read"
@@ -119,31 +121,8 @@ def _read_backward(ctx, dy):
 torch.library.register_autograd("rmt_kernels::assoc_read_fwd", _read_backward, setup_context=_read_setup)
 
 
-# _ONE_CALL: the eager Functions below define ``forward(ctx, ...)`` and call the custom op's setup
-# themselves, rather than ``forward`` + ``setup_context``: torch binds the arguments of a Function that
-# has a ``setup_context`` with ``inspect.signature`` on every call (measured on CPU: an eager pack with
-# autograd went from 73 to 38 us). functorch needs ``setup_context``: under ``torch.func`` transforms
-# the ``*Func`` twins run instead (same functions).
-
-
-class _Read(torch.autograd.Function):
-    """Eager autograd of the read: the custom op's setup and backward on a direct launch."""
-
-    @staticmethod
-    def forward(ctx, *args):  # old style: see _ONE_CALL
-        out = _read_fwd(*args)
-        _read_setup(ctx, args, out)
-        return out
-
-    backward = staticmethod(_read_backward)
-
-
-class _ReadFunc(torch.autograd.Function):
-    """_Read with ``setup_context``, for ``torch.func`` transforms (see _ONE_CALL)."""
-
-    forward = staticmethod(_read_fwd)
-    setup_context = staticmethod(_read_setup)
-    backward = staticmethod(_read_backward)
+# Eager autograd (ops/_function.py): the custom op's setup and backward on a direct launch.
+_Read = _function.eager_functions("_Read", _read_fwd, _read_setup, _read_backward)
 
 
 # --------------------------------------------------------------------------- custom ops: write
@@ -223,24 +202,8 @@ def _write_backward(ctx, dA_new, dz_new):
 torch.library.register_autograd("rmt_kernels::assoc_write_fwd", _write_backward, setup_context=_write_setup)
 
 
-class _Write(torch.autograd.Function):
-    """Eager autograd of the write: the custom op's setup and backward on a direct launch."""
-
-    @staticmethod
-    def forward(ctx, *args):  # old style: see _ONE_CALL
-        out = _write_fwd(*args)
-        _write_setup(ctx, args, out)
-        return out
-
-    backward = staticmethod(_write_backward)
-
-
-class _WriteFunc(torch.autograd.Function):
-    """_Write with ``setup_context``, for ``torch.func`` transforms (see _ONE_CALL)."""
-
-    forward = staticmethod(_write_fwd)
-    setup_context = staticmethod(_write_setup)
-    backward = staticmethod(_write_backward)
+# Eager autograd (ops/_function.py): the custom op's setup and backward on a direct launch.
+_Write = _function.eager_functions("_Write", _write_fwd, _write_setup, _write_backward)
 
 
 # --------------------------------------------------------------------------- public
@@ -347,8 +310,7 @@ def assoc_read_validated(x, q, A, z, n_heads: int, normalize: bool, use_denom: b
         if _checks._is_compiling():
             return assoc_read_fwd_op(x, q, A, z, n_heads, normalize, use_denom, backend)
         if _needs_graph(x, q, A, z):
-            fn = _ReadFunc if _checks.functorch_active() else _Read
-            return fn.apply(x, q, A, z, n_heads, normalize, use_denom, backend)
+            return _function.apply(_Read, x, q, A, z, n_heads, normalize, use_denom, backend)
         return _read_fwd(x, q, A, z, n_heads, normalize, use_denom, backend)
 
 
@@ -402,6 +364,5 @@ def assoc_write_validated(k, v, b, A, z, n_heads: int, normalize: bool, use_deno
         if _checks._is_compiling():
             return assoc_write_fwd_op(k, v, b, A, z, n_heads, normalize, use_denom, correction, backend)
         if _needs_graph(k, v, b, A, z):
-            fn = _WriteFunc if _checks.functorch_active() else _Write
-            return fn.apply(k, v, b, A, z, n_heads, normalize, use_denom, correction, backend)
+            return _function.apply(_Write, k, v, b, A, z, n_heads, normalize, use_denom, correction, backend)
         return _write_fwd(k, v, b, A, z, n_heads, normalize, use_denom, correction, backend)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ... import _checks, _extension, backends
+from .. import _function
 from ...layout import MemoryLayout
 from .._alloc import alloc_packed
 from . import cuda, torch_impl, triton_launch
@@ -272,51 +273,9 @@ torch.library.register_autograd(
 )
 
 
-# _ONE_CALL: the eager Functions below define ``forward(ctx, ...)`` and call the custom op's setup
-# themselves, rather than ``forward`` + ``setup_context``: torch binds the arguments of a Function that
-# has a ``setup_context`` with ``inspect.signature`` on every call (measured on CPU: an eager pack with
-# autograd went from 73 to 38 us). functorch needs ``setup_context``: under ``torch.func`` transforms
-# the ``*Func`` twins run instead (same functions).
-
-
-class _Pack(torch.autograd.Function):
-    """Eager autograd of the pack: the custom op's setup and backward on a direct launch."""
-
-    @staticmethod
-    def forward(ctx, *args):  # old style: see _ONE_CALL
-        out = _pack_fwd(*args)
-        _pack_setup(ctx, args, out)
-        return out
-
-    backward = staticmethod(_pack_backward)
-
-
-class _PackFunc(torch.autograd.Function):
-    """_Pack with ``setup_context``, for ``torch.func`` transforms (see _ONE_CALL)."""
-
-    forward = staticmethod(_pack_fwd)
-    setup_context = staticmethod(_pack_setup)
-    backward = staticmethod(_pack_backward)
-
-
-class _PackIds(torch.autograd.Function):
-    """Eager autograd of the pack from ids: the custom op's setup and backward on a direct launch."""
-
-    @staticmethod
-    def forward(ctx, *args):  # old style: see _ONE_CALL
-        out = _pack_ids_fwd(*args)
-        _pack_ids_setup(ctx, args, out)
-        return out
-
-    backward = staticmethod(_pack_ids_backward)
-
-
-class _PackIdsFunc(torch.autograd.Function):
-    """_PackIds with ``setup_context``, for ``torch.func`` transforms (see _ONE_CALL)."""
-
-    forward = staticmethod(_pack_ids_fwd)
-    setup_context = staticmethod(_pack_ids_setup)
-    backward = staticmethod(_pack_ids_backward)
+# Eager autograd (ops/_function.py): the custom ops' setup and backward on a direct launch.
+_Pack = _function.eager_functions("_Pack", _pack_fwd, _pack_setup, _pack_backward)
+_PackIds = _function.eager_functions("_PackIds", _pack_ids_fwd, _pack_ids_setup, _pack_ids_backward)
 
 
 # --------------------------------------------------------------------------- public
@@ -461,10 +420,8 @@ def pack_validated(
     sources = (segment if embedding_weight is None else embedding_weight, read, write)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources):
         if embedding_weight is None:
-            fn = _PackFunc if _checks.functorch_active() else _Pack
-            return fn.apply(segment, read, write, r, w, tied, backend)
-        fn = _PackIdsFunc if _checks.functorch_active() else _PackIds
-        return fn.apply(segment, embedding_weight, read, write, r, w, tied, backend)
+            return _function.apply(_Pack, segment, read, write, r, w, tied, backend)
+        return _function.apply(_PackIds, segment, embedding_weight, read, write, r, w, tied, backend)
     if embedding_weight is None:
         return _pack_fwd(segment, read, write, r, w, tied, backend)
     return _pack_ids_fwd(segment, embedding_weight, read, write, r, w, tied, backend)
