@@ -147,6 +147,32 @@ def test_write_bwd_without_incoming_grads(device, poisoned, first):
             _check(name, g, r, bs, F32)
 
 
+@pytest.mark.parametrize("lanes,d_mem,dtype,flags", [
+    pytest.param(16, 16, F32, True, id="p16-forced-halves-fp32"),
+    pytest.param(16, 16, BF16, False, id="p16-forced-halves-bf16-noflags"),
+    pytest.param(128, 128, F32, True, id="p128-halves"),
+])
+def test_dq_dk_lane_halves(device, poisoned, monkeypatch, lanes, d_mem, dtype, flags):
+    """The dq / dk kernels in lane halves (``BLOCK_F = TWO_P / 2``, what p = 128 compiles): forced at
+    p = 16, and p = 128 itself at a few rows, read and write, later segments, strided inputs."""
+    monkeypatch.setattr(triton_launch, "_PIECE_LANES", lanes)
+    for cfg in (triton_launch.read_bwd_dq_config(d_mem, 16), triton_launch.write_bwd_dk_config(d_mem, 16, 5)):
+        assert 2 * cfg["BLOCK_F"] == triton_launch.two_p(d_mem)
+    test_read_matches_torch_impl(device, poisoned, 2, 19, d_mem, 16, 1, flags, flags, dtype, True)
+    test_write_matches_torch_impl(device, poisoned, 1, 5, d_mem, 32, 1, flags, flags, flags,
+                                  True, False, dtype, True)
+
+
+def test_state_view_keeps_offsets_in_int32():
+    """The kernels read a head's state matrix with int32 offsets: a view whose strides would overflow
+    them is copied, any real state is passed as it is."""
+    ok = torch.empty_strided((2, 3, 48, 16), (48 * 64, 48 * 16, 1, 48), device="meta")
+    assert triton_launch._state_view(ok) is ok
+    wide = torch.empty_strided((1, 2, 6, 4), (1, 1, 2 ** 30, 1), device="meta")
+    assert triton_launch._state_view(wide).stride() == (48, 24, 4, 1)
+    assert triton_launch._state_view(None) is None
+
+
 def test_import_does_not_load_triton():
     import subprocess
     import sys

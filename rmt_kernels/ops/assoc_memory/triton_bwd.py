@@ -2,13 +2,15 @@
 and ``write_bwd_torch``).
 
 Read: ``_assoc_read_bwd_dq_kernel`` (one program per head and row block) loops over the three feature
-pieces; per piece it accumulates ``G_j = dy A_j^T`` over the value columns (one ``[BLOCK_M, TWO_P]``
+pieces; per piece it accumulates ``G_j = dy A_j^T`` over the value columns (one ``[BLOCK_M, BLOCK_F]``
 accumulator) and folds it into the feature backward at once, by linearity:
 ``dG = sum_j L_j(G_j)`` (``L_j``: the backward of ``phi_j`` with respect to ``r``,
 ``triton_common._lmap``) and the row sums ``phi . G``, ``phi . z``; then ``d den`` and the
 normalisation's projection, and a second pass over the pieces (no products) adds
 ``sum_j L_j(d den z_j - proj phi_j)``: ``dr = (dG / den + sum_j L_j(d den z_j - proj phi_j)) / |phi|``,
-with only ``r``, ``dr`` and one piece's tiles live at a time.
+with only ``dr`` and one piece's tiles live at a time (``r`` is reloaded per piece). At ``p = 128`` each
+piece is processed in two lane halves (``BLOCK_F = TWO_P / 2``: ``G_j``'s value loop runs once per half,
+``dr`` is two half tiles, ``triton_common._fold``).
 It stores ``dq`` and per-row ``den``, ``d den`` and ``|phi|`` (float32 ``[3, B H, N]``);
 ``_assoc_read_bwd_da_kernel`` (one program per head, value block and feature piece; loops over the
 rows) accumulates ``dA_J = phi_J^T (dy / den)`` and ``dz_J = phi_J^T d den``.
@@ -17,7 +19,8 @@ Write: ``_assoc_write_bwd_rows_kernel`` (per head and block of memory rows; loop
 columns, features in ``BLOCK_K`` chunks) produces ``dv``, ``db``, the rows' ``den``/``d den``/
 ``gamma``/``|phi|`` and two float32 scratch rows per memory row, ``w = beta (v - vbar)`` and
 ``dnum = -beta (phi dA') / den``; ``_assoc_write_bwd_dk_kernel`` (same grid) produces ``dk`` from
-``df_j = w dA'_j^T + dnum A_j^T + gamma dz'_j + d den z_j``, one piece at a time as the read's ``dq``;
+``df_j = w dA'_j^T + dnum A_j^T + gamma dz'_j + d den z_j``, one piece (or lane half) at a time as the
+read's ``dq``, the two products in value loops of their own;
 ``_assoc_write_bwd_state_kernel`` (per head, value block and feature piece; later segments only)
 produces the old state's ``dA_J = dA'_J + phi_J^T dnum``, ``dz_J = dz'_J + phi_J^T d den``. Every
 reduction is a loop inside one program: no atomics, deterministic.
@@ -32,8 +35,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import EPS, NORM_EPS, _f_chunk, _feature_norm, _lmap, _r_chunk, _state_chunk, _store_du, \
-    _store_state_chunk, _store_vec_chunk, _vec_chunk
+from .triton_common import EPS, NORM_EPS, _f_chunk, _feature_norm, _fold, _r_chunk, _state_chunk, \
+    _store_du, _store_state_chunk, _store_vec_chunk, _vec_chunk
 
 
 @triton.jit
@@ -47,7 +50,8 @@ def _assoc_read_bwd_dq_kernel(
     sz_b, sz_h, sz_k,
     s_plane,
     NORMALIZE: tl.constexpr, USE_DENOM: tl.constexpr, P: tl.constexpr, TWO_P: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     # Grid: (B * H, cdiv(N, BLOCK_M)). df_j = G_j / den + d den z_j with d den = -(phi . G) / den^2;
     # the feature backward is linear in df, so each piece is folded in as soon as G_j is complete.
@@ -67,34 +71,38 @@ def _assoc_read_bwd_dq_kernel(
     if NORMALIZE:
         norm = _feature_norm(q_ptr, q_off, rmask, sq_d, BLOCK_M, P, TWO_P, BLOCK_K)
         tl.store(stat_ptr + 2 * s_plane + stat_off, norm, mask=rmask)
-    r0 = _r_chunk(q_ptr, q_off, rmask, sq_d, 0, 0, P, TWO_P)
-    d_r = tl.zeros([BLOCK_M, TWO_P], dtype=tl.float32)
+    d_r = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
+    d_r2 = tl.zeros([BLOCK_M, (TWO_P // BLOCK_F - 1) * BLOCK_F + BLOCK_F // TWO_P], dtype=tl.float32)
     fg = tl.zeros([BLOCK_M], dtype=tl.float32)
     den = tl.zeros([BLOCK_M], dtype=tl.float32)
     for j in tl.range(1, 4, loop_unroll_factor=1):
-        g = tl.zeros([BLOCK_M, TWO_P], dtype=tl.float32)
-        for c0 in range(0, DV, BLOCK_DV):
-            cols = c0 + tl.arange(0, BLOCK_DV)
-            cmask = cols < DV
-            gcols = (h * DV + cols).to(tl.int64)
-            dy = tl.load(dy_ptr + dy_off[:, None] + (gcols * sdy_d)[None, :],
-                         mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-            g = tl.dot(dy, tl.trans(_state_chunk(a_ptr, a_base, sa_k, sa_v, j, 0, cols, cmask, P, TWO_P)), g,
-                       input_precision=DOT_PREC)
-        rj = _r_chunk(q_ptr, q_off, rmask, sq_d, j, 0, P, TWO_P)
-        f = r0 * rj
-        if NORMALIZE:
-            f = f / norm[:, None]
-        fg += tl.sum(f * g, axis=1)
-        d_r += _lmap(g, r0, rj, j, BLOCK_M, P, TWO_P)
-        if USE_DENOM:
-            den += tl.sum(f * _vec_chunk(z_ptr, z_base, sz_k, j, 0, P, TWO_P)[None, :], axis=1)
+        # Lane blocks of BLOCK_F (the whole piece but at p = 128): G_j's lanes [off, off + BLOCK_F).
+        for off in tl.static_range(0, TWO_P, BLOCK_F):
+            g = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
+            for c0 in range(0, DV, BLOCK_DV):
+                cols = c0 + tl.arange(0, BLOCK_DV)
+                cmask = cols < DV
+                gcols = (h * DV + cols).to(tl.int64)
+                dy = tl.load(dy_ptr + dy_off[:, None] + (gcols * sdy_d)[None, :],
+                             mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                g = tl.dot(dy, tl.trans(_state_chunk(a_ptr, a_base, sa_k, sa_v, j, off, cols, cmask, P, BLOCK_F)),
+                           g, input_precision=DOT_PREC)
+            r0 = _r_chunk(q_ptr, q_off, rmask, sq_d, 0, off, P, BLOCK_F)
+            rj = _r_chunk(q_ptr, q_off, rmask, sq_d, j, off, P, BLOCK_F)
+            f = r0 * rj
+            if NORMALIZE:
+                f = f / norm[:, None]
+            fg += tl.sum(f * g, axis=1)
+            d_r, d_r2 = _fold(d_r, d_r2, g, r0, rj, j, off, BLOCK_M, P, TWO_P, BLOCK_F)
+            if USE_DENOM:
+                den += tl.sum(f * _vec_chunk(z_ptr, z_base, sz_k, j, off, P, BLOCK_F)[None, :], axis=1)
     dden = tl.zeros([BLOCK_M], dtype=tl.float32)
     if USE_DENOM:
         fz = den
         den += EPS
         dden = -(fg / den) / den
         d_r = d_r / den[:, None]
+        d_r2 = d_r2 / den[:, None]
         proj = fg / den + dden * fz
         tl.store(stat_ptr + stat_off, den, mask=rmask)
         tl.store(stat_ptr + s_plane + stat_off, dden, mask=rmask)
@@ -102,20 +110,25 @@ def _assoc_read_bwd_dq_kernel(
         proj = fg
     if USE_DENOM or NORMALIZE:
         # The rest of dr = sum_j L_j(d den z_j - proj phi_j) (linearity): a second pass over the pieces,
-        # so that only r0, dr and one piece's tiles are live in the value loop above.
+        # so that only dr and one piece's tiles are live in the value loop above.
         proj = tl.where(norm > NORM_EPS, proj, 0.0)
         for j in tl.range(1, 4, loop_unroll_factor=1):
-            rj = _r_chunk(q_ptr, q_off, rmask, sq_d, j, 0, P, TWO_P)
-            x = tl.zeros([BLOCK_M, TWO_P], dtype=tl.float32)
-            if USE_DENOM:
-                x += dden[:, None] * _vec_chunk(z_ptr, z_base, sz_k, j, 0, P, TWO_P)[None, :]
-            if NORMALIZE:
-                x -= proj[:, None] * (r0 * rj / norm[:, None])
-            d_r += _lmap(x, r0, rj, j, BLOCK_M, P, TWO_P)
+            for off in tl.static_range(0, TWO_P, BLOCK_F):
+                r0 = _r_chunk(q_ptr, q_off, rmask, sq_d, 0, off, P, BLOCK_F)
+                rj = _r_chunk(q_ptr, q_off, rmask, sq_d, j, off, P, BLOCK_F)
+                x = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
+                if USE_DENOM:
+                    x += dden[:, None] * _vec_chunk(z_ptr, z_base, sz_k, j, off, P, BLOCK_F)[None, :]
+                if NORMALIZE:
+                    x -= proj[:, None] * (r0 * rj / norm[:, None])
+                d_r, d_r2 = _fold(d_r, d_r2, x, r0, rj, j, off, BLOCK_M, P, TWO_P, BLOCK_F)
     if NORMALIZE:
         d_r = d_r / norm[:, None]
+        d_r2 = d_r2 / norm[:, None]
     dq_off = b * sdq_b + rows64 * sdq_n + h * P * sdq_d
-    _store_du(dq_ptr, dq_off, sdq_d, q_ptr, q_off, rmask, sq_d, d_r, P, TWO_P)
+    _store_du(dq_ptr, dq_off, sdq_d, q_ptr, q_off, rmask, sq_d, d_r, 0, P, BLOCK_F)
+    if BLOCK_F < TWO_P:
+        _store_du(dq_ptr, dq_off, sdq_d, q_ptr, q_off, rmask, sq_d, d_r2, BLOCK_F, P, BLOCK_F)
 
 
 @triton.jit
@@ -218,6 +231,11 @@ def _assoc_write_bwd_rows_kernel(
                     n2 += EPS
                 n2 = tl.where(rmask, n2, 1.0)  # padded rows: no 0/0
                 gamma = tl.minimum(tl.maximum(1.0 - den / n2, 0.0), 1.0)
+    # The per-row statistics known before the value loop are stored now (fewer values live over it).
+    stat_off = pid_bh.to(tl.int64) * M + rows64
+    tl.store(stat_ptr + stat_off, den, mask=rmask)
+    tl.store(stat_ptr + 2 * s_plane + stat_off, gamma, mask=rmask)
+    tl.store(stat_ptr + 3 * s_plane + stat_off, norm, mask=rmask)
     beta_h = tl.zeros([BLOCK_M], dtype=tl.float32)
     if not GATING:
         logit = tl.load(b_ptr + b * sb_b + rows64 * sb_m + h * sb_d, mask=rmask, other=0.0).to(tl.float32)
@@ -273,11 +291,7 @@ def _assoc_write_bwd_rows_kernel(
     if not GATING:
         tl.store(db_ptr + b * sdb_b + rows64 * sdb_m + h * sdb_d,
                  (dbeta * beta_h * (1.0 - beta_h)).to(db_ptr.dtype.element_ty), mask=rmask)
-    stat_off = pid_bh.to(tl.int64) * M + rows64
-    tl.store(stat_ptr + stat_off, den, mask=rmask)
-    tl.store(stat_ptr + s_plane + stat_off, dden, mask=rmask)
-    tl.store(stat_ptr + 2 * s_plane + stat_off, gamma, mask=rmask)
-    tl.store(stat_ptr + 3 * s_plane + stat_off, norm, mask=rmask)
+    tl.store(stat_ptr + s_plane + pid_bh.to(tl.int64) * M + rows64, dden, mask=rmask)
 
 
 @triton.jit
@@ -292,7 +306,8 @@ def _assoc_write_bwd_dk_kernel(
     sz_b, sz_h, sz_k,
     s_plane, s_scr,
     HAS_STATE: tl.constexpr, NORMALIZE: tl.constexpr, USE_DENOM: tl.constexpr, P: tl.constexpr,
-    TWO_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
+    TWO_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_F: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     # Grid: (B * H, cdiv(M, BLOCK_M)). Per piece j: G_j = w dA'_j^T + dnum A_j^T over the value columns
     # (scratch rows of the rows kernel), df_j = G_j + gamma dz'_j + d den z_j, folded into
@@ -314,41 +329,60 @@ def _assoc_write_bwd_dk_kernel(
     dan_base = b * sdan_b + h * sdan_h
     dzn_base = b * sdzn_b + h * sdzn_h
     scr_row = (pid_bh.to(tl.int64) * M + rows64) * DV
-    r0 = _r_chunk(k_ptr, k_off, rmask, sk_d, 0, 0, P, TWO_P)
-    d_r = tl.zeros([BLOCK_M, TWO_P], dtype=tl.float32)
+    d_r = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
+    d_r2 = tl.zeros([BLOCK_M, (TWO_P // BLOCK_F - 1) * BLOCK_F + BLOCK_F // TWO_P], dtype=tl.float32)
     proj = tl.zeros([BLOCK_M], dtype=tl.float32)
     for j in tl.range(1, 4, loop_unroll_factor=1):
-        g = tl.zeros([BLOCK_M, TWO_P], dtype=tl.float32)
-        for v0 in range(0, DV, BLOCK_DV):
-            cols = v0 + tl.arange(0, BLOCK_DV)
-            cmask = cols < DV
-            mask = rmask[:, None] & cmask[None, :]
-            scr = scr_ptr + scr_row[:, None] + cols[None, :]
-            w = tl.load(scr, mask=mask, other=0.0)
-            g = tl.dot(w, tl.trans(_state_chunk(dan_ptr, dan_base, sdan_k, sdan_v, j, 0, cols, cmask, P, TWO_P)),
-                       g, input_precision=DOT_PREC)
+        # Lane blocks of BLOCK_F (the whole piece but at p = 128): G_j's lanes [off, off + BLOCK_F).
+        for off in tl.static_range(0, TWO_P, BLOCK_F):
+            g = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
+            for v0 in range(0, DV, BLOCK_DV):
+                cols = v0 + tl.arange(0, BLOCK_DV)
+                cmask = cols < DV
+                w = tl.load(scr_ptr + scr_row[:, None] + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                            other=0.0)
+                g = tl.dot(w, tl.trans(_state_chunk(dan_ptr, dan_base, sdan_k, sdan_v, j, off, cols, cmask, P,
+                                                    BLOCK_F)), g, input_precision=DOT_PREC)
+                if HAS_STATE:
+                    if BLOCK_F == TWO_P:
+                        dnum = tl.load(scr_ptr + s_scr + scr_row[:, None] + cols[None, :],
+                                       mask=rmask[:, None] & cmask[None, :], other=0.0)
+                        g = tl.dot(dnum, tl.trans(_state_chunk(a_ptr, a_base, sa_k, sa_v, j, off, cols, cmask, P,
+                                                               BLOCK_F)), g, input_precision=DOT_PREC)
+            if HAS_STATE and BLOCK_F < TWO_P:
+                # Lane halves: a loop of its own, one scratch tile and one state tile live at a time.
+                for v0 in range(0, DV, BLOCK_DV):
+                    cols = v0 + tl.arange(0, BLOCK_DV)
+                    cmask = cols < DV
+                    dnum = tl.load(scr_ptr + s_scr + scr_row[:, None] + cols[None, :],
+                                   mask=rmask[:, None] & cmask[None, :], other=0.0)
+                    g = tl.dot(dnum, tl.trans(_state_chunk(a_ptr, a_base, sa_k, sa_v, j, off, cols, cmask, P,
+                                                           BLOCK_F)), g, input_precision=DOT_PREC)
+            g += gamma[:, None] * _vec_chunk(dzn_ptr, dzn_base, sdzn_k, j, off, P, BLOCK_F)[None, :]
             if HAS_STATE:
-                dnum = tl.load(scr + s_scr, mask=mask, other=0.0)
-                g = tl.dot(dnum, tl.trans(_state_chunk(a_ptr, a_base, sa_k, sa_v, j, 0, cols, cmask, P, TWO_P)),
-                           g, input_precision=DOT_PREC)
-        g += gamma[:, None] * _vec_chunk(dzn_ptr, dzn_base, sdzn_k, j, 0, P, TWO_P)[None, :]
-        if HAS_STATE:
-            if USE_DENOM:
-                g += dden[:, None] * _vec_chunk(z_ptr, z_base, sz_k, j, 0, P, TWO_P)[None, :]
-        rj = _r_chunk(k_ptr, k_off, rmask, sk_d, j, 0, P, TWO_P)
-        d_r += _lmap(g, r0, rj, j, BLOCK_M, P, TWO_P)
-        if NORMALIZE:
-            proj += tl.sum(r0 * rj / norm[:, None] * g, axis=1)
+                if USE_DENOM:
+                    g += dden[:, None] * _vec_chunk(z_ptr, z_base, sz_k, j, off, P, BLOCK_F)[None, :]
+            r0 = _r_chunk(k_ptr, k_off, rmask, sk_d, 0, off, P, BLOCK_F)
+            rj = _r_chunk(k_ptr, k_off, rmask, sk_d, j, off, P, BLOCK_F)
+            d_r, d_r2 = _fold(d_r, d_r2, g, r0, rj, j, off, BLOCK_M, P, TWO_P, BLOCK_F)
+            if NORMALIZE:
+                proj += tl.sum(r0 * rj / norm[:, None] * g, axis=1)
     if NORMALIZE:
         # The normalisation's part, -proj sum_j L_j(phi_j) (linearity): a second pass over the pieces,
-        # so that only r0, dR and one piece's tiles are live in the value loop above.
+        # so that only dR and one piece's tiles are live in the value loop above.
         proj = tl.where(norm > NORM_EPS, proj, 0.0)
         for j in tl.range(1, 4, loop_unroll_factor=1):
-            rj = _r_chunk(k_ptr, k_off, rmask, sk_d, j, 0, P, TWO_P)
-            d_r += _lmap(-proj[:, None] * (r0 * rj / norm[:, None]), r0, rj, j, BLOCK_M, P, TWO_P)
+            for off in tl.static_range(0, TWO_P, BLOCK_F):
+                r0 = _r_chunk(k_ptr, k_off, rmask, sk_d, 0, off, P, BLOCK_F)
+                rj = _r_chunk(k_ptr, k_off, rmask, sk_d, j, off, P, BLOCK_F)
+                d_r, d_r2 = _fold(d_r, d_r2, -proj[:, None] * (r0 * rj / norm[:, None]), r0, rj, j, off, BLOCK_M,
+                                  P, TWO_P, BLOCK_F)
         d_r = d_r / norm[:, None]
+        d_r2 = d_r2 / norm[:, None]
     dk_off = b * sdk_b + rows64 * sdk_m + h * P * sdk_d
-    _store_du(dk_ptr, dk_off, sdk_d, k_ptr, k_off, rmask, sk_d, d_r, P, TWO_P)
+    _store_du(dk_ptr, dk_off, sdk_d, k_ptr, k_off, rmask, sk_d, d_r, 0, P, BLOCK_F)
+    if BLOCK_F < TWO_P:
+        _store_du(dk_ptr, dk_off, sdk_d, k_ptr, k_off, rmask, sk_d, d_r2, BLOCK_F, P, BLOCK_F)
 
 
 @triton.jit

@@ -15,9 +15,11 @@ The chunks of the flattened feature vector are numbered ``t = 0 .. 3 TWO_P / BLO
 ``j = t BLOCK_K // TWO_P + 1``, lanes ``c0 = t BLOCK_K mod TWO_P``; the state rows of a chunk are
 ``(j - 1) 2p + c0 + [0, BLOCK_K)``.
 
-The feature backward (:func:`_lmap`, :func:`_store_du`) works on full ``[BLOCK_M, TWO_P]`` tiles of
-one piece at a time: ``roll(x, -j)`` is a ``tl.gather`` along the lanes (no product, no permutation
-matrix). This module imports triton.
+The feature backward (:func:`_lmap`, :func:`_fold`, :func:`_store_du`) works on ``[BLOCK_M, BF]`` tiles
+of one piece at a time, ``BF`` the piece's ``TWO_P`` lanes or, at ``p = 128`` (``TWO_P = 2p = 256``), one
+half of them (``[16, 256]`` tiles spill): ``roll(x, -j)`` is a ``tl.gather`` along the lanes (no
+product, no permutation matrix), and with halves, the last ``j`` lanes of a half's roll land in the
+other half. This module imports triton.
 
 Precision (every kernel): the products run on tensor cores in float32 with ``input_precision``
 ``DOT_PREC``: ``"tf32"`` for 16-bit inputs, and for float32 inputs ``"tf32x3"`` (float32-accurate)
@@ -80,11 +82,12 @@ def _f_chunk(u_ptr, row_off, row_mask, su_d, norm, J, c0, NORMALIZE: tl.constexp
 @triton.jit
 def _state_chunk(s_ptr, base, sk, sv, J, c0, cols, col_mask, P: tl.constexpr, BK: tl.constexpr):
     """Rows ``(J - 1) 2p + [c0, c0 + BK)`` of a ``[K, dv]`` state matrix at columns ``cols``:
-    ``[BK, BLOCK_DV]`` float32 (``base``: the int64 offset of the head's matrix)."""
+    ``[BK, BLOCK_DV]`` float32 (``base``: the int64 offset of the head's matrix; the offsets inside it
+    are int32, which the launchers guarantee: ``triton_launch._state_view``)."""
     i = c0 + tl.arange(0, BK)
     rows = (J - 1) * 2 * P + i
     mask = (i < 2 * P)[:, None] & col_mask[None, :]
-    return tl.load(s_ptr + base + (rows * sk)[:, None] + (cols.to(tl.int64) * sv)[None, :], mask=mask,
+    return tl.load((s_ptr + base) + ((rows * sk)[:, None] + (cols * sv)[None, :]), mask=mask,
                    other=0.0).to(tl.float32)
 
 
@@ -120,12 +123,40 @@ def _lmap(x, r0, rj, J, BLOCK_M: tl.constexpr, P: tl.constexpr, TWO_P: tl.conste
 
 
 @triton.jit
-def _store_du(du_ptr, du_off, sdu_d, u_ptr, row_off, row_mask, su_d, dr, P: tl.constexpr, TWO_P: tl.constexpr):
-    """``du[c] = dr[c] (u[c] > 0) - dr[c + p] (u[c] < 0)`` from ``dr`` ``[BM, TWO_P]`` (the gradient on
-    ``r``), stored to the ``p`` columns of ``du`` at ``du_off`` (int64, head column included) in
-    ``du``'s dtype: lane ``c`` writes column ``c`` where ``u[c] >= 0``, lane ``c + p`` where
+def _fold(d_r, d_r2, x, r0, rj, J, off: tl.constexpr, BLOCK_M: tl.constexpr, P: tl.constexpr, TWO_P: tl.constexpr,
+          BF: tl.constexpr):
+    """Adds :func:`_lmap` of lanes ``[off, off + BF)`` of a piece (``x``, ``r0``, ``rj``: ``[BM, BF]``) to
+    the gradient on ``r``: ``d_r`` (lanes ``[0, BF)``) and, when ``BF < TWO_P``, ``d_r2`` (lanes
+    ``[BF, 2 BF)``; then ``TWO_P == 2p == 2 BF``, and ``roll(., -J)`` of one half is a roll inside it whose
+    last ``J`` lanes land in the other half). ``BF == TWO_P``: ``d_r2`` (a ``[BM, 1]`` placeholder) is
+    returned unchanged."""
+    if BF == TWO_P:
+        d_r += _lmap(x, r0, rj, J, BLOCK_M, P, TWO_P)
+    else:
+        tl.static_assert(2 * BF == TWO_P)
+        tl.static_assert(TWO_P == 2 * P)
+        lane = tl.arange(0, BF)[None, :]
+        rolled = tl.gather(x * r0, tl.broadcast_to((lane + J) % BF, (BLOCK_M, BF)), 1)
+        keep = lane < BF - J
+        own = x * rj + tl.where(keep, rolled, 0.0)
+        other = tl.where(keep, 0.0, rolled)
+        if off == 0:
+            d_r += own
+            d_r2 += other
+        else:
+            d_r2 += own
+            d_r += other
+    return d_r, d_r2
+
+
+@triton.jit
+def _store_du(du_ptr, du_off, sdu_d, u_ptr, row_off, row_mask, su_d, dr, off: tl.constexpr, P: tl.constexpr,
+              BF: tl.constexpr):
+    """``du[c] = dr[c] (u[c] > 0) - dr[c + p] (u[c] < 0)`` from ``dr`` ``[BM, BF]`` (lanes ``[off, off + BF)``
+    of the gradient on ``r``), stored to the ``p`` columns of ``du`` at ``du_off`` (int64, head column
+    included) in ``du``'s dtype: lane ``c`` writes column ``c`` where ``u[c] >= 0``, lane ``c + p`` where
     ``u[c] < 0``, so each column has one writer."""
-    i = tl.arange(0, TWO_P)
+    i = off + tl.arange(0, BF)
     col = i % P
     lo = i < P
     valid = row_mask[:, None] & (i < 2 * P)[None, :]

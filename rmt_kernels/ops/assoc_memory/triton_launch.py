@@ -39,6 +39,9 @@ _BLOCK_K = 32
 # over their value loop (the accumulator G_j and the feature backward's sums): 4096 is 16 registers a
 # thread at 8 warps, and the dq / dk kernels keep about five of them.
 _ROW_TILE = 2048
+# Lanes of a feature piece the dq / dk kernels accumulate at a time (BLOCK_F): the whole piece up to
+# p = 64, halves of it at p = 128 ([16, 256] tiles spill there).
+_PIECE_LANES = 128
 # Elements of the [TWO_P, BLOCK_DV] float32 state accumulator of the per-piece kernels.
 _STATE_TILE = 8192
 
@@ -64,6 +67,13 @@ def _block_dv(dv: int, cap: int) -> int:
     return max(16, min(_next_pow2(max(dv, 1)), cap))
 
 
+def _block_f(p: int) -> int:
+    """Lanes of a piece per lane block of the dq / dk kernels: the piece, or halves of it when it is
+    wider than :data:`_PIECE_LANES` and ``2p`` is a power of two (``triton_common._fold``)."""
+    tp = two_p(p)
+    return tp // 2 if tp > _PIECE_LANES and tp == 2 * p else tp
+
+
 def _row_block(m: int, cap: int) -> int:
     return max(16, min(_next_pow2(max(m, 1)), cap))
 
@@ -77,13 +87,15 @@ def read_fwd_config(p: int, dv: int) -> dict:
 
 def read_bwd_dq_config(p: int, dv: int) -> dict:
     """``_assoc_read_bwd_dq_kernel``: about four ``[BLOCK_M, 2p]`` tiles live over the value loop; at
-    ``p = 16`` 32 rows (64 spill with ``"tf32x3"`` on sm_80), at ``p = 128`` ``[2p, 16]`` state tiles."""
+    ``p = 16`` 32 rows (64 spill with ``"tf32x3"`` on sm_80), ``[2p, 16]`` state tiles at ``p = 32``
+    (ptxas caps the common specialisation at 128 registers and spills with 32) and at ``p = 128``, and there
+    the pieces in lane halves (``BLOCK_F``, :func:`_block_f`)."""
     tp = two_p(p)
     bm = max(16, min(64, _ROW_TILE // tp))
     if tp == 32:
         bm = 32
-    return {"BLOCK_M": bm, "BLOCK_DV": _block_dv(dv, 16 if tp >= 256 else 32), "BLOCK_K": _block_k(p),
-            "num_warps": _NUM_WARPS}
+    return {"BLOCK_M": bm, "BLOCK_DV": _block_dv(dv, 16 if tp >= 256 or tp == 64 else 32),
+            "BLOCK_K": _block_k(p), "BLOCK_F": _block_f(p), "num_warps": _NUM_WARPS}
 
 
 def read_bwd_da_config(p: int, dv: int) -> dict:
@@ -111,10 +123,12 @@ def write_bwd_rows_config(p: int, dv: int, m: int) -> dict:
 
 def write_bwd_dk_config(p: int, dv: int, m: int) -> dict:
     """``_assoc_write_bwd_dk_kernel``: about three ``[BLOCK_M, 2p]`` tiles live over the value loop;
-    ``[2p, 16]`` state tiles except at ``p = 8`` and ``p = 32`` (float32 inputs spill with 32)."""
+    ``[2p, 16]`` state tiles except at ``p = 8`` (32 at ``p = 32`` spill in the common specialisation); at
+    ``p = 128`` the pieces in lane halves (``BLOCK_F``, :func:`_block_f`)."""
     tp = two_p(p)
     return {"BLOCK_M": _row_block(m, max(16, min(32 if tp == 32 else 64, _ROW_TILE // tp))),
-            "BLOCK_DV": _block_dv(dv, 32 if tp in (16, 64) else 16), "num_warps": _NUM_WARPS}
+            "BLOCK_DV": _block_dv(dv, 32 if tp == 16 else 16), "BLOCK_F": _block_f(p),
+            "num_warps": _NUM_WARPS}
 
 
 def write_bwd_state_config(p: int, dv: int, m: int) -> dict:
@@ -151,6 +165,17 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return accum_dtype(dtype)
 
 
+def _state_view(s: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A ``[B, H, K, dv]`` state the kernels read with int32 offsets inside one head's matrix
+    (``triton_common._state_chunk``): ``s`` itself when they fit (always for real states), else a
+    contiguous copy."""
+    if s is None or (s.shape[-2] - 1) * s.stride(-2) + (s.shape[-1] - 1) * s.stride(-1) < 2 ** 31:
+        return s
+    if s.shape[-2] * s.shape[-1] >= 2 ** 31:
+        raise ValueError(f"a state matrix of {s.shape[-2]} x {s.shape[-1]} elements per head exceeds 2^31")
+    return s.contiguous()
+
+
 def _launch(kernel, grid, args, meta: dict, device_tensor: torch.Tensor) -> None:
     if any(g == 0 for g in grid):
         return
@@ -178,6 +203,7 @@ def _meta(cfg: dict, p: int, dtype: torch.dtype, **flags) -> dict:
 def read_fwd_triton(x, q, A, z, n_heads: int, normalize: bool, use_denom: bool):
     """``y = x + (phi(q) A) / (phi(q) z + eps)`` per head (``torch_impl.read_fwd_torch``)."""
     bsz, n, h, p, dv = _dims(q, x, n_heads)
+    A = _state_view(A)
     y = _empty(x.shape, x.dtype, x.device)
     cfg = read_fwd_config(p, dv)
     grid = (bsz * h, _cdiv(n, cfg["BLOCK_M"]), _cdiv(dv, cfg["BLOCK_DV"]))
@@ -191,6 +217,7 @@ def read_bwd_triton(dy, q, A, z, n_heads: int, normalize: bool, use_denom: bool)
     """``(dq, dA, dz)`` of :func:`read_fwd_triton` (``torch_impl.read_bwd_torch``; ``dz`` zeros when
     not ``use_denom``)."""
     bsz, n, h, p, dv = _dims(q, dy, n_heads)
+    A = _state_view(A)
     sdt = A.dtype
     dq = _empty(q.shape, q.dtype, q.device)
     dA = _empty(A.shape, sdt, A.device)
@@ -227,6 +254,7 @@ def write_fwd_triton(k, v, b, A: Optional[torch.Tensor], z: Optional[torch.Tenso
     A_new = _empty((bsz, h, kdim, dv), sdt, k.device)
     z_new = _empty((bsz, h, kdim), sdt, k.device)
     has_state = A is not None
+    A = _state_view(A)
     a_t, z_t = (A, z) if has_state else (A_new, z_new)  # placeholders, never read without HAS_STATE
     cfg = write_fwd_config(p, dv, m)
     grid = (bsz * h, _cdiv(dv, cfg["BLOCK_DV"]), 3)
@@ -249,6 +277,7 @@ def write_bwd_triton(dA_new, dz_new, k, v, b, A, z, n_heads: int, normalize: boo
         dA_new = torch.zeros((bsz, h, kdim, dv), dtype=sdt, device=k.device)
     if dz_new is None:
         dz_new = torch.zeros((bsz, h, kdim), dtype=sdt, device=k.device)
+    A, dA_new = _state_view(A), _state_view(dA_new)
     dk = _empty(k.shape, k.dtype, k.device)
     dvv = _empty(v.shape, v.dtype, v.device)
     db = _empty(b.shape, b.dtype, b.device)
