@@ -18,6 +18,7 @@ import torch
 
 from .errors import BackendUnavailableError
 from .layout import MemoryLayout, as_int
+from .ops._alloc import accum_dtype
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ID_DTYPES = (torch.int32, torch.int64)
@@ -469,11 +470,6 @@ def check_run_inputs(layout, step, memory, input_ids, embedding_weight, inputs_e
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def assoc_state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The associative state's dtype for a model of ``dtype``: float32, float64 for float64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _tensor3(t, name: str, what: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -496,7 +492,7 @@ def check_assoc_state(A, z, batch: int, n_heads: int, d_mem: int, dim: int, dtyp
     """``A [B, H, 6 d_mem / H, d / H]`` and ``z [B, H, 6 d_mem / H]`` in the state dtype of ``dtype``."""
     key = 6 * d_mem // n_heads
     want = {"A": (batch, n_heads, key, dim // n_heads), "z": (batch, n_heads, key)}
-    sdt = assoc_state_dtype(dtype)
+    sdt = accum_dtype(dtype)  # the launcher contract: float32, float64 for float64
     for name, t in (("A", A), ("z", z)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -516,16 +512,21 @@ def check_flags(**flags) -> None:
             raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
+def _check_like_rows(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """``t`` has ``ref``'s batch and rows, dtype and device."""
+    if t.shape[:2] != ref.shape[:2]:
+        raise ValueError(f"{name} {list(t.shape)} must have {ref_name}'s batch and rows {list(ref.shape[:2])}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype}; expected {ref_name}'s {ref.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device}; expected {ref_name}'s device {ref.device}")
+
+
 def check_assoc_read(x, q, A, z, n_heads) -> int:
     """Arguments of ``assoc_read``; returns ``n_heads``."""
     _tensor3(x, "x", "[B, N, d]")
     _tensor3(q, "q", "[B, N, d_mem]")
-    if q.shape[:2] != x.shape[:2]:
-        raise ValueError(f"q {list(q.shape)} must have x's batch and rows {list(x.shape[:2])}")
-    if q.dtype != x.dtype:
-        raise TypeError(f"q has dtype {q.dtype}; expected x's {x.dtype}")
-    if q.device != x.device:
-        raise ValueError(f"q is on {q.device}; expected x's device {x.device}")
+    _check_like_rows("q", q, "x", x)
     heads = check_assoc_heads(n_heads, q.shape[2], x.shape[2])
     check_assoc_state(A, z, x.shape[0], heads, q.shape[2], x.shape[2], x.dtype, x.device)
     return heads
@@ -537,13 +538,8 @@ def check_assoc_write(k, v, b, A, z, n_heads, gating) -> int:
     _tensor3(k, "k", "[B, M, d_mem]")
     _tensor3(v, "v", "[B, M, d]")
     _tensor3(b, "b", "[B, M, H] (or [B, M, d] with gating)")
-    for name, t in (("v", v), ("b", b)):
-        if t.shape[:2] != k.shape[:2]:
-            raise ValueError(f"{name} {list(t.shape)} must have k's batch and rows {list(k.shape[:2])}")
-        if t.dtype != k.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype}; expected k's {k.dtype}")
-        if t.device != k.device:
-            raise ValueError(f"{name} is on {t.device}; expected k's device {k.device}")
+    _check_like_rows("v", v, "k", k)
+    _check_like_rows("b", b, "k", k)
     heads = check_assoc_heads(n_heads, k.shape[2], v.shape[2])
     check_flags(gating=gating)
     want = v.shape[2] if gating else heads

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ... import _checks, backends
 from .. import _function
+from .._alloc import accum_dtype
 from . import torch_impl, triton_launch
 
 OP_READ = "assoc_read"
@@ -137,7 +138,7 @@ def assoc_write_fwd_op(k: Tensor, v: Tensor, b: Tensor, A: Optional[Tensor], z: 
 @assoc_write_fwd_op.register_fake
 def _(k, v, b, A, z, n_heads, normalize, use_denom, correction, backend):
     sa, sz = _state_shapes(k.shape[0], n_heads, k.shape[2], v.shape[2])
-    sdt = _checks.assoc_state_dtype(k.dtype)
+    sdt = accum_dtype(k.dtype)
     return torch.empty(sa, dtype=sdt, device=k.device), torch.empty(sz, dtype=sdt, device=k.device)
 
 

@@ -23,13 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._alloc import accum_dtype
+
 EPS = 1e-5  # the official code's epsilon in every denominator
 NORM_EPS = 1e-12  # F.normalize's floor on the norm
-
-
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The associative state's dtype for inputs of ``dtype``: float32, float64 for float64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _heads(t: Tensor, n_heads: int, dtype: torch.dtype) -> Tensor:
@@ -146,7 +143,7 @@ def read_bwd_torch(dy: Tensor, q: Tensor, A: Tensor, z: Tensor, n_heads: int, no
 
 
 def _write_terms(k, v, b, A, z, n_heads, normalize, use_denom, correction):
-    sdt = state_dtype(k.dtype)
+    sdt = accum_dtype(k.dtype)  # the state: float32, float64 for float64
     u = _heads(k, n_heads, sdt)
     f, r, norm = features(u, normalize)  # [B, H, M, K]
     vv = _heads(v, n_heads, sdt)  # [B, H, M, dv]
@@ -185,7 +182,6 @@ def write_bwd_torch(dA_new: Optional[Tensor], dz_new: Optional[Tensor], k: Tenso
     segment); ``dA_new``/``dz_new`` None count as zero. ``gamma`` is detached."""
     u, f, r, norm, vv, beta, vbar, den, gamma = _write_terms(k, v, b, A, z, n_heads, normalize, use_denom,
                                                              correction)
-    sdt = f.dtype
     bsz, h, m, kdim = f.shape
     dv_ = vv.shape[-1]
     if dA_new is None:

@@ -161,10 +161,6 @@ def _empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _state_dtype(dtype: torch.dtype) -> torch.dtype:
-    return accum_dtype(dtype)
-
-
 def _state_view(s: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """A ``[B, H, K, dv]`` state the kernels read with int32 offsets inside one head's matrix
     (``triton_common._state_chunk``): ``s`` itself when they fit (always for real states), else a
@@ -249,7 +245,7 @@ def write_fwd_triton(k, v, b, A: Optional[torch.Tensor], z: Optional[torch.Tenso
                      use_denom: bool, correction: bool):
     """The new ``(A, z)`` (``torch_impl.write_fwd_torch``); ``A``/``z`` None: a first segment."""
     bsz, m, h, p, dv = _dims(k, v, n_heads)
-    sdt = _state_dtype(k.dtype)
+    sdt = accum_dtype(k.dtype)
     kdim = 6 * p
     A_new = _empty((bsz, h, kdim, dv), sdt, k.device)
     z_new = _empty((bsz, h, kdim), sdt, k.device)
@@ -271,7 +267,7 @@ def write_bwd_triton(dA_new, dz_new, k, v, b, A, z, n_heads: int, normalize: boo
     """``(dk, dv, db, dA, dz)`` of :func:`write_fwd_triton` (``torch_impl.write_bwd_torch``): ``dA_new``/
     ``dz_new`` None count as zero; ``dA``/``dz`` None for a first segment."""
     bsz, m, h, p, dv = _dims(k, v, n_heads)
-    sdt = _state_dtype(k.dtype)
+    sdt = accum_dtype(k.dtype)
     kdim = 6 * p
     if dA_new is None:
         dA_new = torch.zeros((bsz, h, kdim, dv), dtype=sdt, device=k.device)
