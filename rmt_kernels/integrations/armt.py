@@ -59,7 +59,6 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from . import hf  # first: without transformers it raises the ImportError that names the extra
@@ -76,7 +75,7 @@ from ._armt_run import (  # noqa: E402
 )
 from ._armt_diagonal import run_diagonal  # noqa: E402
 from ._armt_stacked import family_of  # noqa: E402
-from .rmt import RecurrentLMOutput, _as_int, _plain_embedding  # noqa: E402
+from .rmt import RecurrentLMOutput, _as_int, _plain_embedding, check_labels_mask, shifted_loss  # noqa: E402
 
 __all__ = ["AssociativeMemoryCell", "AssociativeRecurrentWrapper", "AssociativeLayerWrapper"]
 
@@ -378,14 +377,10 @@ class AssociativeRecurrentWrapper(torch.nn.Module):
             raise ValueError(
                 f"the input must be [B, T] ids or [B, T, d] embeddings with T >= 1, got {tuple(tokens.shape)}")
         shape = tuple(tokens.shape[:2])
+        check_labels_mask(labels_mask)
         for name, t in (("labels", labels), ("labels_mask", labels_mask), ("attention_mask", attention_mask)):
             if t is not None and tuple(t.shape) != shape:
                 raise ValueError(f"{name} must have shape {list(shape)} (the input's [B, T]), got {list(t.shape)}")
-        if labels_mask is not None and labels_mask.dtype != torch.bool:
-            raise TypeError(
-                f"labels_mask must be a bool tensor, got {labels_mask.dtype}: pass labels_mask.bool() (the official "
-                "code indexes the logits with it, so an integer mask there gathers rows 0 and 1)"
-            )
         return shape[1]
 
     def forward(self, input_ids=None, labels=None, labels_mask=None, inputs_embeds=None, attention_mask=None,
@@ -416,15 +411,7 @@ class AssociativeRecurrentWrapper(torch.nn.Module):
                                                       bool(output_hidden_states), bounds)
         logits = torch.cat(seg_logits, dim=1)
         out = RecurrentLMOutput()
-        if labels is not None:
-            flat_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
-            flat_labels = labels[:, 1:].reshape(-1)
-            if labels_mask is not None:
-                keep = labels_mask[:, :-1].reshape(-1)
-                flat_logits, flat_labels = flat_logits[keep], flat_labels[keep]
-            out["loss"] = F.cross_entropy(flat_logits, flat_labels)
-        else:
-            out["loss"] = 0
+        out["loss"] = shifted_loss(logits, labels, labels_mask)
         out["logits"] = logits
         if output_hidden_states:
             out["hidden_states"] = tuple(torch.cat(layer, dim=1) for layer in zip(*seg_hidden))

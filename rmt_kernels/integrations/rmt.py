@@ -163,6 +163,31 @@ def _as_int(name: str, value, allow_none: bool = False):
     return int(value)
 
 
+def check_labels_mask(labels_mask) -> None:
+    """``labels_mask`` is None or a bool tensor (TypeError otherwise): the official wrappers index the
+    logits with it, so an integer 0/1 mask there gathers rows 0 and 1 instead of selecting positions."""
+    if labels_mask is not None and not (isinstance(labels_mask, torch.Tensor) and labels_mask.dtype == torch.bool):
+        got = labels_mask.dtype if isinstance(labels_mask, torch.Tensor) else type(labels_mask).__name__
+        raise TypeError(
+            f"labels_mask must be a bool tensor, got {got}: pass labels_mask.bool(). (The official "
+            "wrapper indexes the logits with an integer mask, gathering rows 0 and 1, which is not "
+            "a mask; this drop-in refuses it rather than differ silently.)"
+        )
+
+
+def shifted_loss(logits: torch.Tensor, labels: Optional[torch.Tensor], labels_mask: Optional[torch.Tensor]):
+    """The official wrappers' loss: ``cross_entropy(logits[:, :-1], labels[:, 1:])`` over the positions
+    ``labels_mask[:, :-1]`` keeps (all without a mask); 0 without labels."""
+    if labels is None:
+        return 0
+    flat_logits = logits[..., :-1, :].reshape(-1, logits.shape[-1])
+    flat_labels = labels[..., 1:].reshape(-1)
+    if labels_mask is not None:
+        keep = labels_mask[..., :-1].reshape(-1)
+        flat_logits, flat_labels = flat_logits[keep], flat_labels[keep]
+    return F.cross_entropy(flat_logits, flat_labels)
+
+
 def _plain_embedding(module) -> bool:
     """Whether ``module(ids)`` is exactly ``module.weight[ids]`` (gradient included), so the fused
     gather-and-pack can replace it."""
@@ -421,26 +446,12 @@ class RecurrentWrapper(torch.nn.Module):
         cell = self.memory_cell
         if input_ids is None and inputs_embeds is None:
             raise ValueError("pass input_ids or inputs_embeds")
-        if labels_mask is not None and not (isinstance(labels_mask, torch.Tensor) and labels_mask.dtype == torch.bool):
-            got = labels_mask.dtype if isinstance(labels_mask, torch.Tensor) else type(labels_mask).__name__
-            raise TypeError(
-                f"labels_mask must be a bool tensor, got {got}: pass labels_mask.bool(). (The official "
-                "wrapper indexes the logits with an integer mask, gathering rows 0 and 1, which is not "
-                "a mask; this drop-in refuses it rather than differ silently.)"
-            )
+        check_labels_mask(labels_mask)
         res = cell.run_segments(self.driver, None, input_ids, inputs_embeds, attention_mask,
                                 bool(output_hidden_states))
         logits = res.outputs
         out = RecurrentLMOutput()
-        if labels is not None:
-            flat_logits = logits[..., :-1, :].reshape(-1, logits.shape[-1])
-            flat_labels = labels[..., 1:].reshape(-1)
-            if labels_mask is not None:
-                keep = labels_mask[..., :-1].reshape(-1)
-                flat_logits, flat_labels = flat_logits[keep], flat_labels[keep]
-            out["loss"] = F.cross_entropy(flat_logits, flat_labels)
-        else:
-            out["loss"] = 0
+        out["loss"] = shifted_loss(logits, labels, labels_mask)
         out["logits"] = logits
         if output_hidden_states:
             out["hidden_states"] = res.hidden_states
