@@ -89,35 +89,19 @@ class StepShape:
 
 
 @dataclass(frozen=True)
-class ArmtShape:
+class ArmtShape(StepShape):
     """An ARMT point: the associative block (one layer's read over ``segment_len + num_mem`` rows and
     write of the ``num_mem`` memory rows, width ``hidden``, memory width ``d_mem``, ``mem_heads``
     heads) and, when ``layers`` > 0, a whole training step of a random ``family`` backbone of those
-    sizes over ``segments`` segments."""
+    sizes over ``segments`` segments. The backbone fields are the step suite's; the packed segment
+    is ``[X | W]`` (no read block)."""
 
-    name: str
-    family: str  # "gpt2" or "llama"
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int
-    segment_len: int
-    num_mem: int
-    batch: int
-    segments: int
-    d_mem: int
+    d_mem: int = 64
     mem_heads: int = 1
     block: bool = True  # also time the associative block alone at these sizes
 
     def sizes(self) -> dict:
-        return {
-            "batch": self.batch, "heads_q": self.heads, "heads_kv": self.kv_heads,
-            "head_dim": self.hidden // self.heads, "segment_len": self.segment_len,
-            "num_read": 0, "num_write": self.num_mem, "seq_len": self.segment_len + self.num_mem,
-            "dim": self.hidden, "layers": self.layers, "vocab": self.vocab, "segments": self.segments,
-        }
+        return dict(super().sizes(), num_read=0, seq_len=self.segment_len + self.num_mem)
 
 
 @dataclass(frozen=True)
