@@ -18,7 +18,6 @@ import torch
 
 from .errors import BackendUnavailableError
 from .layout import MemoryLayout, as_int
-from .ops._alloc import accum_dtype
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ID_DTYPES = (torch.int32, torch.int64)
@@ -488,11 +487,12 @@ def check_assoc_heads(n_heads, d_mem: int, dim: int) -> int:
     return n_heads
 
 
-def check_assoc_state(A, z, batch: int, n_heads: int, d_mem: int, dim: int, dtype, device) -> None:
-    """``A [B, H, 6 d_mem / H, d / H]`` and ``z [B, H, 6 d_mem / H]`` in the state dtype of ``dtype``."""
+def check_assoc_state(A, z, batch: int, n_heads: int, d_mem: int, dim: int, dtype, state_dtype, device) -> None:
+    """``A [B, H, 6 d_mem / H, d / H]`` and ``z [B, H, 6 d_mem / H]`` in ``state_dtype``, the state
+    dtype of a ``dtype`` model (the caller's: the launcher contract's ``accum_dtype``)."""
     key = 6 * d_mem // n_heads
     want = {"A": (batch, n_heads, key, dim // n_heads), "z": (batch, n_heads, key)}
-    sdt = accum_dtype(dtype)  # the launcher contract: float32, float64 for float64
+    sdt = state_dtype
     for name, t in (("A", A), ("z", z)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -522,19 +522,20 @@ def _check_like_rows(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tenso
         raise ValueError(f"{name} is on {t.device}; expected {ref_name}'s device {ref.device}")
 
 
-def check_assoc_read(x, q, A, z, n_heads) -> int:
-    """Arguments of ``assoc_read``; returns ``n_heads``."""
+def check_assoc_read(x, q, A, z, n_heads, state_dtype) -> int:
+    """Arguments of ``assoc_read`` (``state_dtype``: what A and z must be for x's dtype); returns
+    ``n_heads``."""
     _tensor3(x, "x", "[B, N, d]")
     _tensor3(q, "q", "[B, N, d_mem]")
     _check_like_rows("q", q, "x", x)
     heads = check_assoc_heads(n_heads, q.shape[2], x.shape[2])
-    check_assoc_state(A, z, x.shape[0], heads, q.shape[2], x.shape[2], x.dtype, x.device)
+    check_assoc_state(A, z, x.shape[0], heads, q.shape[2], x.shape[2], x.dtype, state_dtype, x.device)
     return heads
 
 
-def check_assoc_write(k, v, b, A, z, n_heads, gating) -> int:
-    """Arguments of ``assoc_write`` (``A``/``z`` both None before the first segment); returns
-    ``n_heads``."""
+def check_assoc_write(k, v, b, A, z, n_heads, gating, state_dtype) -> int:
+    """Arguments of ``assoc_write`` (``A``/``z`` both None before the first segment; ``state_dtype``:
+    what they must be for k's dtype); returns ``n_heads``."""
     _tensor3(k, "k", "[B, M, d_mem]")
     _tensor3(v, "v", "[B, M, d]")
     _tensor3(b, "b", "[B, M, H] (or [B, M, d] with gating)")
@@ -549,5 +550,5 @@ def check_assoc_write(k, v, b, A, z, n_heads, gating) -> int:
     if (A is None) != (z is None):
         raise ValueError("A and z must both be given (a later segment) or both be None (the first segment)")
     if A is not None:
-        check_assoc_state(A, z, k.shape[0], heads, k.shape[2], v.shape[2], k.dtype, k.device)
+        check_assoc_state(A, z, k.shape[0], heads, k.shape[2], v.shape[2], k.dtype, state_dtype, k.device)
     return heads

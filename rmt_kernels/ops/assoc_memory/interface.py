@@ -255,6 +255,12 @@ def _no_autocast(device: torch.device):
     return torch.autocast(device.type, enabled=False) if _autocast_on(device) else contextlib.nullcontext()
 
 
+def _state_dtype_of(t) -> Optional[torch.dtype]:
+    """The associative state's dtype for a model whose activations are ``t`` (None for a non-tensor:
+    the checks then reject ``t`` itself)."""
+    return accum_dtype(t.dtype) if isinstance(t, Tensor) else None
+
+
 def _needs_graph(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -296,7 +302,7 @@ def assoc_read(
         torch.Size([2, 10, 32])
     """
     q = _read_under_autocast(x, q)
-    heads = _checks.check_assoc_read(x, q, A, z, n_heads)
+    heads = _checks.check_assoc_read(x, q, A, z, n_heads, _state_dtype_of(x))
     _checks.check_flags(normalize=normalize, use_denom=use_denom)
     name = resolve_backend(backend, x.device, x.dtype)
     return assoc_read_validated(x, q, A, z, heads, normalize, use_denom, name)
@@ -349,7 +355,7 @@ def assoc_write(
         (torch.Size([2, 1, 48, 32]), torch.Size([2, 1, 48]))
     """
     k, v, b = _write_under_autocast(k, v, b)
-    heads = _checks.check_assoc_write(k, v, b, A, z, n_heads, gating)
+    heads = _checks.check_assoc_write(k, v, b, A, z, n_heads, gating, _state_dtype_of(k))
     _checks.check_flags(normalize=normalize, use_denom=use_denom, correction=correction)
     name = resolve_backend(backend, k.device, k.dtype)
     return assoc_write_validated(k, v, b, A, z, heads, normalize, use_denom, correction, name)
