@@ -180,5 +180,6 @@ def test_armt_block_check_catches_a_wrong_read():
     with torch.no_grad():
         good = armt.block((read, write), t, tiny.mem_heads, tiny.num_mem)
         bad = armt.block((lambda *a, **kw: read(*a, **kw) * 1.001, write), t, tiny.mem_heads, tiny.num_mem)
-    assert armt._check_block(good, t, tiny, torch.float32) is None
-    assert "differs from the float64 reference" in armt._check_block(bad, t, tiny, torch.float32)
+    refs = armt.block_references(t, tiny)
+    assert armt._check_block(good, refs, torch.float32) is None
+    assert "differs from the float64 reference" in armt._check_block(bad, refs, torch.float32)

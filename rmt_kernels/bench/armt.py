@@ -119,13 +119,20 @@ def block(ops: Ops, t: dict, n_heads: int, num_mem: int):
     return y, A2, z2
 
 
-def _check_block(outs, t: dict, shape: ArmtShape, dtype: torch.dtype) -> Optional[str]:
-    """Why a provider's block result is wrong (None: within the tolerance rule of the float64 reference,
-    with the einsum formulation in ``dtype`` as the baseline)."""
+def block_references(t: dict, shape: ArmtShape):
+    """``(exact, eager)``: the einsum formulation on float64 copies of the inputs and in their dtype
+    (the tolerance rule's reference and baseline), computed once per point."""
+    ops = (assoc_read_ref, assoc_write_ref)
     with torch.no_grad():
-        exact = block((assoc_read_ref, assoc_write_ref), {k: v.double() for k, v in t.items()}, shape.mem_heads,
-                      shape.num_mem)
-        eager = block((assoc_read_ref, assoc_write_ref), t, shape.mem_heads, shape.num_mem)
+        exact = block(ops, {k: v.double() for k, v in t.items()}, shape.mem_heads, shape.num_mem)
+        eager = block(ops, t, shape.mem_heads, shape.num_mem)
+    return exact, eager
+
+
+def _check_block(outs, refs, dtype: torch.dtype) -> Optional[str]:
+    """Why a provider's block result is wrong (None: within the tolerance rule of the float64 reference,
+    with the einsum formulation in ``dtype`` as the baseline; ``refs`` from :func:`block_references`)."""
+    exact, eager = refs
     for name, got, ref, base in zip(("y", "A'", "z'"), outs, exact, eager):
         if not bool(torch.isfinite(got).all()):
             return f"{name} is not finite"
@@ -161,13 +168,14 @@ def _block_call(ops: Ops, t: dict, shape: ArmtShape, mode: str) -> Call:
 
 def _block_point(shape, mode, providers, device, dtype, cfg, env) -> List[dict]:
     t = block_inputs(shape, device, dtype)
+    refs = block_references(t, shape)
     calls: Dict[str, Call] = {}
     outcome: Dict[str, Tuple[str, str]] = {}
     for name in providers:
         try:
             ops = _ops(name, device)
             with torch.no_grad():
-                why = _check_block(block(ops, t, shape.mem_heads, shape.num_mem), t, shape, dtype)
+                why = _check_block(block(ops, t, shape.mem_heads, shape.num_mem), refs, dtype)
             if why is not None:
                 outcome[name] = ("failed", why)
             else:
