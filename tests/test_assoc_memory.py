@@ -50,8 +50,7 @@ def _write_inputs(b, m, d_mem, d, h, gating, dtype=torch.float32, grad=False, se
 
 
 def test_dpfp_reference_by_hand():
-    u = torch.tensor([[1.0, -2.0]])  # p = 2: r = [1, 0, 0, 2]
-    r = torch.tensor([1.0, 0.0, 0.0, 2.0])
+    u = torch.tensor([[1.0, -2.0]])  # p = 2: r = [relu(u) | relu(-u)] = [1, 0, 0, 2]
     # roll(r, 1) = [2, 1, 0, 0], roll(r, 2) = [0, 2, 1, 0], roll(r, 3) = [0, 0, 2, 1]
     expected = torch.tensor([2.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2])
     assert torch.equal(dpfp_ref(u, False)[0], expected)

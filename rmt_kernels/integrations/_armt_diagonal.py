@@ -122,7 +122,7 @@ def run_diagonal(wrapper, input_ids, inputs_embeds, attention_mask, output_hidde
     n = n_max + m
     xs, positions, masks = _pack_all(cell, st, bounds, input_ids, inputs_embeds, attention_mask, n_max)
     batch = xs[0].shape[0]
-    dtype, device = xs[0].dtype, xs[0].device
+    device = xs[0].device
     backend = resolve_backend(cell.backend, device, cell.memory.dtype)
     k2, max_n = wrapper.rmt_config["k2"], wrapper.rmt_config["max_n_segments"]
 
