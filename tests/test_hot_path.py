@@ -87,38 +87,54 @@ def _choice_inputs(n, grad=False):
     return _attention_inputs(b=1, hq=2, hkv=2, n=n, d=16, grad=grad)
 
 
-def test_masked_or_composed_is_measured_once_per_shape(monkeypatch):
+def test_plan_is_measured_once_per_shape(monkeypatch):
     layout = MemoryLayout(4, 4, MB)
     timed = []
-    real = torch_impl._masked_is_faster
-    monkeypatch.setattr(torch_impl, "_masked_is_faster", lambda *a: timed.append(a[1].shape) or real(*a))
+    real = torch_impl._fastest
+    monkeypatch.setattr(torch_impl, "_fastest", lambda *a: timed.append(a[1].shape) or real(*a))
     monkeypatch.setattr(torch_impl, "_CHOICES", {})
     small = _choice_inputs(torch_impl.MASKED_CALL_MAX_N)
     segment_attention(*small, layout, backend="torch")
     assert not timed  # up to MASKED_CALL_MAX_N the masked call runs without timing
-    q, k, v = _choice_inputs(200)
+    q, k, v = _choice_inputs(300)
     for _ in range(3):
         segment_attention(q, k, v, layout, backend="torch")
     assert len(timed) == 1 and len(torch_impl.plan_choices()) == 1
-    (key, masked), = torch_impl.plan_choices().items()
-    assert key[0] == layout and key[1] == tuple(q.shape) and isinstance(masked, bool)
+    (key, rows), = torch_impl.plan_choices().items()
+    assert key[0] == layout and key[1] == tuple(q.shape) and rows in torch_impl._candidates(300)
     monkeypatch.setenv(torch_impl.ENV_PLAN, "static")
-    segment_attention(*_choice_inputs(300), layout, backend="torch")
+    segment_attention(*_choice_inputs(400), layout, backend="torch")
     assert len(timed) == 1  # static rule: nothing timed, the composition runs
 
 
-@pytest.mark.parametrize("masked", [True, False], ids=["masked-call", "composition"])
-def test_both_choices_compute_the_attention(monkeypatch, masked):
-    """Whichever path the measurement picks, forward and backward equal the reference."""
+def test_candidates_cover_every_plan():
+    assert torch_impl._candidates(300) == (0, 300, 128)
+    assert torch_impl._candidates(1152) == (0, 1152, *torch_impl.CHUNK_ROWS)
+
+
+@pytest.mark.parametrize("mask", ["memory_bidirectional", "causal", "full"])
+def test_row_chunks_hold_every_visible_key(mask):
+    layout = MemoryLayout(3, 5, mask)
+    lengths = (7, 10)
+    visible = layout.dense_mask(10, 0, lengths).any(0)
+    chunks = torch_impl._row_chunks(layout, 10, lengths, 4)
+    assert [c[:2] for c in chunks] == [(r, min(r + 4, 18)) for r in range(0, 18, 4)]
+    for r0, r1, end in chunks:
+        assert not visible[r0:r1, end:].any() and visible[r0:r1, end - 1].any()
+
+
+@pytest.mark.parametrize("rows", [0, 64, 200], ids=["composition", "chunks-of-64", "one-masked-call"])
+def test_every_plan_computes_the_attention(monkeypatch, rows):
+    """Whichever plan the measurement picks, forward and backward equal the reference."""
     from rmt_kernels import segment_attention_ref
 
     monkeypatch.setattr(torch_impl, "_CHOICES", {})
-    monkeypatch.setattr(torch_impl, "_masked_is_faster", lambda *a: masked)
+    monkeypatch.setattr(torch_impl, "_fastest", lambda *a: rows)
     layout = MemoryLayout(4, 4, MB)
-    q, k, v = _choice_inputs(200, grad=True)
-    lengths = torch.tensor([150])
+    q, k, v = _attention_inputs(b=2, hq=4, hkv=2, n=200, d=16, grad=True)  # grouped-query heads, padding
+    lengths = torch.tensor([150, 192])
     out = segment_attention(q, k, v, layout, segment_lengths=lengths, backend="torch")
-    assert list(torch_impl.plan_choices().values()) == [masked]
+    assert list(torch_impl.plan_choices().values()) == [rows]
     ref = segment_attention_ref(q, k, v, layout, segment_lengths=lengths)
     base = segment_attention_ref(q, k, v, layout, segment_lengths=lengths, upcast=False)
     assert_close(out, ref.double(), base, name="out")

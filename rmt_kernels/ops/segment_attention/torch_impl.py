@@ -13,17 +13,21 @@ The prefix is read from its own tensors, padding only shortens the key ranges of
 rows with equal ``segment_lengths`` share one set of calls), and a mask that is one causal or one
 rectangular block costs exactly one attention call.
 
-A mask of several blocks can also run as one stock call with an additive ``[N, N]`` mask (CPU, no
-prefix, every row sees a key). Which of the two is faster is measured, not guessed: up to
-``MASKED_CALL_MAX_N`` packed rows the masked call always wins (the fixed cost of each extra call and of
-the merge outweighs the masked work it saves); from there to ``MEASURED_CHOICE_MAX_N`` the first call
-of each layout, shape, dtype and thread count times both forwards (twice each, alternated, best of
-two, no autograd) and the faster one serves every later call (``plan_choices()`` shows them); above
-it the composition always wins (the masked call's work and its mask grow as N^2). Under
-``torch.compile`` tracing, or with ``RMT_KERNELS_TORCH_PLAN=static``, nothing is timed: the static
-rule (masked only up to ``MASKED_CALL_MAX_N``) decides. Both paths compute the same attention; the
-choice changes only rounding. The plan of a call (runs of equal lengths, blocks) depends only on the
-layout and the sizes, and is cached.
+A mask of several blocks can also run as stock calls with an additive mask (CPU, no prefix, every
+row sees a key): one call over all rows, or the rows cut into chunks of ``c`` (:data:`CHUNK_ROWS`),
+each chunk one call over the keys up to its last visible one (no merge: every row is in one chunk;
+the stock kernel skips the masked work of a causal call only in blocks of 512 keys, the chunks skip
+most of it at any length). Which plan is fastest is measured, not guessed: up to
+``MASKED_CALL_MAX_N`` packed rows the one masked call always wins (the fixed cost of each extra call
+and of the merge outweighs the masked work it saves); from there to ``MEASURED_CHOICE_MAX_N`` the
+first call of each layout, shape, dtype and thread count times the forward of the composition, the
+one masked call and each chunk size (twice each, alternated, best of two, no autograd) and the
+fastest serves every later call (``plan_choices()`` shows them); above it the composition always
+runs (a masked call's mask grows as N^2). Under ``torch.compile`` tracing, or with
+``RMT_KERNELS_TORCH_PLAN=static``, nothing is timed: the static rule (one masked call only up to
+``MASKED_CALL_MAX_N``) decides. All plans compute the same attention; the choice changes only
+rounding. The plan of a call (runs of equal lengths, blocks, row chunks) depends only on the layout
+and the sizes, and is cached.
 """
 
 from __future__ import annotations
@@ -249,13 +253,21 @@ def _union(intervals):
     return merged
 
 
-# --------------------------------------------------------------------------- masked call or composition
+# --------------------------------------------------------------------------- masked calls or composition
 
-_CHOICES: Dict[tuple, bool] = {}
+# Rows per masked call of the row-chunked plan (candidates timed against the composition and the one
+# masked call). The stock CPU kernel skips masked work of a causal call only in blocks of 512 keys; a
+# masked call computes every pair it is given. Cutting the rows into chunks that each take the keys up
+# to their last visible one computes about ``N^2 / 2 + N * c / 2`` pairs of a causal-like mask (``c``
+# rows per chunk) with no merge: every row lives in exactly one chunk.
+CHUNK_ROWS = (128, 192, 256)
+
+_CHOICES: Dict[tuple, int] = {}
 
 
-def plan_choices() -> Dict[tuple, bool]:
-    """The measured choices so far: ``(layout, q shape, k shape, dtype, lengths, threads) -> masked``."""
+def plan_choices() -> Dict[tuple, int]:
+    """The measured choices so far: ``(layout, q shape, k shape, dtype, lengths, threads) -> rows per
+    masked call`` (0: the block composition; N: one masked call over all rows; else row chunks)."""
     return dict(_CHOICES)
 
 
@@ -270,39 +282,92 @@ def _static_only(q) -> bool:
         return False
 
 
-def _use_masked(plan: _Plan, q, k, v, layout: MemoryLayout, scale: float) -> bool:
-    """Whether this call runs as one stock call with an additive mask (see the module docstring)."""
+def _choice(plan: _Plan, q, k, v, layout: MemoryLayout, scale: float) -> int:
+    """Rows per masked call of this call's plan (0: the composition; see the module docstring)."""
     if not plan.masked or scale <= 0:
-        return False
+        return 0
     n = q.shape[2]
     if n <= MASKED_CALL_MAX_N:
-        return True
+        return n
     if _static_only(q):
-        return False
+        return 0
     key = (layout, tuple(q.shape), tuple(k.shape), q.dtype, plan.lengths, torch.get_num_threads())
     choice = _CHOICES.get(key)
     if choice is None:
-        choice = _CHOICES[key] = _masked_is_faster(plan, q, k, v, layout, scale)
+        choice = _CHOICES[key] = _fastest(plan, q, k, v, layout, scale)
     return choice
 
 
-def _masked_is_faster(plan: _Plan, q, k, v, layout: MemoryLayout, scale: float) -> bool:
-    best = {True: float("inf"), False: float("inf")}
+def _candidates(n: int) -> Tuple[int, ...]:
+    """Rows per masked call worth timing at ``n`` rows: the composition (0), one masked call (n) and
+    the chunk sizes that cut the rows into at least two chunks."""
+    return (0, n, *(c for c in CHUNK_ROWS if 2 * c <= n))
+
+
+def _fastest(plan: _Plan, q, k, v, layout: MemoryLayout, scale: float) -> int:
+    """Times the forward of each candidate twice, alternated, and returns the fastest (best of two)."""
+    n = q.shape[2]
+    best = {c: float("inf") for c in _candidates(n)}
     with torch.no_grad():
         for _ in range(2):
-            for masked in (True, False):
+            for rows in best:
                 t0 = time.perf_counter()
-                if masked:
-                    _masked_fwd(plan, q, k, v, layout, scale)
+                if rows:
+                    _masked_fwd(plan, q, k, v, layout, scale, rows)
                 else:
                     _composed_fwd(plan, q, k, v, None, None, scale)
-                best[masked] = min(best[masked], time.perf_counter() - t0)
-    return best[True] < best[False]
+                best[rows] = min(best[rows], time.perf_counter() - t0)
+    return min(best, key=best.get)
 
 
-def _masked_fwd(plan: _Plan, q, k, v, layout: MemoryLayout, scale: float):
-    bias = _additive_mask(layout, layout.segment_len(q.shape[2]), plan.lengths, q.dtype, q.device)
-    return _cpu_fwd(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+@functools.lru_cache(maxsize=256)
+def _row_chunks(layout: MemoryLayout, segment_len: int, lengths: Optional[tuple], rows: int) -> tuple:
+    """``((r0, r1, key_end), ...)``: rows ``[r0, r1)`` in chunks of ``rows``, each with the packed keys
+    ``[0, key_end)`` that hold every key one of its rows sees (in any batch row)."""
+    visible = layout.dense_mask(segment_len, 0, lengths).any(0)  # [N, N]
+    n = visible.shape[0]
+    last = (visible * torch.arange(1, n + 1)).amax(-1)  # one past each row's last visible key
+    return tuple((r0, min(r0 + rows, n), int(last[r0 : r0 + rows].max())) for r0 in range(0, n, rows))
+
+
+def _mask_of(plan: _Plan, layout: MemoryLayout, q) -> torch.Tensor:
+    return _additive_mask(layout, layout.segment_len(q.shape[2]), plan.lengths, q.dtype, q.device)
+
+
+def _masked_fwd(plan: _Plan, q, k, v, layout: MemoryLayout, scale: float, rows: int):
+    """The attention as masked stock calls over chunks of ``rows`` rows (one call when ``rows >= N``)."""
+    bias = _mask_of(plan, layout, q)
+    n = q.shape[2]
+    if rows >= n:
+        return _cpu_fwd(q, k, v, 0.0, False, attn_mask=bias, scale=scale)[:2]
+    out, lse = alloc_outputs(q)
+    for r0, r1, end in _row_chunks(layout, layout.segment_len(n), plan.lengths, rows):
+        o, l = _cpu_fwd(q[:, :, r0:r1], k[:, :, :end], v[:, :, :end], 0.0, False, attn_mask=bias[..., r0:r1, :end],
+                        scale=scale)[:2]
+        out[:, :, r0:r1].copy_(o)
+        lse[:, :, r0:r1].copy_(l)
+    return out, lse
+
+
+def _masked_bwd(plan: _Plan, dout, q, k, v, out, lse, layout: MemoryLayout, scale: float, rows: int):
+    """``(dq, dk, dv)`` of :func:`_masked_fwd`: each chunk's backward gives its rows' dq whole and a
+    part of dk/dv (summed; the widest chunk first, adopted as the buffer)."""
+    bias = _mask_of(plan, layout, q)
+    n = q.shape[2]
+    if rows >= n:
+        return _cpu_bwd(dout, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale)
+    acc = accum_dtype(q.dtype)
+    dq, dk, dv = _Accumulator(q, acc), _Accumulator(k, acc), _Accumulator(v, acc)
+    b = q.shape[0]
+    chunks = _row_chunks(layout, layout.segment_len(n), plan.lengths, rows)
+    for r0, r1, end in sorted(chunks, key=lambda c: -c[2]):
+        g_q, g_k, g_v = _cpu_bwd(dout[:, :, r0:r1], q[:, :, r0:r1], k[:, :, :end], v[:, :, :end], out[:, :, r0:r1],
+                                 lse[:, :, r0:r1], 0.0, False, attn_mask=bias[..., r0:r1, :end], scale=scale)
+        dq.write(0, b, r0, g_q)
+        dk.write(0, b, 0, g_k)
+        dv.write(0, b, 0, g_v)
+    whole = (_Run(0, b, 0, (), ()),)
+    return dq.finish(whole, q.dtype), dk.finish(whole, q.dtype), dv.finish(whole, q.dtype)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -330,8 +395,9 @@ def segment_attention_fwd_torch(
     if prefix_k is not None:
         prefix_k, prefix_v = _unit_last_stride(prefix_k), _unit_last_stride(prefix_v)
     plan = _plan_of(q, prefix_k, segment_lengths, layout)
-    if _use_masked(plan, q, k, v, layout, scale):
-        return _masked_fwd(plan, q, k, v, layout, scale)
+    rows = _choice(plan, q, k, v, layout, scale)
+    if rows:
+        return _masked_fwd(plan, q, k, v, layout, scale, rows)
     if plan.whole is not None:
         return _block_fwd(q, k, v, plan.whole.causal, scale)
     return _composed_fwd(plan, q, k, v, prefix_k, prefix_v, scale)
@@ -386,9 +452,8 @@ def segment_attention_eager_torch(
     gqa = q.shape[1] != k.shape[1]
     if plan.whole is not None:
         return _sdpa(q, k, v, None, 0.0, plan.whole.causal, scale=scale, enable_gqa=gqa)
-    if _use_masked(plan, q, k, v, layout, scale):
-        bias = _additive_mask(layout, layout.segment_len(q.shape[2]), plan.lengths, q.dtype, q.device)
-        return _sdpa(q, k, v, bias, 0.0, False, scale=scale, enable_gqa=gqa)
+    if _choice(plan, q, k, v, layout, scale) == q.shape[2]:
+        return _sdpa(q, k, v, _mask_of(plan, layout, q), 0.0, False, scale=scale, enable_gqa=gqa)
     return None
 
 
@@ -403,9 +468,9 @@ def segment_attention_bwd_torch(
                             need_prefix_grad, dropout_p, seed)
     dout, q, k, v, prefix_k, prefix_v = map(_unit_last_stride, (dout, q, k, v, prefix_k, prefix_v))
     plan = _plan_of(q, prefix_k, segment_lengths, layout)
-    if _use_masked(plan, q, k, v, layout, scale):
-        bias = _additive_mask(layout, layout.segment_len(q.shape[2]), plan.lengths, q.dtype, q.device)
-        return (*_cpu_bwd(dout, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale), None, None)
+    rows = _choice(plan, q, k, v, layout, scale)
+    if rows:
+        return (*_masked_bwd(plan, dout, q, k, v, out, lse, layout, scale, rows), None, None)
     if plan.whole is not None:
         return (*_block_bwd(dout, q, k, v, out, lse, plan.whole.causal, scale), None, None)
 
