@@ -14,7 +14,9 @@ module:
   gradients (:func:`empty_attention_outputs`, :func:`zero_grads`), without launching anything;
 - the packed segment ``[B, N, d]`` is contiguous (:func:`alloc_packed`);
 - a kernel launches under its tensors' device (:func:`device_guard`), and over chunks of at most
-  :data:`GRID_YZ_MAX` batch rows where the batch is a grid axis other than x.
+  :data:`GRID_YZ_MAX` batch rows where the batch is a grid axis other than x;
+- a gradient summed from parts (the torch backend's blocks and row chunks) fills its buffer part by
+  part without a zero-fill pass (:class:`GradAccumulator`).
 """
 
 from __future__ import annotations
@@ -118,3 +120,64 @@ def device_guard(t: torch.Tensor):
     if t.device.type != "cuda":
         return contextlib.nullcontext()
     return torch.cuda.device(t.device)
+
+
+class GradAccumulator:
+    """Gradient buffer filled block by block without a zero-fill pass.
+
+    The first write to a row range copies, later writes add, and :meth:`finish` zeroes what no block
+    wrote. A block gradient that spans the whole buffer is adopted as the buffer itself. (On CPU a
+    fresh large buffer costs page faults on first touch, which is measurable against one stock call.)
+    """
+
+    def __init__(self, like: torch.Tensor, dtype: torch.dtype):
+        self.like, self.dtype = like, dtype
+        self.buf = None
+        self.covered = {}  # (b0, b1) -> list of written [start, end)
+
+    def write(self, b0: int, b1: int, start: int, grad: torch.Tensor):
+        end = start + grad.shape[2]
+        covered = self.covered.setdefault((b0, b1), [])
+        if self.buf is None:
+            whole = (b0, b1, start, end) == (0, self.like.shape[0], 0, self.like.shape[2])
+            if whole and grad.dtype == self.dtype and grad.shape == self.like.shape and is_bnhd(grad):
+                self.buf = grad
+                covered.append((start, end))
+                return
+            self.buf = empty_bnhd(self.like.shape, self.dtype, self.like.device)
+        pos = start
+        for c0, c1 in union_intervals(covered):
+            c0, c1 = max(c0, start), min(c1, end)
+            if c1 <= c0:
+                continue
+            if c0 > pos:
+                self.buf[b0:b1, :, pos:c0].copy_(grad[:, :, pos - start : c0 - start])
+            self.buf[b0:b1, :, c0:c1].add_(grad[:, :, c0 - start : c1 - start])
+            pos = c1
+        if pos < end:
+            self.buf[b0:b1, :, pos:end].copy_(grad[:, :, pos - start :])
+        covered.append((start, end))
+
+    def finish(self, runs, dtype: torch.dtype) -> torch.Tensor:
+        if self.buf is None:
+            return empty_bnhd(self.like.shape, dtype, self.like.device).zero_()
+        length = self.buf.shape[2]
+        for run in runs:
+            b0, b1 = run.b0, run.b1
+            pos = 0
+            for c0, c1 in union_intervals(self.covered.get((b0, b1), [])) + [(length, length)]:
+                if c0 > pos:
+                    self.buf[b0:b1, :, pos:c0].zero_()
+                pos = max(pos, c1)
+        return self.buf if self.buf.dtype == dtype else self.buf.to(dtype)
+
+
+def union_intervals(intervals):
+    """Sorted disjoint union of ``[start, end)`` intervals."""
+    merged = []
+    for c0, c1 in sorted(intervals):
+        if merged and c0 <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], c1))
+        else:
+            merged.append((c0, c1))
+    return merged

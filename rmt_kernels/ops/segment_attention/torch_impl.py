@@ -40,7 +40,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 import torch
 
 from ...layout import MemoryLayout
-from .._alloc import accum_dtype, alloc_outputs, empty_bnhd, is_bnhd
+from .._alloc import GradAccumulator, accum_dtype, alloc_outputs
 
 _cpu_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _cpu_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
@@ -192,67 +192,6 @@ def _is_whole(blk, n: int) -> bool:
     return (blk.row_start, blk.row_end, blk.source, blk.key_start, blk.key_end, blk.offset) == (0, n, "packed", 0, n, 0)
 
 
-class _Accumulator:
-    """Gradient buffer filled block by block without a zero-fill pass.
-
-    The first write to a row range copies, later writes add, and :meth:`finish` zeroes what no block
-    wrote. A block gradient that spans the whole buffer is adopted as the buffer itself. (On CPU a
-    fresh large buffer costs page faults on first touch, which is measurable against one stock call.)
-    """
-
-    def __init__(self, like: torch.Tensor, dtype: torch.dtype):
-        self.like, self.dtype = like, dtype
-        self.buf = None
-        self.covered = {}  # (b0, b1) -> list of written [start, end)
-
-    def write(self, b0: int, b1: int, start: int, grad: torch.Tensor):
-        end = start + grad.shape[2]
-        covered = self.covered.setdefault((b0, b1), [])
-        if self.buf is None:
-            whole = (b0, b1, start, end) == (0, self.like.shape[0], 0, self.like.shape[2])
-            if whole and grad.dtype == self.dtype and grad.shape == self.like.shape and is_bnhd(grad):
-                self.buf = grad
-                covered.append((start, end))
-                return
-            self.buf = empty_bnhd(self.like.shape, self.dtype, self.like.device)
-        pos = start
-        for c0, c1 in _union(covered):
-            c0, c1 = max(c0, start), min(c1, end)
-            if c1 <= c0:
-                continue
-            if c0 > pos:
-                self.buf[b0:b1, :, pos:c0].copy_(grad[:, :, pos - start : c0 - start])
-            self.buf[b0:b1, :, c0:c1].add_(grad[:, :, c0 - start : c1 - start])
-            pos = c1
-        if pos < end:
-            self.buf[b0:b1, :, pos:end].copy_(grad[:, :, pos - start :])
-        covered.append((start, end))
-
-    def finish(self, runs, dtype: torch.dtype) -> torch.Tensor:
-        if self.buf is None:
-            return empty_bnhd(self.like.shape, dtype, self.like.device).zero_()
-        length = self.buf.shape[2]
-        for run in runs:
-            b0, b1 = run.b0, run.b1
-            pos = 0
-            for c0, c1 in _union(self.covered.get((b0, b1), [])) + [(length, length)]:
-                if c0 > pos:
-                    self.buf[b0:b1, :, pos:c0].zero_()
-                pos = max(pos, c1)
-        return self.buf if self.buf.dtype == dtype else self.buf.to(dtype)
-
-
-def _union(intervals):
-    """Sorted disjoint union of ``[start, end)`` intervals."""
-    merged = []
-    for c0, c1 in sorted(intervals):
-        if merged and c0 <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], c1))
-        else:
-            merged.append((c0, c1))
-    return merged
-
-
 # --------------------------------------------------------------------------- masked calls or composition
 
 # Rows per masked call of the row-chunked plan (candidates timed against the composition and the one
@@ -357,7 +296,7 @@ def _masked_bwd(plan: _Plan, dout, q, k, v, out, lse, layout: MemoryLayout, scal
     if rows >= n:
         return _cpu_bwd(dout, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale)
     acc = accum_dtype(q.dtype)
-    dq, dk, dv = _Accumulator(q, acc), _Accumulator(k, acc), _Accumulator(v, acc)
+    dq, dk, dv = GradAccumulator(q, acc), GradAccumulator(k, acc), GradAccumulator(v, acc)
     b = q.shape[0]
     chunks = _row_chunks(layout, layout.segment_len(n), plan.lengths, rows)
     for r0, r1, end in sorted(chunks, key=lambda c: -c[2]):
@@ -476,10 +415,10 @@ def segment_attention_bwd_torch(
 
     p = 0 if prefix_k is None else prefix_k.shape[2]
     acc = accum_dtype(q.dtype)
-    dq, dk, dv = _Accumulator(q, acc), _Accumulator(k, acc), _Accumulator(v, acc)
+    dq, dk, dv = GradAccumulator(q, acc), GradAccumulator(k, acc), GradAccumulator(v, acc)
     want_prefix = p > 0 and need_prefix_grad
-    dpk = _Accumulator(prefix_k, acc) if want_prefix else None
-    dpv = _Accumulator(prefix_v, acc) if want_prefix else None
+    dpk = GradAccumulator(prefix_k, acc) if want_prefix else None
+    dpv = GradAccumulator(prefix_v, acc) if want_prefix else None
     for run in plan.runs:
         b0, b1 = run.b0, run.b1
         # Widest key ranges first, so a block spanning every key becomes the dk/dv buffer.
