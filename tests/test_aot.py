@@ -453,3 +453,94 @@ def test_dropout_specialization_is_what_the_jit_compiles(monkeypatch):
         assert got["Seed"] == ("*i64", True) and got["B_START"] == ("i32", True), got
         diff = {name: (got[name], expected[name]) for name in got if got[name] != expected[name]}
         assert not diff, f"{kernel}: argument: (JIT, aot)\n{diff}"
+
+
+# --------------------------------------------------------------------------------------- SASS of sm_90
+
+# The attention kernels' designed sm_90 pipeline, read from the SASS (``sass_summary``; its parser is
+# tested on hand-written listings in test_aot_sass.py): bfloat16 from the quick run, float16 compiled here.
+SM90_DTYPES = ("bf16", "fp16")
+SM90_DIMS = (64, 128)
+_SM90_KERNELS = ("segment_attention_fwd", "segment_attention_bwd_dkdv")
+_COMPILE_FP16 = """
+import json, sys
+from dataclasses import asdict
+from rmt_kernels.tools import aot_triton as aot
+jobs = [j for j in aot.jobs_for(90, quick=False) if j.kernel in sys.argv[1].split(",") and j.dtype == "fp16"
+        and j.head_dim in [int(d) for d in sys.argv[2].split(",")] and not j.variant]
+aot.jobs_for = lambda arch, quick: jobs
+print(json.dumps([asdict(r) for r in aot.run_aot(90)]))
+"""
+
+
+@pytest.fixture(scope="module")
+def fp16_sm90_rows():
+    """The forward and dK/dV jobs of float16 at the quick head dims for sm_90 (about ten compiles, in a
+    subprocess without ``TRITON_INTERPRET``)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FP16, ",".join(_SM90_KERNELS), ",".join(map(str, SM90_DIMS))],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _sm90_rows(quick_results, fp16_sm90_rows, kernel, dtype, head_dim):
+    """The sm_90 rows of ``kernel`` in its heaviest variant (both specializations)."""
+    rows = quick_results[1] if dtype == "bf16" else fp16_sm90_rows
+    mine = [r for r in rows if r["arch"] == 90 and r["name"] == kernel and r["dtype"] == dtype
+            and r["head_dim"] == head_dim and r["variant"] in ("full", "specialization=common")]
+    assert mine, f"{kernel} {dtype} D={head_dim} sm_90 was not compiled"
+    return mine
+
+
+def _hgmma_widths(row) -> set:
+    """The N widths of the HGMMA shapes (``64x128x16``: 128) of a row."""
+    return {int(shape.split("x")[1]) for shape in row["hgmma_shapes"]}
+
+
+def test_quick_json_reports_the_sass(quick_results):
+    _, rows = quick_results
+    for row in rows:
+        for field in ("hgmma_shapes", "uses_tma", "mma_loops", "main_loop"):
+            assert field in row, field
+    for kernel in KERNELS:
+        for r in [r for r in rows if r["name"] == kernel and r["error"] is None and r["dtype"] == "bf16"]:
+            loop = r["main_loop"]
+            assert loop is not None and r["mma_loops"] and loop in r["mma_loops"], r
+            if r["arch"] == 90:
+                assert r["hgmma_shapes"] and loop["hgmma"] and loop["warpgroup_waits"] >= 1, r
+            else:
+                assert r["hgmma_shapes"] == {} and not r["uses_tma"] and loop["hmma"] > 0, r
+
+
+@pytest.mark.parametrize("head_dim", [pytest.param(d, id=f"D{d}") for d in SM90_DIMS])
+@pytest.mark.parametrize("dtype", SM90_DTYPES)
+def test_forward_tma_configs_load_through_tma_with_wide_hgmma(quick_results, fp16_sm90_rows, dtype, head_dim):
+    """Each (dtype, D) has forward configs flagged ``TMA: True``; their SASS loads through TMA
+    (``UTMALDG``) and every HGMMA is at least 64 wide (N >= 64)."""
+    rows = _sm90_rows(quick_results, fp16_sm90_rows, "segment_attention_fwd", dtype, head_dim)
+    tma = [r for r in rows if r["config"].get("TMA")]
+    assert tma, f"no forward config with TMA: True for {dtype} D={head_dim}: {[r['config'] for r in rows]}"
+    for r in tma:
+        assert r["error"] is None, r
+        assert r["uses_tma"], f"no UTMALDG in the forward {r['config']} ({r['specialization']})"
+        assert r["hgmma_shapes"] and min(_hgmma_widths(r)) >= 64, (r["config"], r["hgmma_shapes"])
+
+
+@pytest.mark.parametrize("head_dim", [pytest.param(d, id=f"D{d}") for d in SM90_DIMS])
+@pytest.mark.parametrize("dtype", SM90_DTYPES)
+def test_dkdv_has_a_config_with_wide_hgmma(quick_results, fp16_sm90_rows, dtype, head_dim):
+    """At least one dK/dV config of each (dtype, D) runs every HGMMA at least 64 wide (N >= 64: the
+    ``BLOCK_M >= 64`` configs)."""
+    rows = _sm90_rows(quick_results, fp16_sm90_rows, "segment_attention_bwd_dkdv", dtype, head_dim)
+    wide = [r["config"] for r in rows if r["error"] is None and r["hgmma_shapes"] and min(_hgmma_widths(r)) >= 64]
+    assert wide, f"every dK/dV config of {dtype} D={head_dim} has an HGMMA narrower than 64: " + "; ".join(
+        f"{r['config']}: {r['hgmma_shapes']}" for r in rows)
+
+
+@pytest.mark.parametrize("head_dim", [pytest.param(d, id=f"D{d}") for d in SM90_DIMS])
+@pytest.mark.parametrize("dtype", SM90_DTYPES)
+def test_sm90_forward_and_dkdv_compile_without_spills(quick_results, fp16_sm90_rows, dtype, head_dim):
+    for kernel in _SM90_KERNELS:
+        for r in _sm90_rows(quick_results, fp16_sm90_rows, kernel, dtype, head_dim):
+            assert r["error"] is None and r["spill_bytes"] == 0, (kernel, r["config"], r["error"], r["spill_bytes"])

@@ -13,6 +13,16 @@ from the triton wheel reads registers, stack/local bytes (spills) and, for sm_90
 holds ``HGMMA`` (Hopper warpgroup MMA) rather than only ``HMMA``. Rows of the table marked ``[...]``
 are variants other than an op's heaviest one.
 
+The SASS (``cuobjdump --dump-sass``) is also read for the tensor-core pipeline (:func:`sass_summary`,
+pure Python): ``hgmma_shapes`` (``{"64x128x16": count}``, M x N x K of every ``HGMMA``; the table's
+``hgmma N`` column lists the N widths), ``uses_tma`` (a TMA load, ``UTMALDG``; column ``tma``),
+``mma_loops`` (each loop holding ``HGMMA``/``HMMA``: its products per shape, ``hgmma`` and ``hmma``,
+warpgroup waits ``WARPGROUP.DEPBAR``, block barriers ``BAR.SYNC``... and TMA loads per iteration) and
+``main_loop``, the one of them with the most products (column ``wait/bar``: its waits / barriers). A
+loop is a natural loop of the control flow, closed by a branch back to an instruction that every path
+to the branch passes (its header); the instructions of loops nested in it are not counted in it.
+``--json`` writes every field of :class:`Result` per job, plus ``ok``.
+
 Exit status: 0 when every kernel compiled with no spill and shared memory within the target's limit
 (sm_80: 163 KiB, sm_90: 227 KiB); 1 otherwise; 2 when it cannot run (no triton, interpreter mode, or
 ``--cuda`` with an option of the Triton compile).
@@ -37,7 +47,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
@@ -89,6 +99,12 @@ class Result:
     variant: str = "full"
     error: Optional[str] = None
     specialization: str = "generic"
+    # From the SASS (:func:`sass_summary`): HGMMA shapes and counts, TMA loads, the loops with tensor-core
+    # products (products, warpgroup waits, block barriers and TMA loads per iteration) and the main one.
+    hgmma_shapes: Optional[Dict[str, int]] = None
+    uses_tma: Optional[bool] = None
+    mma_loops: Optional[List[dict]] = None
+    main_loop: Optional[dict] = None
 
     @property
     def ok(self) -> bool:
@@ -189,6 +205,183 @@ def _tool(name: str) -> str:
     return path
 
 
+# ----------------------------------------------------------------------------------------------- SASS
+# What the SASS of a kernel says about its tensor-core pipeline, read from ``cuobjdump --dump-sass``
+# (or ``nvdisasm``) text without a GPU: :func:`sass_summary`.
+
+# One instruction: ``/*1ad0*/  @!P2 BRA 0x36d0 ;`` (address, predicate, opcode, operands).
+_SASS_INSTR = re.compile(r"^\s*/\*([0-9a-fA-F]+)\*/\s+(@!?U?P(?:T|\d+)\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
+# A label (nvdisasm's listing): ``.L_x_12:``, the address of the next instruction.
+_SASS_LABEL = re.compile(r"^\s*(\.L\w*):\s*$")
+# Where a function starts: ``Function : name`` (cuobjdump), ``.text.name:`` (nvdisasm).
+_SASS_FUNCTION = re.compile(r"^\s*(?:Function\s*:\s*\S+|\.text\.\S+:)\s*$")
+# A branch target: a label `` `(.L_x_12) `` or an absolute address ``0x36d0``; the last one of the operands.
+_SASS_TARGET = re.compile(r"`\((\.L\w*)\)|\b0x([0-9a-fA-F]+)\b")
+# Branches to a target; CALL returns to the next instruction (and ``@P0 CALL.REL.NOINC`` is also how
+# ptxas leaves an sm_80 loop). Unpredicated, the others end a path.
+_SASS_JUMPS = ("BRA", "JMP", "CALL")
+_SASS_ENDS = ("EXIT", "RET", "BRX", "JMX", "KILL", "BPT")
+
+
+def _sass_functions(sass: str):
+    """``[(instructions, labels)]`` of each function of a SASS listing: ``(address, predicate, opcode,
+    operands)`` in listing order and ``{label: address}``."""
+    functions = [([], {})]
+    pending = []
+    for line in sass.splitlines():
+        if _SASS_FUNCTION.match(line):
+            functions.append(([], {}))
+            pending = []
+        elif _SASS_LABEL.match(line):
+            pending.append(_SASS_LABEL.match(line).group(1))
+        else:
+            m = _SASS_INSTR.match(line)
+            if m:
+                addr = int(m.group(1), 16)
+                instrs, labels = functions[-1]
+                instrs.append((addr, (m.group(2) or "").strip(), m.group(3), m.group(4).strip()))
+                labels.update((label, addr) for label in pending)
+                pending = []
+    return [f for f in functions if f[0]]
+
+
+def _sass_successors(instrs, labels):
+    """Indices of the instructions that can run after each instruction."""
+    index = {addr: i for i, (addr, *_) in enumerate(instrs)}
+    succ = []
+    for i, (_, pred, op, args) in enumerate(instrs):
+        base, out, falls = op.split(".")[0], [], True
+        if pred not in ("@!PT", "@!UPT") and base in _SASS_JUMPS + _SASS_ENDS:
+            if base in _SASS_JUMPS:
+                targets = _SASS_TARGET.findall(args)
+                if targets:
+                    label, addr = targets[-1]
+                    target = labels.get(label) if label else int(addr, 16)
+                    if target in index:
+                        out.append(index[target])
+            # Taken always: unpredicated, and no condition among the operands (``BRA.U !UP0, 0x..``).
+            falls = base == "CALL" or pred not in ("", "@PT", "@UPT") or "," in args
+        if falls and i + 1 < len(instrs):
+            out.append(i + 1)
+        succ.append(out)
+    return succ
+
+
+def _sass_loops(instrs, labels):
+    """The natural loops of one function: ``[(header index, body)]``, ``body`` the set of instruction
+    indices of the loop (nested loops included), in header order. A loop is closed by a back edge, a
+    branch to an instruction that every path from the entry to the branch passes (its header), as a
+    ``BRA`` back to the top of a loop body; the back edges of one header make one loop."""
+    succ = _sass_successors(instrs, labels)
+    order, seen, stack = [], {0}, [(0, iter(succ[0]))]  # reverse postorder from the entry
+    while stack:
+        node, rest = stack[-1]
+        nxt = next((s for s in rest if s not in seen), None)
+        if nxt is None:
+            stack.pop()
+            order.append(node)
+        else:
+            seen.add(nxt)
+            stack.append((nxt, iter(succ[nxt])))
+    order.reverse()
+    rank = {node: k for k, node in enumerate(order)}
+    preds = {node: [] for node in order}
+    for node in order:
+        for s in succ[node]:
+            preds[s].append(node)
+
+    idom = {0: 0}  # immediate dominators (Cooper, Harvey and Kennedy's iteration)
+
+    def meet(a, b):
+        while a != b:
+            while rank[a] > rank[b]:
+                a = idom[a]
+            while rank[b] > rank[a]:
+                b = idom[b]
+        return a
+
+    changed = True
+    while changed:
+        changed = False
+        for node in order[1:]:
+            done = [p for p in preds[node] if p in idom]
+            new = done[0]
+            for p in done[1:]:
+                new = meet(p, new)
+            if idom.get(node) != new:
+                idom[node], changed = new, True
+
+    def dominates(h, u):
+        while u != h and u != 0:
+            u = idom[u]
+        return u == h
+
+    loops = {}
+    for node in order:
+        for h in succ[node]:
+            if rank[h] <= rank[node] and dominates(h, node):
+                body, work = loops.setdefault(h, {h}), [node]
+                while work:
+                    x = work.pop()
+                    if x not in body:
+                        body.add(x)
+                        work.extend(preds[x])
+    return sorted(loops.items())
+
+
+def _sass_counts(ops) -> dict:
+    """The tensor-core products, warpgroup waits, block barriers and TMA loads among opcodes ``ops``;
+    ``hgmma``: ``{"64x128x16": count}`` of ``HGMMA.64x128x16.F32.BF16`` and the like."""
+    hgmma = {}
+    for op in ops:
+        parts = op.split(".")
+        if parts[0] == "HGMMA" and len(parts) > 1:
+            hgmma[parts[1]] = hgmma.get(parts[1], 0) + 1
+    return dict(
+        hgmma=dict(sorted(hgmma.items(), key=lambda kv: [int(x) if x.isdigit() else 0 for x in kv[0].split("x")])),
+        hmma=sum(op.split(".")[0] == "HMMA" for op in ops),
+        warpgroup_waits=sum(op.startswith("WARPGROUP.DEPBAR") for op in ops),
+        barriers=sum(op.split(".")[0] == "BAR" and not op.startswith("BAR.ARV") for op in ops),
+        tma_loads=sum(op.startswith("UTMALDG") for op in ops),
+    )
+
+
+def _loop_rank(loop: dict):
+    return sum(loop["hgmma"].values()) + loop["hmma"], loop["tma_loads"]
+
+
+def sass_summary(sass: str) -> dict:
+    """What the SASS listing ``sass`` (``cuobjdump --dump-sass``; nvdisasm's labelled form too) says:
+
+    - ``hgmma_shapes``: ``{"64x128x16": count}`` of the ``HGMMA`` instructions (static counts);
+    - ``uses_tma``: whether it holds a TMA load (``UTMALDG``);
+    - ``mma_loops``: every loop holding tensor-core products (``HGMMA`` or ``HMMA``) of its own, in
+      address order, each ``address`` (of its header, hex), ``instructions``, ``hgmma`` (per shape),
+      ``hmma``, ``warpgroup_waits`` (``WARPGROUP.DEPBAR``), ``barriers`` (``BAR.SYNC``, ``BAR.RED``, ...;
+      not ``BAR.ARV``) and ``tma_loads`` (``UTMALDG``) per iteration: the instructions of the loop body,
+      less those of loops nested in it;
+    - ``main_loop``: the one of those with the most products, then the most TMA loads, then the last of
+      equals (None without any).
+    """
+    all_ops, loops = [], []
+    for instrs, labels in _sass_functions(sass):
+        all_ops.extend(op for _, _, op, _ in instrs)
+        found = _sass_loops(instrs, labels)
+        owner = {}
+        for h, body in sorted(found, key=lambda loop: len(loop[1]), reverse=True):
+            owner.update((i, h) for i in body)  # the innermost loop holding each instruction wins
+        for h, body in found:
+            own = [instrs[i][2] for i in sorted(body) if owner[i] == h]
+            loops.append(dict(address=hex(instrs[h][0]), instructions=len(own), **_sass_counts(own)))
+    mma = [loop for loop in loops if loop["hgmma"] or loop["hmma"]]
+    main = None
+    for loop in mma:  # the last of equals wins
+        if main is None or _loop_rank(loop) >= _loop_rank(main):
+            main = loop
+    return dict(hgmma_shapes=_sass_counts(all_ops)["hgmma"], uses_tma=any(op.startswith("UTMALDG") for op in all_ops),
+                mma_loops=mma, main_loop=main)
+
+
 def compile_job(job: Job) -> Result:
     """Compile one job and read its resources from the cubin."""
     import warnings
@@ -226,24 +419,39 @@ def compile_job(job: Job) -> Result:
         result.shared_bytes = max(result.shared_bytes, int(fields.get("SHARED", 0)))
         result.uses_wgmma = "HGMMA" in sass if job.arch >= 90 else False
         result.uses_mma = "HMMA" in sass or "HGMMA" in sass
+        summary = sass_summary(sass)
+        result.hgmma_shapes, result.uses_tma = summary["hgmma_shapes"], summary["uses_tma"]
+        result.mma_loops, result.main_loop = summary["mma_loops"], summary["main_loop"]
     except Exception as exc:  # reported per job; the exit status says it failed
         result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
     return result
 
 
 def _config_str(cfg: dict) -> str:
+    """``M128 N64 w8 s3 TMA``: a flag that is True by its name, one that is False not at all."""
     short = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_ROWS": "R", "BLOCK_T": "T", "BLOCK_D": "BD", "num_warps": "w",
-             "num_stages": "s"}
-    return " ".join(f"{short.get(k, k)}{v}" for k, v in cfg.items())
+             "num_stages": "s", "WARP_SPECIALIZE": "WS"}
+    return " ".join(short.get(k, k) if v is True else f"{short.get(k, k)}{v}" for k, v in cfg.items() if v is not False)
+
+
+def _sass_columns(r: Result):
+    """The table's SASS columns: the N widths of the HGMMA shapes (``no`` without HGMMA), ``tma``, and
+    the main loop's warpgroup waits / block barriers per iteration; ``-`` where they do not apply."""
+    hopper = r.arch >= 90 and r.hgmma_shapes is not None
+    widths = sorted({int(n) for n in (s.split("x")[1] for s in r.hgmma_shapes or {} if "x" in s) if n.isdigit()})
+    hgmma = (",".join(map(str, widths)) or "no") if hopper else "-"
+    tma = ("yes" if r.uses_tma else "no") if hopper else "-"
+    loop = f"{r.main_loop['warpgroup_waits']}/{r.main_loop['barriers']}" if r.main_loop else "-"
+    return hgmma, tma, loop
 
 
 def format_table(results: List[Result]) -> str:
-    head = (f"{'kernel':<34} {'dtype':<5} {'D':>4} {'config':<18} {'regs':>4} {'spill':>5} {'smem KiB':>8} "
-            f"{'wgmma':>5}  status")
+    head = (f"{'kernel':<34} {'dtype':<5} {'D':>4} {'config':<22} {'regs':>4} {'spill':>5} {'smem KiB':>8} "
+            f"{'hgmma N':>9} {'tma':>3} {'wait/bar':>8}  status")
     lines = [head, "-" * len(head)]
     for r in results:
         if r.error:
-            lines.append(f"{r.name:<34} {r.dtype:<5} {r.head_dim:>4} {_config_str(r.config):<18} FAILED: {r.error}"
+            lines.append(f"{r.name:<34} {r.dtype:<5} {r.head_dim:>4} {_config_str(r.config):<22} FAILED: {r.error}"
                          f"  [{r.variant}]")
             continue
         status = "ok"
@@ -251,11 +459,11 @@ def format_table(results: List[Result]) -> str:
             status = "SPILL"
         elif r.shared_bytes > SHARED_LIMIT[r.arch]:
             status = "SHARED OVER LIMIT"
-        wg = ("yes" if r.uses_wgmma else "no") if r.arch >= 90 else "-"
+        hgmma, tma, loop = _sass_columns(r)
         variant = "" if r.variant == "full" else f"  [{r.variant}]"
         lines.append(
-            f"{r.name:<34} {r.dtype:<5} {r.head_dim:>4} {_config_str(r.config):<18} {r.registers:>4} "
-            f"{r.spill_bytes:>5} {r.shared_bytes / 1024:>8.1f} {wg:>5}  {status}{variant}"
+            f"{r.name:<34} {r.dtype:<5} {r.head_dim:>4} {_config_str(r.config):<22} {r.registers:>4} "
+            f"{r.spill_bytes:>5} {r.shared_bytes / 1024:>8.1f} {hgmma:>9} {tma:>3} {loop:>8}  {status}{variant}"
         )
     return "\n".join(lines)
 
