@@ -1,4 +1,4 @@
-"""Triton backward of segment attention: three kernels, no atomics (deterministic in every mode).
+"""Triton backward of segment attention: a preprocess, the dK/dV kernel and (atomics-free path) the dQ kernel.
 
 With ``P = exp(scale * Q K^T - lse)`` (the forward's log-sum-exp) and ``delta = rowsum(dO * O)``:
 ``dV = P^T dO``, ``dS = P * (dO V^T - delta)``, ``dQ = scale * dS K``, ``dK = scale * dS^T Q``.
@@ -9,32 +9,55 @@ the seed from ``Seed``; ``B_START`` is the launch's first batch row and ``KEY_ST
 index of the launch's first key in the order ``[prefix | packed]`` (0 for the prefix, ``P`` for the
 packed keys).
 
+Two ways to get dQ (the launcher chooses, ``triton_launch.segment_attention_bwd_triton``):
+
+- atomics-free (deterministic in every mode): the dK/dV kernel computes four products per (key tile,
+  query tile) pair (``S^T``, ``dP^T``, ``dV``, ``dK``) and the dQ kernel three more (``S``, ``dP``,
+  ``dQ``): seven;
+- ``DQ_ATOMIC``: the dK/dV kernel also computes ``dQ`` of the pair (``scale * dS K``, a fifth product)
+  and adds it to a float32 ``[B, H_q, N, D]`` buffer with ``tl.atomic_add``; no dQ kernel runs: five
+  products. The order of the float32 additions depends on the schedule of the programs, so the bits of
+  dQ may differ from run to run.
+
 ``_bwd_preprocess_kernel``
-    grid ``(cdiv(N, BLOCK_M), H_q, B)``; one program writes ``delta`` (float32) for ``BLOCK_M`` rows.
+    grid ``(NP // BLOCK_M, H_q, B)`` with ``NP = cdiv(N, ROW_PAD) * ROW_PAD``; one program writes, for
+    ``BLOCK_M`` rows, ``delta`` and ``lse / scale`` (float32, the log-sum-exp in units of raw scores)
+    into ``[B, H_q, NP]`` buffers that share their strides. The padded rows ``[N, NP)`` get ``delta = 0``
+    and ``lse / scale = +inf`` (their ``P`` is 0), so the dK/dV kernel reads both without a row mask.
 
 ``_bwd_dkdv_kernel``
     grid ``(cdiv(L, BLOCK_N), H_kv, B)`` with ``L = N`` (packed keys) or ``L = P`` (``IS_PREFIX``: the
-    prefix, launched only when its gradient is needed). One program keeps a ``[BLOCK_N, BLOCK_D]`` tile
-    of K and V on chip and float32 dK, dV accumulators in registers, and streams the
-    ``[BLOCK_M, BLOCK_D]`` query tiles (Q, dO, lse, delta) of every query head of its group that see
-    the key tile: the group sum is an ordered register sum, with no atomics. Visibility is monotone in
-    the row (``key_end`` never decreases), so the rows that see packed key ``j`` are
-    ``[first_row(j), N)``: the program visits query tiles ``[first_row(j_min) // BLOCK_M,
-    cdiv(N, BLOCK_M))`` (``j_min``: the tile's first key outside the padded gap; none when the tile
-    lies in the gap), the transpose of the forward's tile set, against ``cdiv(N, BLOCK_M)`` per head
-    for a dense kernel. When the key tile holds only visible keys, the query tiles from
-    ``cdiv(first_row(last key), BLOCK_M)`` up to the bounds tail take the unmasked path. Prefix key
-    tiles visit the query tiles of the rows that see the prefix (all, or ``[R, R + S)``).
+    prefix, launched when its gradient is needed, and with ``DQ_ATOMIC`` whenever there is a prefix:
+    the prefix keys' share of dQ comes from here). One program keeps a ``[BLOCK_N, BLOCK_D]`` tile of K
+    and V on chip and float32 dK, dV accumulators in registers, and streams the ``[BLOCK_M, BLOCK_D]``
+    query tiles (Q, dO, ``lse / scale``, delta) of every query head of its group that see the key tile:
+    the group sum is an ordered register sum, with no atomics. Visibility is monotone in the row
+    (``key_end`` never decreases), so the rows that see packed key ``j`` are ``[first_row(j), N)``: the
+    program visits query tiles ``[first_row(j_min) // BLOCK_M, cdiv(N, BLOCK_M))`` (``j_min``: the
+    tile's first key outside the padded gap; none when the tile lies in the gap), the transpose of the
+    forward's tile set, against ``cdiv(N, BLOCK_M)`` per head for a dense kernel. Prefix key tiles
+    visit the query tiles of the rows that see the prefix (all, or ``[R, R + S)``). Every visited tile
+    takes one path: the visibility test (key before the row's ``key_end``, outside the padded gap, row
+    in bounds) is an exact element mask, all true on a tile the schedule classes as entirely visible
+    (from ``cdiv(first_row(last key), BLOCK_M)`` on when the key tile holds only visible keys), whose
+    class the ``TRACE`` path records. One loop body, rather than an unmasked and a masked copy, is what
+    fits a 64-row query step of a 128-key tile at D = 128 in registers on sm_90 (a second loop keeps its
+    own addresses live across the first and spills).
+
+    The products run in the transposed ``[keys, rows]`` frame: ``S^T = K Q^T`` and ``dP^T = V dO^T``
+    (``[BLOCK_N, BLOCK_M]``: Hopper's warpgroup MMA has N = ``BLOCK_M``), then ``dV += P^T dO`` and
+    ``dK += dS^T Q`` (``[BLOCK_N, BLOCK_D]``: N = the head dim), with P and dS as register operands.
+    ``lse / scale`` and ``delta`` enter as the initial accumulators of ``S^T`` and ``dP^T`` (``K Q^T -
+    lse / scale`` and ``V dO^T - delta``; with dropout, ``delta`` is subtracted after the keep mask):
+    no ``[BLOCK_N, BLOCK_M]`` broadcast of them stays live beside the products.
 
 ``_bwd_dq_kernel``
     grid ``(cdiv(N, BLOCK_M), H_q, B)``; one program keeps a query block, dO, lse and delta in registers
     and visits exactly the key tiles of the forward's schedule (``triton_common._packed_key_tiles``,
     ``_prefix_key_tiles``), accumulating dQ in float32.
 
-Recomputing ``Q K^T`` and ``dO V^T`` in the dQ kernel costs two products per visited tile over an
-atomic-add design (seven instead of five), and buys determinism in every mode. Rows that see no key
-have ``lse = -inf``; they only occur in masked tiles, where the mask zeroes ``P`` (``where``, not a
-product, so ``inf`` never meets 0) and their gradients are exactly 0.
+Rows that see no key have ``lse = -inf``; every element of theirs is masked, and the mask zeroes ``P``
+(``where``, not a product, so ``inf`` never meets 0): their gradients are exactly 0.
 """
 
 from __future__ import annotations
@@ -55,22 +78,24 @@ from .triton_common import (
     _load_rows,
     _masked_tile_index,
     _operand,
-    _stored,
     _packed_key_tiles,
     _packed_visible,
     _prefix_key_tiles,
     _prefix_rows,
+    _cfg,
+    _stored,
     pick_configs,
 )
 
 
 @triton.jit
 def _bwd_preprocess_kernel(
-    Out, DO, Delta,
+    Out, DO, Lse, Delta, LseS,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_db, stride_dh, stride_dn, stride_dd,
+    stride_lb, stride_lh, stride_ln,
     stride_tb, stride_th, stride_tn,
-    N, D,
+    N, D, scale,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     m_first = tl.program_id(0) * BLOCK_M
@@ -86,46 +111,65 @@ def _bwd_preprocess_kernel(
     do = _load_rows(DO + b64 * stride_db + h64 * stride_dh + m64 * stride_dn + offs_m[:, None] * stride_dn
                     + offs_d[None, :] * stride_dd, row_ok, d_ok, True, EVEN_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + b64 * stride_tb + h64 * stride_th + m64 * stride_tn + offs_m * stride_tn, delta, mask=row_ok)
+    lse = tl.load(Lse + b64 * stride_lb + h64 * stride_lh + m64 * stride_ln + offs_m * stride_ln, mask=row_ok,
+                  other=float("inf"))
+    # The grid covers the padded rows [N, NP): delta 0 and lse / scale = +inf there (P = 0).
+    t_off = b64 * stride_tb + h64 * stride_th + m64 * stride_tn + offs_m * stride_tn
+    tl.store(Delta + t_off, delta)
+    tl.store(LseS + t_off, tl.where(row_ok, lse / scale, float("inf")))
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, vis, seed, b, h, row0, keys, threshold, rescale,
-               MASKED: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """One query tile against the program's key tile, in the transposed ``[keys, rows]`` frame (under
-    ``DROPOUT``, the keep decisions of ``keys`` x the rows from ``row0``, of query head ``h``)."""
-    qk = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [BN, BM], base 2
-    p = tl.math.exp2(qk - lse2[None, :])
-    if MASKED:
-        p = tl.where(vis, p, 0.0)
+def _dkdv_step(dk, dv, k, v, q, do, lse_s, delta, qk_scale, scale, keys, row_end, key_ok, dq_ptrs, dq_ok, seed, b, h,
+               row0, threshold, rescale, GAP: tl.constexpr, DROPOUT: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+               DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One query tile against the program's key tile, in the transposed ``[keys, rows]`` frame. Key
+    ``keys[j]`` (index in ``[prefix | packed]``) is visible to row ``i`` of the tile iff ``keys[j] <
+    row_end[i]`` (and ``key_ok[j]`` under ``GAP``: outside the padded gap). Under ``DROPOUT``, the keep
+    decisions of ``keys`` x the rows from ``row0``, of query head ``h``; under ``DQ_ATOMIC``, the tile's
+    ``scale * dS K`` is added to the float32 dQ at ``dq_ptrs`` (rows ``dq_ok``)."""
+    bn: tl.constexpr = k.shape[0]
+    bm: tl.constexpr = q.shape[0]
+    # [BN, BM]: scores minus the row's lse / scale, accumulated by the product; base 2 after qk_scale.
+    qk = tl.dot(k, tl.trans(q), tl.zeros((bn, bm), tl.float32) - lse_s[None, :], input_precision=DOT_PREC)
+    p = tl.math.exp2(qk * qk_scale)
+    vis = keys[:, None] < row_end[None, :]
+    if GAP:
+        vis = vis & key_ok[:, None]
+    p = tl.where(vis, p, 0.0)
     if DROPOUT:
-        keep = _dropout_keep(seed, b, h, row0, keys, threshold, q.shape[0], k.shape[0])
+        keep = _dropout_keep(seed, b, h, row0, keys, threshold, bm, bn)
         dv = tl.dot(_operand(tl.where(keep, p * rescale, 0.0), do, UPCAST), do, dv, input_precision=DOT_PREC)
         dp = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # [BN, BM]
-        dp = tl.where(keep, dp * rescale, 0.0)
+        ds = p * (tl.where(keep, dp * rescale, 0.0) - delta[None, :])
     else:
         dv = tl.dot(_operand(p, do, UPCAST), do, dv, input_precision=DOT_PREC)
-        dp = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # [BN, BM]
-    ds = p * (dp - delta[None, :])
-    dk = tl.dot(_operand(ds, q, UPCAST), q, dk, input_precision=DOT_PREC)
+        # [BN, BM]: dP^T - delta, accumulated by the product
+        ds = p * tl.dot(v, tl.trans(do), tl.zeros((bn, bm), tl.float32) - delta[None, :], input_precision=DOT_PREC)
+    ds = _operand(ds, q, UPCAST)
+    dk = tl.dot(ds, q, dk, input_precision=DOT_PREC)
+    if DQ_ATOMIC:
+        dq = tl.dot(tl.trans(ds), k, input_precision=DOT_PREC)  # [BM, BD]
+        tl.atomic_add(dq_ptrs, dq * scale, mask=dq_ok, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, SegLen, Trace,
+    Q, K, V, DO, LseS, Delta, DK, DV, DQAcc, SegLen, Trace,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_db, stride_dh, stride_dn, stride_dd,
-    stride_lb, stride_lh, stride_ln,
     stride_tb, stride_th, stride_tn,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     N, R, S, KEYS, D, GROUP, qk_scale, scale, TUNE_N, KEY_START, dropout_p, Seed, B_START,
     MASK: tl.constexpr, PREFIX_ALL: tl.constexpr, IS_PREFIX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, TRACE: tl.constexpr, DROPOUT: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr,
 ):
     n_block = tl.program_id(0)
     hk = tl.program_id(1)
@@ -155,7 +199,7 @@ def _bwd_dkdv_kernel(
         seed, threshold, rescale = _dropout_params(Seed, dropout_p)
         b_all = b + B_START
 
-    # Query tiles [qa, qe) see this key tile; [qf, qfe) see all of it (no element mask).
+    # Query tiles [qa, qe) see this key tile; [qf, qfe) see all of it (the class TRACE records).
     n_last = tl.minimum(n_first + BLOCK_N, KEYS) - 1
     whole = n_first + BLOCK_N <= KEYS  # no bounds tail in this key tile
     q_tiles = (N + BLOCK_M - 1) // BLOCK_M
@@ -184,34 +228,18 @@ def _bwd_dkdv_kernel(
         entire = whole & ((n_last < gap_lo) | (n_first >= gap_hi))
         qf = tl.where(entire, (_first_row(n_last, R, S, MASK) + BLOCK_M - 1) // BLOCK_M, qe)
         qfe = tl.where(entire, tl.maximum(N // BLOCK_M, qf), qe)
-    n_masked = (qf - qa) + (qe - qfe)
+    # Prefix keys: visible to the rows that see the prefix (row_end = KEY_START + KEYS), bounds included.
+    # Packed keys: before the row's key_end (<= N, the bounds) and outside the padded gap.
+    GAP: tl.constexpr = HAS_LENGTHS and not IS_PREFIX
+    key_ok = (cols < gap_lo) | (cols >= gap_hi)
 
-    # The group's query heads and the query tiles run as one flat loop per path (unmasked, masked):
-    # nesting a head loop around the tile loops costs registers that spill at D = 128.
+    # The group's query heads and the query tiles run as one flat loop: nesting a head loop around the
+    # tile loop costs registers that spill at D = 128.
     trace_row = Trace + ((b64 * tl.num_programs(1) + hk64) * tl.num_programs(0) + n_block) * q_tiles
-    n_full = qfe - qf
-    for it in range(0, GROUP * n_full):
-        g = it // n_full
-        tile = qf + it - g * n_full
-        h64 = hk64 * GROUP + g
-        m64 = tl.cast(tile * BLOCK_M, tl.int64)
-        q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh + m64 * stride_qn + offs_m[:, None] * stride_qn
-                       + offs_d[None, :] * stride_qd, offs_m, d_ok, False, EVEN_D)
-        do = _load_rows(DO + b64 * stride_db + h64 * stride_dh + m64 * stride_dn + offs_m[:, None] * stride_dn
-                        + offs_d[None, :] * stride_dd, offs_m, d_ok, False, EVEN_D)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        lse2 = tl.load(Lse + b64 * stride_lb + h64 * stride_lh + m64 * stride_ln + offs_m * stride_ln) * _LOG2E
-        delta = tl.load(Delta + b64 * stride_tb + h64 * stride_th + m64 * stride_tn + offs_m * stride_tn)
-        dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, 0, seed, b_all, hk * GROUP + g,
-                            tile * BLOCK_M, KEY_START + cols, threshold, rescale, False, DROPOUT, DOT_PREC, UPCAST)
-        if TRACE:
-            tl.store(trace_row + tile, TRACE_FULL)
-    for it in range(0, GROUP * n_masked):
-        g = it // n_masked
-        t = it - g * n_masked
-        tile = qa + t + tl.where(t >= qf - qa, qfe - qf, 0)
+    n_tiles = qe - qa
+    for it in range(0, GROUP * n_tiles):
+        g = it // n_tiles
+        tile = qa + it - g * n_tiles
         h64 = hk64 * GROUP + g
         rows = tile * BLOCK_M + offs_m
         row_ok = rows < N
@@ -223,20 +251,27 @@ def _bwd_dkdv_kernel(
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
-        lse2 = tl.load(Lse + b64 * stride_lb + h64 * stride_lh + m64 * stride_ln + offs_m * stride_ln,
-                       mask=row_ok, other=0.0) * _LOG2E
-        delta = tl.load(Delta + b64 * stride_tb + h64 * stride_th + m64 * stride_tn + offs_m * stride_tn,
-                        mask=row_ok, other=0.0)
+        t_off = b64 * stride_tb + h64 * stride_th + m64 * stride_tn + offs_m * stride_tn  # padded: no mask
+        lse_s = tl.load(LseS + t_off)
+        delta = tl.load(Delta + t_off)
         if IS_PREFIX:
-            vis = col_ok[:, None] & (_prefix_rows(rows, R, S, PREFIX_ALL) & row_ok)[None, :]
+            row_end = tl.where(_prefix_rows(rows, R, S, PREFIX_ALL) & row_ok, KEY_START + KEYS, 0)
         else:
-            # [keys, rows]: the forward's visibility expression, transposed.
-            vis = tl.trans(_packed_visible(_key_end(rows, R, S, N, MASK), cols, gap_lo, gap_hi, HAS_LENGTHS))
-            vis = vis & row_ok[None, :]
-        dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, vis, seed, b_all, hk * GROUP + g,
-                            tile * BLOCK_M, KEY_START + cols, threshold, rescale, True, DROPOUT, DOT_PREC, UPCAST)
+            row_end = KEY_START + tl.where(row_ok, _key_end(rows, R, S, N, MASK), 0)
+        dq_ptrs = DQAcc
+        dq_ok = row_ok
+        if DQ_ATOMIC:
+            dq_ptrs = (DQAcc + b64 * stride_dqb + h64 * stride_dqh + m64 * stride_dqn + offs_m[:, None] * stride_dqn
+                       + offs_d[None, :] * stride_dqd)
+            if EVEN_D:
+                dq_ok = row_ok[:, None]
+            else:
+                dq_ok = row_ok[:, None] & d_ok[None, :]
+        dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse_s, delta, qk_scale, scale, KEY_START + cols, row_end, key_ok,
+                            dq_ptrs, dq_ok, seed, b_all, hk * GROUP + g, tile * BLOCK_M, threshold, rescale, GAP,
+                            DROPOUT, DQ_ATOMIC, DOT_PREC, UPCAST)
         if TRACE:
-            tl.store(trace_row + tile, TRACE_MASKED)
+            tl.store(trace_row + tile, tl.where((tile >= qf) & (tile < qfe), TRACE_FULL, TRACE_MASKED))
 
     dk = dk * scale
     dk_ptrs = (DK + b64 * stride_dkb + hk64 * stride_dkh + n64 * stride_dkn + offs_n[:, None] * stride_dkn
@@ -394,28 +429,75 @@ def _bwd_dq_kernel(
 INTERPRETER_DKDV_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
 INTERPRETER_DQ_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 PREPROCESS_BLOCK_M = 64
+# Rows of the backward's row statistics (delta, lse / scale) are padded to a multiple of ROW_PAD: a
+# multiple of every BLOCK_M of the tables (and of PREPROCESS_BLOCK_M), so the dK/dV kernel's query tiles
+# never read past them.
+ROW_PAD = 128
 
 # Autotuning candidates per padded head dim, as triton_fwd's tables. dK/dV: BLOCK_N keys per program,
-# BLOCK_M query rows per step; its float32 accumulators for dK and dV bound the key tile.
+# BLOCK_M query rows per step; its float32 accumulators for dK and dV bound the key tile. On sm_90 the
+# first candidates are those whose every product is a warpgroup MMA with N >= 64: BLOCK_M = 64 rows (the
+# N of S^T and dP^T) and 64 keys per warpgroup (BLOCK_N = 64 * num_warps / 4), so that the chained
+# products keep one warpgroup per 64 keys. At D = 128 that fits without spills only with three stages
+# (the pipeline's loads of the next tile then overlap); the earlier candidates (BLOCK_M = 32) stay, so the
+# autotuner can only gain. D = 256 has no such config (dK and dV of 64 keys alone take 256 registers per
+# thread of a warpgroup): its candidates use mma.sync.
 _DKDV_16BIT = {
-    90: {16: [(32, 128, 8, 2), (64, 128, 8, 2)], 32: [(32, 128, 8, 2), (64, 128, 8, 2)],
-         64: [(32, 64, 4, 2), (32, 128, 8, 2)], 96: [(32, 64, 8, 2)], 128: [(32, 64, 8, 2), (32, 128, 8, 2)],
+    90: {16: [(64, 128, 8, 2), (32, 128, 8, 2)], 32: [(64, 128, 8, 2), (32, 128, 8, 2)],
+         64: [(64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (32, 128, 8, 2)],
+         96: [(64, 128, 8, 3), (32, 64, 8, 2)], 128: [(64, 128, 8, 3), (32, 64, 8, 2), (32, 128, 8, 2)],
          256: [(16, 32, 8, 2), (32, 32, 8, 1)]},
     80: {16: [(32, 128, 8, 2), (32, 64, 4, 2)], 32: [(32, 128, 8, 2), (32, 64, 4, 2)],
          64: [(32, 64, 8, 2), (32, 128, 8, 2)], 128: [(32, 64, 8, 2), (16, 64, 4, 2)],
          256: [(16, 32, 8, 2), (16, 64, 8, 1)]},
 }
+# The DQ_ATOMIC variant's 16-bit candidates: the dQ tile [BLOCK_M, BLOCK_D] of each step takes registers
+# beside dK and dV; at D = 128 only BLOCK_M = 32 fits (its dQ product then uses mma.sync on sm_90).
+_DKDV_ATOMIC_16BIT = {
+    90: {16: [(64, 128, 8, 2), (64, 64, 4, 2)], 32: [(64, 128, 8, 2), (64, 64, 4, 2)],
+         64: [(64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 2)], 96: [(32, 64, 8, 2), (32, 128, 8, 2)],
+         128: [(32, 64, 8, 2), (32, 128, 8, 2)], 256: [(16, 32, 8, 2)]},
+    80: {16: [(32, 128, 8, 2), (32, 64, 4, 2)], 32: [(32, 128, 8, 2), (32, 64, 4, 2)],
+         64: [(32, 64, 8, 2), (32, 128, 8, 2)], 128: [(16, 64, 8, 2)], 256: [(16, 32, 8, 2)]},
+}
+# The DQ_ATOMIC variant's replacements for the candidates of the float32 and dropout tables that spill
+# with its dQ tile: (arch, float32, dropout, padded head dim) -> candidates.
+_DKDV_ATOMIC_REPLACE = {
+    (80, True, False, 128): [(16, 16, 8, 1)],
+    (80, False, True, 256): [(16, 32, 8, 2)],
+    (90, True, True, 128): [(16, 16, 8, 2)],
+    (90, True, True, 256): [(16, 16, 8, 3)],
+}
 _DKDV_32BIT = {16: [(16, 32, 4, 2)], 32: [(16, 32, 4, 2)], 64: [(16, 32, 4, 2)], 128: [(16, 32, 8, 1)],
                256: [(16, 16, 8, 1)]}
+# float32 inputs with TF32 products (tensor cores, 8-deep k steps): the 16-bit tables' shapes where
+# their float32 operands fit in shared memory and registers (with triton 3.6 and 3.9); D = 256 takes the
+# float32 table.
+_DKDV_TF32 = {
+    90: {16: [(64, 128, 8, 2)], 32: [(64, 128, 8, 2)], 64: [(32, 64, 4, 2)], 128: [(16, 128, 8, 2)]},
+    80: {16: [(32, 128, 8, 2), (32, 64, 4, 2)], 32: [(32, 128, 8, 2), (32, 64, 4, 2)],
+         64: [(32, 64, 8, 2), (32, 128, 8, 2)], 128: [(32, 64, 8, 2)]},
+}
+# ... and with DQ_ATOMIC where the TF32 table's candidates spill with the dQ tile (mma.sync on sm_90).
+_DKDV_TF32_ATOMIC = {90: {128: [(16, 32, 4, 2), (16, 32, 8, 1)]}, 80: {128: [(16, 64, 8, 2)]}}
+# dQ: BLOCK_M query rows per program, BLOCK_N keys per step (the N of S and dP). On sm_90 at D = 128,
+# (128, 64, 8, 2) runs every product 64 wide or wider (two warpgroups of 64 rows); last, not first: it
+# spills 24 bytes in the generic specialization with triton 3.6 (none with 3.9).
 _DQ_16BIT = {
     90: {16: [(128, 64, 8, 2), (64, 64, 4, 2)], 32: [(128, 64, 8, 2), (64, 64, 4, 2)],
          64: [(64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2)],
-         128: [(64, 32, 4, 2), (128, 32, 8, 2)], 256: [(128, 32, 8, 2)]},
+         128: [(64, 32, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)], 256: [(128, 32, 8, 2)]},
     80: {16: [(128, 32, 8, 2), (64, 32, 4, 2)], 32: [(128, 32, 8, 2), (64, 32, 4, 2)],
          64: [(128, 32, 8, 2)], 128: [(64, 32, 4, 2), (128, 32, 8, 2)], 256: [(64, 16, 8, 2)]},
 }
 _DQ_32BIT = {16: [(32, 32, 4, 2)], 32: [(32, 32, 4, 2)], 64: [(32, 32, 4, 2)], 128: [(16, 16, 4, 1)],
              256: [(16, 16, 8, 1)]}
+_DQ_TF32 = {
+    90: {16: [(128, 64, 8, 2), (64, 64, 4, 2)], 32: [(128, 64, 8, 2), (64, 64, 4, 2)],
+         64: [(128, 64, 8, 2), (128, 32, 8, 2)], 128: [(128, 32, 8, 2)]},
+    80: {16: [(128, 32, 8, 2)], 32: [(128, 32, 8, 2), (64, 32, 4, 2)], 64: [(128, 32, 8, 2)],
+         128: [(64, 32, 8, 2)]},
+}
 # The DROPOUT variant's candidates, per arch for float32 too, smaller per thread: the Philox counters
 # of each P tile take registers.
 _DKDV_DROPOUT_16BIT = {
@@ -446,21 +528,50 @@ _DQ_DROPOUT_32BIT = {
 }
 
 
-def dkdv_configs(head_dim: int, dtype, arch, dropout: bool = False):
+def _tf32_configs(table, head_dim: int, arch: int):
+    """The TF32 candidates of ``table`` (per arch, per padded head dim) for ``head_dim``, or None where
+    the table has none (then the float32 table applies)."""
+    block_d = 1 << max(4, (head_dim - 1).bit_length())
+    rows = table[90 if arch >= 90 else 80].get(block_d)
+    return None if rows is None else [_cfg(*row) for row in rows]
+
+
+def dkdv_configs(head_dim: int, dtype, arch, dropout: bool = False, *, tf32: bool = False, dq_atomic: bool = False):
     """Launch configs of ``_bwd_dkdv_kernel``: the interpreter's single config when ``arch`` is None,
     else the autotuning candidates for compute capability ``arch`` (``dropout``: of the ``DROPOUT``
-    variant)."""
+    variant; ``tf32``: float32 inputs with TF32 products, ``DOT_PREC == "tf32"``, without dropout;
+    ``dq_atomic``: of the ``DQ_ATOMIC`` variant: its own 16-bit table, and the plain kernel's other
+    tables but where ``_DKDV_ATOMIC_REPLACE`` replaces their candidates)."""
+    import torch
+
     if arch is None:
         return [dict(INTERPRETER_DKDV_CONFIG)]
+    fp32 = dtype == torch.float32
+    if tf32 and fp32 and not dropout:
+        configs = (dq_atomic and _tf32_configs(_DKDV_TF32_ATOMIC, head_dim, arch)) or _tf32_configs(
+            _DKDV_TF32, head_dim, arch)
+        if configs is not None:
+            return configs
+    if dq_atomic:
+        block_d = 1 << max(4, (head_dim - 1).bit_length())
+        rows = _DKDV_ATOMIC_REPLACE.get((90 if arch >= 90 else 80, fp32, dropout, block_d))
+        if rows is not None:
+            return [_cfg(*row) for row in rows]
     if dropout:
         return pick_configs(_DKDV_DROPOUT_16BIT, _DKDV_DROPOUT_32BIT, head_dim, dtype, arch, per_arch_32bit=True)
-    return pick_configs(_DKDV_16BIT, _DKDV_32BIT, head_dim, dtype, arch)
+    return pick_configs(_DKDV_ATOMIC_16BIT if dq_atomic else _DKDV_16BIT, _DKDV_32BIT, head_dim, dtype, arch)
 
 
-def dq_configs(head_dim: int, dtype, arch, dropout: bool = False):
+def dq_configs(head_dim: int, dtype, arch, dropout: bool = False, *, tf32: bool = False):
     """Launch configs of ``_bwd_dq_kernel``, as :func:`dkdv_configs`."""
+    import torch
+
     if arch is None:
         return [dict(INTERPRETER_DQ_CONFIG)]
     if dropout:
         return pick_configs(_DQ_DROPOUT_16BIT, _DQ_DROPOUT_32BIT, head_dim, dtype, arch, per_arch_32bit=True)
+    if tf32 and dtype == torch.float32:
+        configs = _tf32_configs(_DQ_TF32, head_dim, arch)
+        if configs is not None:
+            return configs
     return pick_configs(_DQ_16BIT, _DQ_32BIT, head_dim, dtype, arch)

@@ -12,6 +12,9 @@ Attention dropout (``dropout_p > 0``) compiles the kernels' ``DROPOUT`` variant;
 ``[1]`` tensor the kernels read themselves (never ``.item()`` here: no host sync, graph capture works),
 and :func:`segment_attention_dropout_mask_triton` returns the keep mask a seed gives (debug, tests).
 
+The backward's dQ is atomics-free (deterministic) or atomic (:func:`dq_atomic_default` chooses);
+float32 inputs with TF32 allowed take the backward's TF32 config tables.
+
 Importing this module does not import triton: the kernel modules are imported on the first launch,
 so ``import rmt_kernels`` works without triton and without a GPU.
 """
@@ -141,15 +144,18 @@ _TUNED: Dict[tuple, object] = {}
 
 
 def _select(kernel, configs_fn, key_args, q: torch.Tensor, config: Optional[dict], fixed: bool,
-            dropout: bool = False):
+            dropout: bool = False, variant: tuple = (), restore: tuple = ()):
     """``(kernel or autotuner, meta-parameters to pass)``.
 
     ``configs_fn(head_dim, dtype, arch, dropout)`` lists the candidates (the ``DROPOUT`` variant has
-    its own). The plain kernel with one config under the interpreter, when ``config`` is given, when
-    ``fixed`` (the trace path needs known block sizes), or in deterministic mode
+    its own; ``variant``: whatever else the list depends on, part of the autotuner's cache key). The
+    plain kernel with one config under the interpreter, when ``config`` is given, when ``fixed`` (the
+    trace path needs known block sizes), or in deterministic mode
     (``torch.are_deterministic_algorithms_enabled()``: a timing-based choice could differ between
     processes, and with it the order of the floating-point sums); an autotuner over the configs for
-    this GPU otherwise (autotuning needs a GPU driver). No kernel uses atomics in any mode.
+    this GPU otherwise (autotuning needs a GPU driver). Only the dK/dV kernel's ``DQ_ATOMIC`` variant
+    uses atomics (never by default in deterministic mode, :func:`dq_atomic_default`); ``restore`` names
+    the arguments a kernel adds to, which the autotuner restores after each timed run.
     """
     import triton
 
@@ -161,7 +167,7 @@ def _select(kernel, configs_fn, key_args, q: torch.Tensor, config: Optional[dict
         if arch is not None:
             cfg.update(warps_stages)
         return kernel, cfg
-    cache_key = (kernel, arch, d, dtype, dropout)
+    cache_key = (kernel, arch, d, dtype, dropout, variant)
     tuned = _TUNED.get(cache_key)
     if tuned is None:
         configs = [
@@ -169,7 +175,8 @@ def _select(kernel, configs_fn, key_args, q: torch.Tensor, config: Optional[dict
                           num_warps=c["num_warps"], num_stages=c["num_stages"])
             for c in configs_fn(d, dtype, arch, dropout)
         ]
-        tuned = _TUNED[cache_key] = triton.autotune(configs=configs, key=list(key_args))(kernel)
+        extra = {"restore_value": list(restore)} if restore else {}
+        tuned = _TUNED[cache_key] = triton.autotune(configs=configs, key=list(key_args), **extra)(kernel)
     return tuned, {}
 
 
@@ -242,6 +249,47 @@ def _seed_arg(seed: Optional[torch.Tensor], dropout: bool, dummy: torch.Tensor) 
 
 
 # --------------------------------------------------------------------------- forward
+# TMA (sm_90+, configs with ``TMA: True``): the kernel takes pointers and tensor descriptors of K, V and
+# the prefix K, V, so that one autotuner chooses among pointer and TMA configs (``triton_fwd``: the
+# descriptors, their checks, the pre-hook setting their block per config). Keys or values TMA cannot
+# read, a GPU older than sm_90 or a triton without descriptors drop the TMA configs (an explicit
+# ``TMA: True`` config runs the pointer path); a launch that reads no descriptor gets q in their place.
+
+
+def _use_tma(fwd_mod, q: torch.Tensor, *kv) -> bool:
+    """The forward may read the keys and values ``kv`` (k, v, prefix k, v; None: no prefix) through TMA:
+    sm_90 or newer (or the interpreter), each of them ``triton_fwd.tma_ready``."""
+    if not (_interpreting() or q.device.type != "cuda" or _arch(q.device) >= 90):
+        return False
+    return all(t is None or t.shape[2] == 0 or fwd_mod.tma_ready(t) for t in kv)
+
+
+_TUNED_FWD: Dict[tuple, object] = {}
+
+
+def _select_fwd(fwd_mod, q: torch.Tensor, config: Optional[dict], fixed: bool, dropout: bool, tma: bool):
+    """``(kernel or autotuner, meta, descriptors)`` of the forward: :func:`_select` over the configs of
+    ``fwd_configs`` (without the TMA ones unless ``tma``); an autotuned launch gets its own autotuner
+    (``triton_fwd.autotuned_fwd``). An explicit ``TMA: True`` config without ``tma`` runs the
+    pointer path (``TMA`` False). ``descriptors``: whether a config of the launch reads the descriptors
+    (else the launcher passes placeholders)."""
+    configs_fn = fwd_mod.fwd_configs if tma else fwd_mod.fwd_pointer_configs
+    arch = None if _interpreting() or q.device.type != "cuda" else _arch(q.device)
+    if config is not None or arch is None or fixed or torch.are_deterministic_algorithms_enabled():
+        kernel, meta = _select(fwd_mod._segment_attention_fwd_kernel, configs_fn, _TUNE_KEY, q, config, fixed,
+                               dropout)
+        if meta.get("TMA") and not tma:
+            meta["TMA"] = False
+        if meta.get("WARP_SPECIALIZE") and not fwd_mod.HAS_WARP_SPECIALIZE:
+            meta["WARP_SPECIALIZE"] = False
+        return kernel, meta, bool(meta.get("TMA"))
+    d, dtype = q.shape[-1], q.dtype
+    candidates = configs_fn(d, dtype, arch, dropout)
+    cache_key = (arch, d, dtype, dropout, tma)
+    tuned = _TUNED_FWD.get(cache_key)
+    if tuned is None:
+        tuned = _TUNED_FWD[cache_key] = fwd_mod.autotuned_fwd(candidates, _TUNE_KEY)
+    return tuned, {}, any(c.get("TMA") for c in candidates)
 
 
 def segment_attention_fwd_triton(
@@ -271,8 +319,10 @@ def segment_attention_fwd_triton(
         seed: int64 ``[1]`` tensor on q's device (read by the kernels, no host sync) when
             ``dropout_p > 0``; the keep decisions are those of
             :func:`segment_attention_dropout_mask_triton` for the same seed.
-        config: fixed meta-parameters (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``) instead
-            of autotuning; the interpreter always runs one config.
+        config: fixed meta-parameters (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``, and
+            optionally ``TMA``, ``WARP_SPECIALIZE``) instead of autotuning; the interpreter always runs one
+            config. ``TMA: True`` runs the pointer path where TMA cannot read the keys and values or
+            the GPU is older than sm_90 (see the TMA note above and ``triton_fwd``).
         trace: debug path: also return an int32 tensor ``[B, H_q, cdiv(N, BLOCK_M), cdiv(P, BLOCK_N) +
             cdiv(N, BLOCK_N)]`` holding, per query block and key tile (prefix tiles first), 2 for a
             tile taken unmasked, 1 for a masked one, 0 for a tile never loaded.
@@ -300,8 +350,8 @@ def segment_attention_fwd_triton(
     q, k, v, prefix_k, prefix_v = (_fit(t) for t in (q, k, v, prefix_k, prefix_v))
     lengths = kernel_lengths(segment_lengths, q.device)
     dropout = dropout_p > 0
-    kernel, meta = _select(fwd_mod._segment_attention_fwd_kernel, fwd_mod.fwd_configs, _TUNE_KEY, q, config, trace,
-                           dropout)
+    tma = _use_tma(fwd_mod, q, k, v, prefix_k, prefix_v)
+    kernel, meta, descriptors = _select_fwd(fwd_mod, q, config, trace, dropout, tma)
     trace_buf = None
     if trace:
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
@@ -316,6 +366,8 @@ def segment_attention_fwd_triton(
         out, lse,
         lengths if lengths is not None else dummy,
         trace_buf if trace_buf is not None else dummy,
+        *(fwd_mod.kv_descriptors(k, v, prefix_k if p else None, prefix_v if p else None, meta) if descriptors
+          else (dummy,) * 4),
         *q.stride(), *k.stride(), *v.stride(),
         *_strides(prefix_k if p else None, q), *_strides(prefix_v if p else None, q),
         *out.stride(), *lse.stride(),
@@ -332,10 +384,29 @@ def segment_attention_fwd_triton(
 
 
 def _bwd_buffers(q: torch.Tensor, k: torch.Tensor, prefix_k: Optional[torch.Tensor]):
-    """``(dq, dk, dv, dprefix_k, dprefix_v, delta)``: the gradients of ``ops._alloc.alloc_grads`` and
-    the float32 ``delta = rowsum(dO * O)`` ``[B, H_q, N]``; the kernels write every element."""
-    delta = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    return (*alloc_grads(q, k, prefix_k), delta)
+    """``(dq, dk, dv, dprefix_k, dprefix_v, delta, lse_s)``: the gradients of ``ops._alloc.alloc_grads``
+    and the float32 row statistics of the backward, ``delta = rowsum(dO * O)`` and ``lse / scale``,
+    ``[B, H_q, NP]`` with ``NP = cdiv(N, triton_bwd.ROW_PAD) * ROW_PAD`` and the same strides (two
+    halves of one buffer); the kernels write every element."""
+    from .triton_bwd import ROW_PAD
+
+    b, h, n = q.shape[:3]
+    stats = torch.empty((2, b, h, _cdiv(n, ROW_PAD) * ROW_PAD), dtype=torch.float32, device=q.device)
+    return (*alloc_grads(q, k, prefix_k), stats[0], stats[1])
+
+
+# Up to this head dim the atomic dQ path's sm_90 products are all 64 wide or wider; from D = 96 on its dQ
+# tile leaves registers for 32-row steps only. A static choice: no GPU has timed the two paths yet.
+DQ_ATOMIC_MAX_HEAD_DIM = 64
+
+
+def dq_atomic_default(q: torch.Tensor, trace: bool = False) -> bool:
+    """Whether the backward takes the atomic dQ path when the caller does not say (``dq_atomic=None``): on
+    a GPU, outside deterministic mode, without the trace (which reports the dQ kernel's tiles), for head
+    dims up to :data:`DQ_ATOMIC_MAX_HEAD_DIM`. Not under the interpreter (it runs programs one after
+    another, proving nothing about atomics; tests pass ``dq_atomic=True``)."""
+    return (q.device.type == "cuda" and not _interpreting() and not trace and q.shape[-1] <= DQ_ATOMIC_MAX_HEAD_DIM
+            and not torch.are_deterministic_algorithms_enabled())
 
 
 def segment_attention_bwd_triton(
@@ -356,8 +427,15 @@ def segment_attention_bwd_triton(
     *,
     config: Optional[dict] = None,
     trace: bool = False,
+    dq_atomic: Optional[bool] = None,
 ):
-    """Backward of the triton backend. Deterministic: no atomics, group sums in a fixed order.
+    """Backward of the triton backend.
+
+    dQ (``triton_bwd``'s docstring): atomics-free (a dQ kernel; deterministic, 7 products per visited
+    tile pair), or ``dq_atomic`` (the dK/dV kernel adds each pair's dQ to a float32 buffer with atomics:
+    5 products, dQ's bits may change between runs; the buffer is cast to q's dtype at the end, one more
+    pass over dQ, none for float32). A prefix without ``need_prefix_grad`` still runs its key blocks
+    there (their share of dQ; their dK/dV are dropped).
 
     Args:
         dout: ``[B, H_q, N, D]`` upstream gradient, any strides; ``out``, ``lse``: the forward's
@@ -365,10 +443,13 @@ def segment_attention_bwd_triton(
         need_prefix_grad: compute the prefix gradients (launches the prefix key blocks).
         dropout_p, seed: those of the forward (the kernels regenerate its keep decisions).
         config: ``{"dq": {...}, "dkdv": {...}}`` fixed meta-parameters per kernel (either may be
-            left out) instead of autotuning.
+            left out) instead of autotuning; the atomic path runs no dQ kernel and ignores ``"dq"``.
         trace: debug path: also return ``{"dq": ..., "dkdv": ..., "dkdv_prefix": ...}``: the dQ
-            kernel's tile codes laid out like the forward trace, and the dK/dV kernels' codes
-            ``[B, H_kv, key blocks, cdiv(N, BLOCK_M)]`` (query tiles per key block).
+            kernel's tile codes laid out like the forward trace (absent on the atomic path), and the
+            dK/dV kernels' codes ``[B, H_kv, key blocks, cdiv(N, BLOCK_M)]`` (query tiles per key block).
+        dq_atomic: True: the atomic dQ path; False: the atomics-free one; None (default):
+            :func:`dq_atomic_default` (atomics on a GPU outside deterministic mode for head dims up to
+            64; not under the interpreter, not with ``trace``).
 
     Returns:
         ``(dq, dk, dv, dprefix_k, dprefix_v)`` stored ``[B, N, H, D]``, in q's dtype; the prefix gradients are None
@@ -382,6 +463,8 @@ def segment_attention_bwd_triton(
         >>> dq, dk, dv, _, _ = segment_attention_bwd_triton(dout, q, k, v, None, None, None, out, lse,
         ...                                                  layout, 0.125, False)
     """
+    import functools
+
     _check_inputs(q, k, v, prefix_k, prefix_v)
     common_mod, _, bwd_mod = _kernels()
     b, hq, n, d = q.shape
@@ -389,7 +472,7 @@ def segment_attention_bwd_triton(
     s = layout.segment_len(n)
     p = 0 if prefix_k is None else prefix_k.shape[2]
     want_prefix = p > 0 and need_prefix_grad
-    dq, dk, dv, dpk, dpv, delta = _bwd_buffers(q, k, prefix_k if want_prefix else None)
+    dq, dk, dv, dpk, dpv, delta, lse_s = _bwd_buffers(q, k, prefix_k if want_prefix else None)
     if is_empty(q):
         return zero_grads(dq, dk, dv, dpk, dpv)
     dout, q, k, v, prefix_k, prefix_v, out = (_fit(t) for t in (dout, q, k, v, prefix_k, prefix_v, out))
@@ -402,17 +485,28 @@ def segment_attention_bwd_triton(
     drop_p = float(dropout_p) if dropout else 0.0
     seg = lengths if lengths is not None else dummy
     traces = {}
+    atomic = dq_atomic_default(q, trace) if dq_atomic is None else bool(dq_atomic)
+    tf32 = common["DOT_PREC"] == "tf32"
 
     pre_m = bwd_mod.PREPROCESS_BLOCK_M
-    _launch(bwd_mod._bwd_preprocess_kernel, lambda rows: (_cdiv(n, pre_m), hq, rows), b,
-            (out, dout, delta, *out.stride(), *dout.stride(), *delta.stride(), n, d),
+    _launch(bwd_mod._bwd_preprocess_kernel, lambda rows: (delta.shape[-1] // pre_m, hq, rows), b,
+            (out, dout, lse, delta, lse_s, *out.stride(), *dout.stride(), *lse.stride(), *delta.stride(), n, d,
+             float(scale)),
             dict(BLOCK_M=pre_m, BLOCK_D=common["BLOCK_D"], EVEN_D=common["EVEN_D"]))
 
-    kernel, meta = _select(bwd_mod._bwd_dkdv_kernel, bwd_mod.dkdv_configs, _TUNE_KEY_DKDV, q, config.get("dkdv"), trace,
-                           dropout)
+    dq_acc = None
+    if atomic:  # float32 dQ summed by atomics: dq itself for float32 inputs, else a buffer cast at the end
+        dq_acc = dq.zero_() if dq.dtype == torch.float32 else torch.zeros_like(dq, dtype=torch.float32)
+    kernel, meta = _select(bwd_mod._bwd_dkdv_kernel,
+                           functools.partial(bwd_mod.dkdv_configs, tf32=tf32, dq_atomic=atomic), _TUNE_KEY_DKDV,
+                           q, config.get("dkdv"), trace, dropout, variant=(tf32, atomic),
+                           restore=("DQAcc",) if atomic else ())
     key_sets = [("dkdv", k, v, dk, dv, n, False)]
     if want_prefix:
         key_sets.append(("dkdv_prefix", prefix_k, prefix_v, dpk, dpv, p, True))
+    elif atomic and p > 0:  # the prefix keys' share of dQ; their dK/dV go to scratch buffers
+        key_sets.append(("dkdv_prefix", prefix_k, prefix_v, torch.empty_like(prefix_k), torch.empty_like(prefix_v),
+                         p, True))
     for name, kk, vv, gk, gv, keys, is_prefix in key_sets:  # keys: [prefix (P) | packed (N)]
         trace_buf = None
         if trace:
@@ -420,17 +514,24 @@ def segment_attention_bwd_triton(
                                     dtype=torch.int32, device=q.device)
             traces[name] = trace_buf
         args = (
-            q, kk, vv, dout, lse, delta, gk, gv, seg, trace_buf if trace_buf is not None else dummy,
-            *q.stride(), *kk.stride(), *vv.stride(), *dout.stride(), *lse.stride(), *delta.stride(),
-            *gk.stride(), *gv.stride(),
+            q, kk, vv, dout, lse_s, delta, gk, gv, dq_acc if atomic else dummy, seg,
+            trace_buf if trace_buf is not None else dummy,
+            *q.stride(), *kk.stride(), *vv.stride(), *dout.stride(), *delta.stride(),
+            *gk.stride(), *gv.stride(), *_strides(dq_acc, q),
             n, layout.num_read, s, keys, d, hq // hkv, scale * common_mod.LOG2E, scale, _tune_bucket(n + p),
             0 if is_prefix else p, drop_p,
         )
         _launch(kernel, lambda rows, keys=keys: lambda m: (_cdiv(keys, m["BLOCK_N"]), hkv, rows), b, args,
-                dict(IS_PREFIX=is_prefix, HAS_LENGTHS=lengths is not None, TRACE=trace, DROPOUT=dropout, **common,
-                     **meta), seed_arg)
+                dict(IS_PREFIX=is_prefix, HAS_LENGTHS=lengths is not None, TRACE=trace, DROPOUT=dropout,
+                     DQ_ATOMIC=atomic, **common, **meta), seed_arg)
+    if atomic:
+        if dq_acc is not dq:
+            dq.copy_(dq_acc)  # the one extra pass over dQ of the atomic path
+        grads = (dq, dk, dv, dpk, dpv)
+        return (*grads, traces) if trace else grads
 
-    kernel, meta = _select(bwd_mod._bwd_dq_kernel, bwd_mod.dq_configs, _TUNE_KEY, q, config.get("dq"), trace, dropout)
+    kernel, meta = _select(bwd_mod._bwd_dq_kernel, functools.partial(bwd_mod.dq_configs, tf32=tf32), _TUNE_KEY, q,
+                           config.get("dq"), trace, dropout, variant=(tf32,))
     trace_buf = None
     if trace:
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
