@@ -20,9 +20,9 @@ the stock kernel skips the masked work of a causal call only in blocks of 512 ke
 most of it at any length). Which plan is fastest is measured, not guessed: up to
 ``MASKED_CALL_MAX_N`` packed rows the one masked call always wins (the fixed cost of each extra call
 and of the merge outweighs the masked work it saves); from there to ``MEASURED_CHOICE_MAX_N`` the
-first call of each layout, shape, dtype and thread count times the forward of the composition, the
-one masked call and each chunk size (twice each, alternated, best of two, no autograd) and the
-fastest serves every later call (``plan_choices()`` shows them); above it the composition always
+first call of each layout, shape, dtype and thread count times the composition, the one masked call
+and each chunk size (forward, plus backward when that call needs gradients; twice each, alternated,
+best of two, no autograd) and the fastest serves every later call (``plan_choices()`` shows them); above it the composition always
 runs (a masked call's mask grows as N^2). Under ``torch.compile`` tracing, or with
 ``RMT_KERNELS_TORCH_PLAN=static``, nothing is timed: the static rule (one masked call only up to
 ``MASKED_CALL_MAX_N``) decides. All plans compute the same attention; the choice changes only
@@ -221,8 +221,9 @@ def _static_only(q) -> bool:
         return False
 
 
-def _choice(plan: _Plan, q, k, v, layout: MemoryLayout, scale: float) -> int:
-    """Rows per masked call of this call's plan (0: the composition; see the module docstring)."""
+def _choice(plan: _Plan, q, k, v, layout: MemoryLayout, scale: float, grad: bool = False) -> int:
+    """Rows per masked call of this call's plan (0: the composition; see the module docstring). The
+    first call of a shape decides, timing the forward and, with ``grad``, the backward too."""
     if not plan.masked or scale <= 0:
         return 0
     n = q.shape[2]
@@ -233,7 +234,7 @@ def _choice(plan: _Plan, q, k, v, layout: MemoryLayout, scale: float) -> int:
     key = (layout, tuple(q.shape), tuple(k.shape), q.dtype, plan.lengths, torch.get_num_threads())
     choice = _CHOICES.get(key)
     if choice is None:
-        choice = _CHOICES[key] = _fastest(plan, q, k, v, layout, scale)
+        choice = _CHOICES[key] = _fastest(plan, q, k, v, layout, scale, grad)
     return choice
 
 
@@ -243,8 +244,10 @@ def _candidates(n: int) -> Tuple[int, ...]:
     return (0, n, *(c for c in CHUNK_ROWS if 2 * c <= n))
 
 
-def _fastest(plan: _Plan, q, k, v, layout: MemoryLayout, scale: float) -> int:
-    """Times the forward of each candidate twice, alternated, and returns the fastest (best of two)."""
+def _fastest(plan: _Plan, q, k, v, layout: MemoryLayout, scale: float, grad: bool = False) -> int:
+    """Times each candidate twice, alternated, and returns the fastest (best of two): its forward, and
+    with ``grad`` its forward and backward (the backward costs about twice the forward on CPU, and the
+    plans' forwards and backwards do not rank alike)."""
     n = q.shape[2]
     best = {c: float("inf") for c in _candidates(n)}
     with torch.no_grad():
@@ -252,9 +255,13 @@ def _fastest(plan: _Plan, q, k, v, layout: MemoryLayout, scale: float) -> int:
             for rows in best:
                 t0 = time.perf_counter()
                 if rows:
-                    _masked_fwd(plan, q, k, v, layout, scale, rows)
+                    out, lse = _masked_fwd(plan, q, k, v, layout, scale, rows)
+                    if grad:
+                        _masked_bwd(plan, q, q, k, v, out, lse, layout, scale, rows)
                 else:
-                    _composed_fwd(plan, q, k, v, None, None, scale)
+                    out, lse = _composed_fwd(plan, q, k, v, None, None, scale)
+                    if grad:
+                        _composed_bwd(plan, q, q, k, v, None, None, out, lse, scale, False)
                 best[rows] = min(best[rows], time.perf_counter() - t0)
     return min(best, key=best.get)
 
@@ -391,7 +398,8 @@ def segment_attention_eager_torch(
     gqa = q.shape[1] != k.shape[1]
     if plan.whole is not None:
         return _sdpa(q, k, v, None, 0.0, plan.whole.causal, scale=scale, enable_gqa=gqa)
-    if _choice(plan, q, k, v, layout, scale) == q.shape[2]:
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if _choice(plan, q, k, v, layout, scale, grad) == q.shape[2]:
         return _sdpa(q, k, v, _mask_of(plan, layout, q), 0.0, False, scale=scale, enable_gqa=gqa)
     return None
 
@@ -412,7 +420,11 @@ def segment_attention_bwd_torch(
         return (*_masked_bwd(plan, dout, q, k, v, out, lse, layout, scale, rows), None, None)
     if plan.whole is not None:
         return (*_block_bwd(dout, q, k, v, out, lse, plan.whole.causal, scale), None, None)
+    return _composed_bwd(plan, dout, q, k, v, prefix_k, prefix_v, out, lse, scale, need_prefix_grad)
 
+
+def _composed_bwd(plan: _Plan, dout, q, k, v, prefix_k, prefix_v, out, lse, scale: float, need_prefix_grad: bool):
+    """The backward of :func:`_composed_fwd`: each block's stock backward fed the merged statistics."""
     p = 0 if prefix_k is None else prefix_k.shape[2]
     acc = accum_dtype(q.dtype)
     dq, dk, dv = GradAccumulator(q, acc), GradAccumulator(k, acc), GradAccumulator(v, acc)
