@@ -277,3 +277,15 @@ def test_sm90_dkdv_products_are_wide_warpgroup_mmas():
         assert row["hgmma"] and row["hmma"] == 0, row
         assert all(int(shape.split("x")[1]) >= 64 for shape in row["hgmma"]), row
         assert (row["atomics"] > 0) == bool(row["variant"].get("DQ_ATOMIC")), row
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [pytest.param(64, id="D64"), pytest.param(128, id="D128")])
+def test_atomic_dq_on_gpu(poisoned, atomic_default, d):
+    """The atomic dQ path on a GPU (autotuned configs), bfloat16, a long padded segment with a prefix and
+    grouped-query heads: every gradient against the float64 reference."""
+    device = torch.device("cuda")
+    layout = MemoryLayout(16, 16, MB)
+    q, k, v, pk, pv = device_inputs(device, 2, (8, 2), layout.seq_len(1000), d, 37, dtype=torch.bfloat16)
+    sl = torch.tensor([1000, 611], dtype=torch.int32, device=device)
+    check_against_reference(layout, q, k, v, pk, pv, sl)

@@ -221,3 +221,23 @@ def test_warp_specialized_loop_matches(device):
                                                          config=dict(config, WARP_SPECIALIZE=True))
     for a, c in zip(plain, special):
         assert torch.equal(a, c)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d, blocks, warps, stages", [
+    pytest.param(64, (128, 128), 8, 3, id="D64-128x128"),
+    pytest.param(128, (128, 128), 8, 2, id="D128-128x128"),
+    pytest.param(128, (128, 64), 8, 3, id="D128-128x64"),
+])
+def test_tma_configs_on_gpu(launches, d, blocks, warps, stages):
+    """The TMA configs of the sm_90 table on a GPU (the path is taken on sm_90 and newer), bfloat16, a
+    long padded segment with a prefix and grouped-query heads, against the float64 reference."""
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    layout = MemoryLayout(16, 16, "memory_bidirectional")
+    q, k, v, pk, pv = _inputs(device, torch.bfloat16, 2, (8, 2), layout.seq_len(1000), d, 37)
+    sl = torch.tensor([1000, 611], device=device)
+    config = {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1], "num_warps": warps, "num_stages": stages, "TMA": True}
+    _check(layout, q, k, v, pk, pv, sl, d ** -0.5, config)
+    (args, meta), = launches
+    assert meta["TMA"] == _tma_expected(q.device)
