@@ -158,12 +158,13 @@ class GradAccumulator:
             self.buf[b0:b1, :, pos:end].copy_(grad[:, :, pos - start :])
         covered.append((start, end))
 
-    def finish(self, runs, dtype: torch.dtype) -> torch.Tensor:
+    def finish(self, spans, dtype: torch.dtype) -> torch.Tensor:
+        """The gradient in ``dtype``, with the rows no write covered zeroed in each batch span ``(b0, b1)``
+        of ``spans`` (those the writes used)."""
         if self.buf is None:
             return empty_bnhd(self.like.shape, dtype, self.like.device).zero_()
         length = self.buf.shape[2]
-        for run in runs:
-            b0, b1 = run.b0, run.b1
+        for b0, b1 in spans:
             pos = 0
             for c0, c1 in union_intervals(self.covered.get((b0, b1), [])) + [(length, length)]:
                 if c0 > pos:

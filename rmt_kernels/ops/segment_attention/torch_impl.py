@@ -22,8 +22,8 @@ most of it at any length). Which plan is fastest is measured, not guessed: up to
 and of the merge outweighs the masked work it saves); from there to ``MEASURED_CHOICE_MAX_N`` the
 first call of each layout, shape, dtype and thread count times the composition, the one masked call
 and each chunk size (forward, plus backward when that call needs gradients; twice each, alternated,
-best of two, no autograd) and the fastest serves every later call (``plan_choices()`` shows them); above it the composition always
-runs (a masked call's mask grows as N^2). Under ``torch.compile`` tracing, or with
+best of two, no autograd) and the fastest serves every later call (``plan_choices()`` shows them);
+above it the composition always runs (a masked call's mask grows as N^2). Under ``torch.compile`` tracing, or with
 ``RMT_KERNELS_TORCH_PLAN=static``, nothing is timed: the static rule (one masked call only up to
 ``MASKED_CALL_MAX_N``) decides. All plans compute the same attention; the choice changes only
 rounding. The plan of a call (runs of equal lengths, blocks, row chunks) depends only on the layout
@@ -49,8 +49,9 @@ _sdpa = torch._C._nn.scaled_dot_product_attention
 # Packed lengths up to which a mask of several blocks runs as one stock call with an additive mask
 # (CPU, no prefix, no row without keys); measured in ``rmt-kernels bench --suite overhead``.
 MASKED_CALL_MAX_N = 128
-# Up to this many packed rows the choice between that masked call and the composition is timed on the
-# first call of each shape (see the module docstring); above it the composition runs.
+# Up to this many packed rows the plan (the composition, that masked call or masked calls over row
+# chunks) is timed on the first call of each shape (see the module docstring); above it the composition
+# runs.
 MEASURED_CHOICE_MAX_N = 2048
 ENV_PLAN = "RMT_KERNELS_TORCH_PLAN"  # "static": never time, use the static rule
 
@@ -267,13 +268,19 @@ def _fastest(plan: _Plan, q, k, v, layout: MemoryLayout, scale: float, grad: boo
 
 
 @functools.lru_cache(maxsize=256)
+def _key_ends(layout: MemoryLayout, segment_len: int, lengths: Optional[tuple]) -> torch.Tensor:
+    """int64 ``[N]``: one past the last packed key each row sees (in any batch row)."""
+    visible = layout.dense_mask(segment_len, 0, lengths).any(0)  # [N, N]
+    return (visible * torch.arange(1, visible.shape[0] + 1)).amax(-1)
+
+
+@functools.lru_cache(maxsize=256)
 def _row_chunks(layout: MemoryLayout, segment_len: int, lengths: Optional[tuple], rows: int) -> tuple:
     """``((r0, r1, key_end), ...)``: rows ``[r0, r1)`` in chunks of ``rows``, each with the packed keys
     ``[0, key_end)`` that hold every key one of its rows sees (in any batch row)."""
-    visible = layout.dense_mask(segment_len, 0, lengths).any(0)  # [N, N]
-    n = visible.shape[0]
-    last = (visible * torch.arange(1, n + 1)).amax(-1)  # one past each row's last visible key
-    return tuple((r0, min(r0 + rows, n), int(last[r0 : r0 + rows].max())) for r0 in range(0, n, rows))
+    ends = _key_ends(layout, segment_len, lengths)
+    n = ends.shape[0]
+    return tuple((r0, min(r0 + rows, n), int(ends[r0 : r0 + rows].max())) for r0 in range(0, n, rows))
 
 
 def _mask_of(plan: _Plan, layout: MemoryLayout, q) -> torch.Tensor:
@@ -312,7 +319,7 @@ def _masked_bwd(plan: _Plan, dout, q, k, v, out, lse, layout: MemoryLayout, scal
         dq.write(0, b, r0, g_q)
         dk.write(0, b, 0, g_k)
         dv.write(0, b, 0, g_v)
-    whole = (_Run(0, b, 0, (), ()),)
+    whole = ((0, b),)
     return dq.finish(whole, q.dtype), dk.finish(whole, q.dtype), dv.finish(whole, q.dtype)
 
 
@@ -452,7 +459,7 @@ def _composed_bwd(plan: _Plan, dout, q, k, v, prefix_k, prefix_v, out, lse, scal
             gk, gv = (dpk, dpv) if blk.source == "prefix" else (dk, dv)
             gk.write(b0, b1, blk.key_start, g_k)
             gv.write(b0, b1, blk.key_start, g_v)
-    runs, dtype = plan.runs, q.dtype
+    runs, dtype = [(run.b0, run.b1) for run in plan.runs], q.dtype
     return (
         dq.finish(runs, dtype),
         dk.finish(runs, dtype),

@@ -84,7 +84,9 @@ from .triton_common import (
     _prefix_rows,
     _cfg,
     _stored,
+    padded_head_dim,
     pick_configs,
+    table_arch,
 )
 
 
@@ -531,8 +533,7 @@ _DQ_DROPOUT_32BIT = {
 def _tf32_configs(table, head_dim: int, arch: int):
     """The TF32 candidates of ``table`` (per arch, per padded head dim) for ``head_dim``, or None where
     the table has none (then the float32 table applies)."""
-    block_d = 1 << max(4, (head_dim - 1).bit_length())
-    rows = table[90 if arch >= 90 else 80].get(block_d)
+    rows = table[table_arch(arch)].get(padded_head_dim(head_dim))
     return None if rows is None else [_cfg(*row) for row in rows]
 
 
@@ -553,8 +554,7 @@ def dkdv_configs(head_dim: int, dtype, arch, dropout: bool = False, *, tf32: boo
         if configs is not None:
             return configs
     if dq_atomic:
-        block_d = 1 << max(4, (head_dim - 1).bit_length())
-        rows = _DKDV_ATOMIC_REPLACE.get((90 if arch >= 90 else 80, fp32, dropout, block_d))
+        rows = _DKDV_ATOMIC_REPLACE.get((table_arch(arch), fp32, dropout, padded_head_dim(head_dim)))
         if rows is not None:
             return [_cfg(*row) for row in rows]
     if dropout:

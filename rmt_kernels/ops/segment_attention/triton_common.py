@@ -15,7 +15,8 @@
   (debug, tests): grid ``(cdiv(N, BLOCK_M), H_q, B)``, the keep decisions of every element
   ``[B, H_q, N, P + N]`` (visible or not) as uint8, from the same ``_dropout_keep``;
 - the trace codes of the ``TRACE`` debug path, ``LOG2E`` / ``LN2`` (scores run in base-2 units);
-- ``pick_configs``: the autotuning candidates of one kernel from its per-head-dim tables.
+- ``pick_configs``: the autotuning candidates of one kernel from its per-head-dim tables, keyed by
+  ``padded_head_dim`` and ``table_arch``.
 
 Dropout counters. Element ``(b, h, i, j)`` of the attention probabilities (batch row ``b``, query head
 ``h`` of ``H_q``, query row ``i`` of ``N``, key ``j`` in the key order ``[prefix (P) | packed (N)]``) is
@@ -268,13 +269,23 @@ def _cfg(block_m, block_n, num_warps, num_stages):
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
 
 
+def padded_head_dim(head_dim: int) -> int:
+    """``BLOCK_D``: the head dim rounded up to a power of two, at least 16 (the key of the config tables)."""
+    return 1 << max(4, (head_dim - 1).bit_length())
+
+
+def table_arch(arch: int) -> int:
+    """The key of the per-arch config tables: 90 for sm_90 and newer, else 80."""
+    return 90 if arch >= 90 else 80
+
+
 def pick_configs(table_16bit, table_32bit, head_dim: int, dtype, arch: int, per_arch_32bit: bool = False):
     """Configs of one kernel for ``head_dim`` on ``arch`` (sm_90 tables for sm_90 and newer); the float32
     table is per arch too with ``per_arch_32bit``."""
     import torch
 
-    block_d = 1 << max(4, (head_dim - 1).bit_length())
-    arch_key = 90 if arch >= 90 else 80
+    block_d = padded_head_dim(head_dim)
+    arch_key = table_arch(arch)
     if dtype == torch.float32:
         table = table_32bit[arch_key] if per_arch_32bit else table_32bit
     else:

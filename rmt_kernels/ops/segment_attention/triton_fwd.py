@@ -89,6 +89,7 @@ from .triton_common import (
     _packed_visible,
     _prefix_key_tiles,
     _prefix_rows,
+    padded_head_dim,
     pick_configs,
 )
 
@@ -392,8 +393,7 @@ def _tma_configs(head_dim: int, dtype, arch):
 
     if not HAS_TMA or arch < 90 or dtype == torch.float32:
         return []
-    block_d = 1 << max(4, (head_dim - 1).bit_length())
-    rows = _FWD_TMA_16BIT.get(head_dim, _FWD_TMA_16BIT[block_d])
+    rows = _FWD_TMA_16BIT.get(head_dim, _FWD_TMA_16BIT[padded_head_dim(head_dim)])
     return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, TMA=True) for bm, bn, w, st in rows]
 
 
@@ -445,27 +445,15 @@ def kv_descriptors(k, v, prefix_k, prefix_v, meta: dict):
     replaces)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    block_d = 1 << max(4, (k.shape[-1] - 1).bit_length())
-    block = [1, 1, meta.get("BLOCK_N", 16), block_d]
+    block = [1, 1, meta.get("BLOCK_N", 16), padded_head_dim(k.shape[-1])]
     kd, vd, pkd, pvd = (None if t is None else TensorDescriptor(t, list(t.shape), _tma_strides(t), list(block))
                         for t in (k, v, prefix_k, prefix_v))
     return (kd, vd, kd, vd) if pkd is None else (kd, vd, pkd, pvd)
 
 
 def set_kv_blocks(nargs: dict) -> None:
-    """Autotuner pre-hook of every forward config: the descriptors' block is the config's ``[1, 1,
-    BLOCK_N, BLOCK_D]`` (a tensor in their place, the placeholder, stays)."""
+    """Autotuner pre-hook of every forward config (``triton_launch._select_fwd``): the descriptors'
+    block is the config's ``[1, 1, BLOCK_N, BLOCK_D]`` (a tensor in their place, the placeholder, stays)."""
     for name in ("KD", "VD", "PKD", "PVD"):
         if hasattr(nargs[name], "block_shape"):
             nargs[name].block_shape = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_D"]]
-
-
-def autotuned_fwd(configs, key):
-    """An autotuner of the forward kernel over ``configs`` (dicts of :func:`fwd_configs`) keyed by the
-    argument names ``key``, each config with the pre-hook :func:`set_kv_blocks`."""
-    return triton.autotune(
-        configs=[triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
-                               num_warps=c["num_warps"], num_stages=c["num_stages"], pre_hook=set_kv_blocks)
-                 for c in configs],
-        key=list(key),
-    )(_segment_attention_fwd_kernel)

@@ -144,7 +144,7 @@ _TUNED: Dict[tuple, object] = {}
 
 
 def _select(kernel, configs_fn, key_args, q: torch.Tensor, config: Optional[dict], fixed: bool,
-            dropout: bool = False, variant: tuple = (), restore: tuple = ()):
+            dropout: bool = False, variant: tuple = (), restore: tuple = (), pre_hook=None):
     """``(kernel or autotuner, meta-parameters to pass)``.
 
     ``configs_fn(head_dim, dtype, arch, dropout)`` lists the candidates (the ``DROPOUT`` variant has
@@ -155,7 +155,8 @@ def _select(kernel, configs_fn, key_args, q: torch.Tensor, config: Optional[dict
     processes, and with it the order of the floating-point sums); an autotuner over the configs for
     this GPU otherwise (autotuning needs a GPU driver). Only the dK/dV kernel's ``DQ_ATOMIC`` variant
     uses atomics (never by default in deterministic mode, :func:`dq_atomic_default`); ``restore`` names
-    the arguments a kernel adds to, which the autotuner restores after each timed run.
+    the arguments a kernel adds to, which the autotuner restores after each timed run; ``pre_hook`` runs
+    before each launch of an autotuned config (the forward's descriptor blocks).
     """
     import triton
 
@@ -172,7 +173,7 @@ def _select(kernel, configs_fn, key_args, q: torch.Tensor, config: Optional[dict
     if tuned is None:
         configs = [
             triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
-                          num_warps=c["num_warps"], num_stages=c["num_stages"])
+                          num_warps=c["num_warps"], num_stages=c["num_stages"], pre_hook=pre_hook)
             for c in configs_fn(d, dtype, arch, dropout)
         ]
         extra = {"restore_value": list(restore)} if restore else {}
@@ -264,32 +265,23 @@ def _use_tma(fwd_mod, q: torch.Tensor, *kv) -> bool:
     return all(t is None or t.shape[2] == 0 or fwd_mod.tma_ready(t) for t in kv)
 
 
-_TUNED_FWD: Dict[tuple, object] = {}
-
-
 def _select_fwd(fwd_mod, q: torch.Tensor, config: Optional[dict], fixed: bool, dropout: bool, tma: bool):
     """``(kernel or autotuner, meta, descriptors)`` of the forward: :func:`_select` over the configs of
-    ``fwd_configs`` (without the TMA ones unless ``tma``); an autotuned launch gets its own autotuner
-    (``triton_fwd.autotuned_fwd``). An explicit ``TMA: True`` config without ``tma`` runs the
-    pointer path (``TMA`` False). ``descriptors``: whether a config of the launch reads the descriptors
-    (else the launcher passes placeholders)."""
+    ``fwd_configs`` (without the TMA ones unless ``tma``), each autotuned config with the pre-hook
+    ``triton_fwd.set_kv_blocks``. An explicit ``TMA: True`` config without ``tma`` runs the pointer path
+    (``TMA`` False). ``descriptors``: whether a config of the launch reads the descriptors (else the
+    launcher passes placeholders)."""
+    kernel = fwd_mod._segment_attention_fwd_kernel
     configs_fn = fwd_mod.fwd_configs if tma else fwd_mod.fwd_pointer_configs
-    arch = None if _interpreting() or q.device.type != "cuda" else _arch(q.device)
-    if config is not None or arch is None or fixed or torch.are_deterministic_algorithms_enabled():
-        kernel, meta = _select(fwd_mod._segment_attention_fwd_kernel, configs_fn, _TUNE_KEY, q, config, fixed,
-                               dropout)
-        if meta.get("TMA") and not tma:
-            meta["TMA"] = False
-        if meta.get("WARP_SPECIALIZE") and not fwd_mod.HAS_WARP_SPECIALIZE:
-            meta["WARP_SPECIALIZE"] = False
-        return kernel, meta, bool(meta.get("TMA"))
-    d, dtype = q.shape[-1], q.dtype
-    candidates = configs_fn(d, dtype, arch, dropout)
-    cache_key = (arch, d, dtype, dropout, tma)
-    tuned = _TUNED_FWD.get(cache_key)
-    if tuned is None:
-        tuned = _TUNED_FWD[cache_key] = fwd_mod.autotuned_fwd(candidates, _TUNE_KEY)
-    return tuned, {}, any(c.get("TMA") for c in candidates)
+    selected, meta = _select(kernel, configs_fn, _TUNE_KEY, q, config, fixed, dropout, variant=(tma,),
+                             pre_hook=fwd_mod.set_kv_blocks)
+    if selected is not kernel:  # an autotuner: any of its configs may read the descriptors
+        return selected, meta, any(c.kwargs.get("TMA") for c in selected.configs)
+    if meta.get("TMA") and not tma:
+        meta["TMA"] = False
+    if meta.get("WARP_SPECIALIZE") and not fwd_mod.HAS_WARP_SPECIALIZE:
+        meta["WARP_SPECIALIZE"] = False
+    return selected, meta, bool(meta.get("TMA"))
 
 
 def segment_attention_fwd_triton(
