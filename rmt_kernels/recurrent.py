@@ -166,6 +166,10 @@ class StepOutput(NamedTuple):
     hidden: ``[B, N, d]`` last hidden state after the final norm; its W rows become the next memory.
     logits: ``[B, N, V]`` or None; when given, the driver returns the segment rows of the logits,
         otherwise the segment rows of ``hidden``.
+
+    ``hidden`` and ``logits`` may each also hold only the rows ``[R, N)`` (``N - R`` rows): a step whose
+    LM head skips the read-memory rows (Hugging Face ``logits_to_keep=N - R``) computes no logits that
+    nobody reads.
     hidden_states: every layer's ``[B, N, d]`` hidden states, only needed when
         ``info.output_hidden_states`` is True.
     """
@@ -216,11 +220,19 @@ def _as_step_output(result, info: SegmentInfo, dim: int) -> StepOutput:
             f"step must return a Tensor, a (hidden, logits) pair or a StepOutput, got {type(result).__name__}"
         )
     b, n = info.batch, info.seq_len
-    if not isinstance(out.hidden, Tensor) or tuple(out.hidden.shape) != (b, n, dim):
+    rows = (n, n - info.layout.num_read)  # every packed row, or rows [R, N)
+    if not isinstance(out.hidden, Tensor) or out.hidden.dim() != 3 or out.hidden.shape[0] != b \
+            or out.hidden.shape[1] not in rows or out.hidden.shape[2] != dim:
         shape = tuple(out.hidden.shape) if isinstance(out.hidden, Tensor) else type(out.hidden).__name__
-        raise ValueError(f"step must return the last hidden state [B, N, d] = [{b}, {n}, {dim}], got {shape}")
-    if out.logits is not None and (out.logits.dim() != 3 or tuple(out.logits.shape[:2]) != (b, n)):
-        raise ValueError(f"step logits must be [B, N, V] with B={b}, N={n}, got {tuple(out.logits.shape)}")
+        raise ValueError(
+            f"step must return the last hidden state [B, N, d] = [{b}, {n}, {dim}] (or its rows [R, N): "
+            f"[{b}, {rows[1]}, {dim}]), got {shape}"
+        )
+    if out.logits is not None and (out.logits.dim() != 3 or out.logits.shape[0] != b or out.logits.shape[1] not in rows):
+        raise ValueError(
+            f"step logits must be [B, N, V] with B={b}, N={n} (or rows [R, N): {rows[1]} rows), "
+            f"got {tuple(out.logits.shape)}"
+        )
     if info.output_hidden_states:
         if out.hidden_states is None:
             raise ValueError("output_hidden_states=True but step returned no hidden_states (use StepOutput)")
@@ -469,9 +481,11 @@ class SegmentDriver:
         tied = read is not None and read is write
         packed = pack_validated(seg, weight, layout, read, None if tied else write, tied, out_buf, run.backend)
         res = _as_step_output(step(packed, info), info, run.dim)
-        r, s = layout.num_read, info.segment_len
-        main = (res.logits if res.logits is not None else res.hidden)[:, r : r + s]
-        new_mem = res.hidden[:, r + s :]
+        r, s, n = layout.num_read, info.segment_len, packed.shape[1]
+        rows = res.logits if res.logits is not None else res.hidden
+        first = r - (n - rows.shape[1])  # the segment's first row in ``rows`` (0 when rows start at R)
+        main = rows[:, first : first + s]
+        new_mem = res.hidden[:, res.hidden.shape[1] - layout.num_write :]
         hs = tuple(h[:, r : r + s] for h in res.hidden_states) if info.output_hidden_states else None
         return main, hs, new_mem
 

@@ -472,3 +472,26 @@ def test_import_without_transformers_names_the_extra():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode != 0
     assert "ImportError" in res.stderr and 'pip install "rmt_kernels[hf]"' in res.stderr
+
+
+@pytest.mark.parametrize("peft_wrapped", [False, True], ids=["bare", "peft"])
+def test_head_skips_the_read_memory_rows(peft_wrapped):
+    """The LM head runs on rows [R, N) only (``logits_to_keep = N - R``): the read memory's logits,
+    which the original computes and drops, are never computed; the results stay the original's."""
+    model = _peft(_sized(_gpt2)) if peft_wrapped else _gpt2().eval()
+    oracle = OracleWrapper(OracleCell(model, M), segment_size=8)
+    ours = rmt.RecurrentWrapper(rmt.MemoryCell(copy.deepcopy(oracle.memory_cell.model), M, "rmt_kernels"),
+                                segment_size=8)
+    ours.load_state_dict(oracle.state_dict(), strict=True)
+    head = ours.memory_cell.model.get_output_embeddings()
+    rows = []
+    hook = head.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[1]))
+    ids, mask, _ = _inputs("right", None)
+    try:
+        out = ours(input_ids=ids, labels=ids, attention_mask=mask)
+    finally:
+        hook.remove()
+    assert rows == [8 + M, 8 + M, 6 + M], rows  # segments of 8, 8 and 6 tokens, then the W rows
+    loss, logits, _ = oracle(ids, labels=ids, attention_mask=mask)
+    assert_close(out.logits, logits, name="logits")
+    assert_close(out.loss, loss, name="loss")

@@ -50,6 +50,19 @@ def test_pack_segment_segment_grad_is_a_view():
     assert torch.equal(seg.grad, upstream[:, 2:7])
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_pack_without_memory_blocks_returns_a_new_tensor(grad):
+    """R = W = 0: the result is a copy of the segment (the stock-op autograd path included), never the
+    input itself, so writing into it cannot change the caller's tensor."""
+    seg = torch.randn(2, 5, 8, requires_grad=grad)
+    packed = pack_segment(seg, MemoryLayout(0, 0), backend="torch")
+    assert packed.untyped_storage().data_ptr() != seg.untyped_storage().data_ptr()
+    assert torch.equal(packed, seg) and packed.is_contiguous()
+    if grad:
+        packed.backward(torch.ones_like(packed))
+        assert torch.equal(seg.grad, torch.ones_like(seg))
+
+
 # (B, S, V, d, R, W, memory kind, ids dtype, weight dtype, sliced, deterministic)
 IDS_CASES = [
     pytest.param(2, 33, 7, 32, 3, 3, "bcast", torch.int64, torch.float32, False, True, id="repeats-det"),

@@ -467,3 +467,27 @@ def test_explicit_bounds_run_a_prefix():
     ref_logits, ref_mem, _ = reference_run(model, memory, ids[:, :8], 5, -1, None, alignment="right")
     assert_close(res.outputs, ref_logits, name="logits")
     assert_close(res.memory, ref_mem, name="memory")
+
+
+@pytest.mark.parametrize("trim", ["logits", "hidden", "both"])
+def test_step_may_return_rows_from_the_segment_start(trim):
+    """A step whose head skips the read-memory rows (``[R, N)`` only: HF ``logits_to_keep = N - R``)
+    gives the same outputs, memory and gradients as one returning every row."""
+    model, memory, ids = _setup(seq_len=13)
+    layout = MemoryLayout(3, 3, mask="causal")
+    full = driver_step(model)
+
+    def trimmed(packed, info):
+        out = full(packed, info)
+        r = info.layout.num_read
+        hidden = out.hidden[:, r:] if trim in ("hidden", "both") else out.hidden
+        logits = out.logits[:, r:] if trim in ("logits", "both") else out.logits
+        return StepOutput(hidden, logits)
+
+    results = []
+    for step in (full, trimmed):
+        res = SegmentDriver(layout, 5).run(step, memory, input_ids=ids, embedding_weight=model.emb.weight)
+        grads = torch.autograd.grad(res.outputs.square().sum() + res.memory.sum(), [memory, model.emb.weight])
+        results.append((res.outputs, res.memory, *grads))
+    for got, want, name in zip(results[1], results[0], ["outputs", "memory", "d_memory", "d_embedding"]):
+        assert_close(got, want, name=name)

@@ -54,6 +54,7 @@ switches the backbone's attention in place and says so once (see ``attn_implemen
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import re
 from dataclasses import dataclass
@@ -188,6 +189,18 @@ def shifted_loss(logits: torch.Tensor, labels: Optional[torch.Tensor], labels_ma
     return F.cross_entropy(flat_logits, flat_labels)
 
 
+def _takes_logits_to_keep(model) -> bool:
+    """Whether ``model``'s forward (under PEFT: the wrapped model's) takes ``logits_to_keep`` (an int:
+    logits of the last rows only), as the causal LMs of ``transformers`` >= 4.50 do. A model that
+    ignored it would still be read right: the driver takes N-row logits as well as N - R."""
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    forward = getattr(type(inner), "forward", None)
+    try:
+        return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a forward without a signature
+        return False
+
+
 def _plain_embedding(module) -> bool:
     """Whether ``module(ids)`` is exactly ``module.weight[ids]`` (gradient included), so the fused
     gather-and-pack can replace it."""
@@ -274,6 +287,7 @@ class MemoryCell(torch.nn.Module):
         """The driver's backbone step: HF forward on the packed embeddings, last hidden state kept."""
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         uses_kernels = hf.uses_rmt_kernels(self.model)
+        skip_read_rows = _takes_logits_to_keep(self.model)
 
         def step(packed: torch.Tensor, info) -> StepOutput:
             mask = None
@@ -282,6 +296,11 @@ class MemoryCell(torch.nn.Module):
                 mask = torch.ones(packed.shape[:2], dtype=torch.int64, device=attention_mask.device)
                 mask[:, r : r + info.segment_len] = attention_mask[:, info.start : info.end]
             kwargs = {"rmt_layout": info.layout} if uses_kernels else {}
+            if skip_read_rows and info.layout.num_read:
+                # The head runs on rows [R, N) only: nobody reads the read-memory rows' logits (the
+                # original computes them and drops them), and its input is still every row the driver
+                # reads (the segment and the W rows of the next memory).
+                kwargs["logits_to_keep"] = packed.shape[1] - info.layout.num_read
             # The last hidden state is what the LM head reads (a hook on its input), so the model is
             # not asked for every layer's hidden states unless the caller wants them.
             all_layers = info.output_hidden_states or head is None
@@ -306,7 +325,7 @@ class MemoryCell(torch.nn.Module):
                 raise TypeError(f"{type(self.model).__name__} returned no logits: MemoryCell needs a causal LM")
             if all_layers:
                 layers = out.hidden_states if info.output_hidden_states else None
-                return StepOutput(out.hidden_states[-1], logits, layers)
+                return StepOutput(out.hidden_states[-1], logits, layers)  # logits: N or N - R rows
             if len(captured) != 1 or not isinstance(captured[0], torch.Tensor):
                 raise RuntimeError(
                     f"MemoryCell reads the last hidden state as the input of {type(self.model).__name__}'s "

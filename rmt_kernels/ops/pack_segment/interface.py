@@ -419,6 +419,10 @@ def pack_validated(
         return out
     sources = (segment if embedding_weight is None else embedding_weight, read, write)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources):
+        if backend == "torch":
+            # Stock ops recorded by autograd: their backward is torch's own C++ nodes, cheaper on CPU
+            # than this op's Python backward node (measured: 1.4% of an RMT training step).
+            return torch_impl.pack_autograd_torch(segment, embedding_weight, read, write, r, w, tied)
         if embedding_weight is None:
             return _function.apply(_Pack, segment, read, write, r, w, tied, backend)
         return _function.apply(_PackIds, segment, embedding_weight, read, write, r, w, tied, backend)

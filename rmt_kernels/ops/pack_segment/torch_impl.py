@@ -1,7 +1,11 @@
 """The ``torch`` backend of the memory handoff: stock copies, the fallback on every device.
 
 Launchers take validated inputs and a preallocated ``out`` (``ops._alloc.alloc_packed``); they never
-record autograd (the interface calls them from inside custom ops).
+record autograd (the interface calls them from inside custom ops). The one exception is
+:func:`pack_autograd_torch`: an eager call that records autograd on this backend runs the stock ops
+differentiably (``embedding`` + ``cat``), since torch's C++ backward nodes cost less on CPU than a
+Python backward node (measured: the drop-in RMT training step went from 0.98-0.99x to 1.00x the
+official wrapper's on CPU).
 """
 
 from __future__ import annotations
@@ -51,6 +55,36 @@ def pack_ids_fwd_torch(
     out[:, num_read : num_read + input_ids.shape[1]].copy_(F.embedding(input_ids, weight))
     _fill_memory(out, read, write, num_read, num_write, tied)
     return out
+
+
+def pack_autograd_torch(
+    segment: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    read: Optional[torch.Tensor],
+    write: Optional[torch.Tensor],
+    num_read: int,
+    num_write: int,
+    tied: bool,
+) -> torch.Tensor:
+    """The pack as differentiable stock ops (``embedding`` when ``weight`` is given, then one ``cat``),
+    for eager calls that record autograd: the gradients are those of the fused op (segment rows as
+    views, the memories' rows summed over slots and, for ``[R, d]`` memories, over the batch, the
+    embedding rows summed per id by ``embedding_dense_backward``), computed by torch's C++ nodes."""
+    rows = segment if weight is None else F.embedding(segment, weight)
+    b = rows.shape[0]
+
+    def batched(memory):
+        return memory if memory.dim() == 3 else memory[None].expand(b, -1, -1)
+
+    parts = []
+    if num_read:
+        parts.append(batched(read))
+    parts.append(rows)
+    if num_write:
+        parts.append(batched(read if tied else write))
+    if len(parts) > 1:
+        return torch.cat(parts, dim=1)
+    return rows if weight is not None else rows.clone(memory_format=torch.contiguous_format)  # never the input
 
 
 def memory_grad_torch(grad: torch.Tensor, start: int, start2: int, rows: int, broadcast: bool) -> torch.Tensor:
