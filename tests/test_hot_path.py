@@ -9,7 +9,7 @@ import torch
 
 from rmt_kernels import MemoryLayout, SegmentDriver, pack_segment, pack_segment_from_ids, segment_attention
 from rmt_kernels import _checks
-from rmt_kernels.ops.segment_attention import interface, torch_impl
+from rmt_kernels.ops.segment_attention import interface, torch_plan
 
 from helpers import assert_close
 
@@ -65,51 +65,75 @@ def test_torch_backend_plans_once_per_layout_and_size():
     q, k, v = _attention_inputs(grad=False)
     layout = MemoryLayout(3, 3, MB)
     segment_attention(q, k, v, layout, backend="torch")
-    before = torch_impl._plan.cache_info()
+    before = torch_plan._plan.cache_info()
     for _ in range(3):
         segment_attention(q, k, v, layout, backend="torch")
-    after = torch_impl._plan.cache_info()
+    after = torch_plan._plan.cache_info()
     assert after.misses == before.misses and after.hits == before.hits + 3
 
 
 def test_masked_call_is_used_only_where_it_is_exact():
     layout = MemoryLayout(0, 0, MB)
     # A fully padded row with R = 0 has rows that see no key: those need the composed path.
-    assert not torch_impl._plan(layout, 2, 10, 0, (10, 0), True).masked
-    assert torch_impl._plan(MemoryLayout(2, 2, MB), 2, 10, 0, (10, 0), True).masked
-    assert not torch_impl._plan(MemoryLayout(2, 2, MB), 2, 10, 3, None, True).masked  # prefix
-    big = torch_impl.MEASURED_CHOICE_MAX_N  # S = that: N above it, the composition always runs
-    assert not torch_impl._plan(MemoryLayout(2, 2, MB), 1, big, 0, None, True).masked
-    assert torch_impl._plan(MemoryLayout(2, 2, MB), 1, big - 4, 0, None, True).masked
+    assert not torch_plan._plan(layout, 2, 10, 0, (10, 0), True).masked
+    assert torch_plan._plan(MemoryLayout(2, 2, MB), 2, 10, 0, (10, 0), True).masked
+    assert not torch_plan._plan(MemoryLayout(2, 2, MB), 2, 10, 3, None, True).masked  # prefix
+    big = torch_plan.MEASURED_CHOICE_MAX_N  # S = that: N above it, the composition always runs
+    assert not torch_plan._plan(MemoryLayout(2, 2, MB), 1, big, 0, None, True).masked
+    assert torch_plan._plan(MemoryLayout(2, 2, MB), 1, big - 4, 0, None, True).masked
 
 
 def _choice_inputs(n, grad=False):
     return _attention_inputs(b=1, hq=2, hkv=2, n=n, d=16, grad=grad)
 
 
+def _spy_fastest(monkeypatch):
+    """Record which phase is timed, on which q shape; the real measurement still runs."""
+    timed = []
+    real_fwd, real_bwd = torch_plan._fastest_fwd, torch_plan._fastest_bwd
+    monkeypatch.setattr(torch_plan, "_fastest_fwd", lambda *a: timed.append(("fwd", a[1].shape)) or real_fwd(*a))
+    monkeypatch.setattr(torch_plan, "_fastest_bwd", lambda *a: timed.append(("bwd", a[2].shape)) or real_bwd(*a))
+    monkeypatch.setattr(torch_plan, "_CHOICES", {})
+    return timed
+
+
 def test_plan_is_measured_once_per_shape(monkeypatch):
     layout = MemoryLayout(4, 4, MB)
-    timed = []
-    real = torch_impl._fastest
-    monkeypatch.setattr(torch_impl, "_fastest", lambda *a: timed.append(a[1].shape) or real(*a))
-    monkeypatch.setattr(torch_impl, "_CHOICES", {})
-    small = _choice_inputs(torch_impl.MASKED_CALL_MAX_N)
-    segment_attention(*small, layout, backend="torch")
+    timed = _spy_fastest(monkeypatch)
+    small = _choice_inputs(torch_plan.MASKED_CALL_MAX_N, grad=True)
+    segment_attention(*small, layout, backend="torch").sum().backward()
     assert not timed  # up to MASKED_CALL_MAX_N the masked call runs without timing
     q, k, v = _choice_inputs(300)
     for _ in range(3):
         segment_attention(q, k, v, layout, backend="torch")
-    assert len(timed) == 1 and len(torch_impl.plan_choices()) == 1
-    (key, rows), = torch_impl.plan_choices().items()
-    assert key[0] == layout and key[1] == tuple(q.shape) and rows in torch_impl._candidates(300)
-    monkeypatch.setenv(torch_impl.ENV_PLAN, "static")
+    assert timed == [("fwd", q.shape)] and len(torch_plan.plan_choices()) == 1
+    (key, rows), = torch_plan.plan_choices().items()
+    assert key[0] == layout and key[1] == tuple(q.shape) and key[-1] == "fwd" and rows in torch_plan._candidates(300)
+    monkeypatch.setenv(torch_plan.ENV_PLAN, "static")
     segment_attention(*_choice_inputs(400), layout, backend="torch")
     assert len(timed) == 1  # static rule: nothing timed, the composition runs
 
 
+def test_backward_plan_is_measured_once_at_the_first_backward(monkeypatch):
+    layout = MemoryLayout(4, 4, MB)
+    timed = _spy_fastest(monkeypatch)
+    q, k, v = _choice_inputs(300, grad=True)
+    out = segment_attention(q, k, v, layout, backend="torch")
+    assert timed == [("fwd", q.shape)]  # the backward's plan is not known yet
+    out.sum().backward()
+    assert timed == [("fwd", q.shape), ("bwd", q.shape)]
+    for _ in range(2):
+        segment_attention(q, k, v, layout, backend="torch").sum().backward()
+    assert len(timed) == 2
+    choices = {key[-1]: plan for key, plan in torch_plan.plan_choices().items()}
+    assert choices["fwd"] in torch_plan._candidates(300) and choices["bwd"] in torch_plan._bwd_candidates(300)
+
+
 def test_candidates_cover_every_plan():
-    assert torch_impl._candidates(300) == (0, 300, 128)
-    assert torch_impl._candidates(1152) == (0, 1152, *torch_impl.CHUNK_ROWS)
+    assert torch_plan._candidates(300) == (0, 300, 128)
+    assert torch_plan._candidates(1152) == (0, 1152, *torch_plan.CHUNK_ROWS)
+    assert torch_plan._bwd_candidates(300) == (0, 300, 128, -128)
+    assert torch_plan._bwd_candidates(1152) == (0, 1152, *torch_plan.CHUNK_ROWS, *(-c for c in torch_plan.COL_KEYS))
 
 
 @pytest.mark.parametrize("mask", ["memory_bidirectional", "causal", "full"])
@@ -117,29 +141,46 @@ def test_row_chunks_hold_every_visible_key(mask):
     layout = MemoryLayout(3, 5, mask)
     lengths = (7, 10)
     visible = layout.dense_mask(10, 0, lengths).any(0)
-    chunks = torch_impl._row_chunks(layout, 10, lengths, 4)
+    chunks = torch_plan._row_chunks(layout, 10, lengths, 4)
     assert [c[:2] for c in chunks] == [(r, min(r + 4, 18)) for r in range(0, 18, 4)]
     for r0, r1, end in chunks:
         assert not visible[r0:r1, end:].any() and visible[r0:r1, end - 1].any()
 
 
-@pytest.mark.parametrize("rows", [0, 64, 200], ids=["composition", "chunks-of-64", "one-masked-call"])
-def test_every_plan_computes_the_attention(monkeypatch, rows):
-    """Whichever plan the measurement picks, forward and backward equal the reference."""
+@pytest.mark.parametrize("mask", ["memory_bidirectional", "causal", "full"])
+def test_key_chunks_hold_every_row_that_sees_their_keys(mask):
+    layout = MemoryLayout(3, 5, mask)
+    lengths = (7, 10)
+    visible = layout.dense_mask(10, 0, lengths).any(0)  # [rows, keys]
+    chunks = torch_plan._key_chunks(layout, 10, lengths, 4)
+    seen = [k0 for k0 in range(0, 18, 4) if visible[:, k0 : k0 + 4].any()]
+    assert [c[0] for c in chunks] == seen  # chunks no row sees are left out (keys of padding)
+    for k0, k1, r0, r1 in chunks:
+        assert k1 == min(k0 + 4, 18)
+        rows = visible[:, k0:k1].any(1)
+        assert not rows[:r0].any() and not rows[r1:].any() and rows[r0] and rows[r1 - 1]
+
+
+@pytest.mark.parametrize("fwd,bwd", [(0, 0), (64, 64), (200, 200), (64, -64), (0, -128), (200, 64)],
+                         ids=["composition", "row-chunks", "one-masked-call", "rows-then-key-chunks",
+                              "composition-then-key-chunks", "one-call-then-row-chunks"])
+def test_every_plan_computes_the_attention(monkeypatch, fwd, bwd):
+    """Whichever plans the measurement picks, forward and backward equal the reference."""
     from rmt_kernels import segment_attention_ref
 
-    monkeypatch.setattr(torch_impl, "_CHOICES", {})
-    monkeypatch.setattr(torch_impl, "_fastest", lambda *a: rows)
+    monkeypatch.setattr(torch_plan, "_CHOICES", {})
+    monkeypatch.setattr(torch_plan, "_fastest_fwd", lambda *a: fwd)
+    monkeypatch.setattr(torch_plan, "_fastest_bwd", lambda *a: bwd)
     layout = MemoryLayout(4, 4, MB)
     q, k, v = _attention_inputs(b=2, hq=4, hkv=2, n=200, d=16, grad=True)  # grouped-query heads, padding
     lengths = torch.tensor([150, 192])
     out = segment_attention(q, k, v, layout, segment_lengths=lengths, backend="torch")
-    assert list(torch_impl.plan_choices().values()) == [rows]
     ref = segment_attention_ref(q, k, v, layout, segment_lengths=lengths)
     base = segment_attention_ref(q, k, v, layout, segment_lengths=lengths, upcast=False)
     assert_close(out, ref.double(), base, name="out")
     dout = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), dout)
+    assert sorted(torch_plan.plan_choices().values()) == sorted([fwd, bwd])
     exp = torch.autograd.grad(ref, (q, k, v), dout)
     eager = torch.autograd.grad(base, (q, k, v), dout)
     for g, e, b, name in zip(got, exp, eager, "qkv"):

@@ -15,7 +15,7 @@ import torch
 from rmt_kernels import MemoryLayout, segment_attention, segment_attention_ref
 from rmt_kernels import backends
 from rmt_kernels.ops import _alloc
-from rmt_kernels.ops.segment_attention import interface, torch_impl
+from rmt_kernels.ops.segment_attention import interface, torch_impl, torch_plan
 
 from helpers import DTYPE_LAYOUTS, EDGE_CASES, assert_close, check_against_reference, make_inputs
 
@@ -38,17 +38,18 @@ class _TorchWithNaNEmpty:
 def poisoned(nan_poison, monkeypatch):
     """Output and gradient buffers of the torch backend start as NaN: an element that no block
     writes (or that is never zeroed) cannot pass by luck."""
-    nan_poison(torch_impl, "alloc_outputs")
+    nan_poison(torch_plan, "alloc_outputs")
+    monkeypatch.setattr(torch_plan, "torch", _TorchWithNaNEmpty())
     monkeypatch.setattr(torch_impl, "torch", _TorchWithNaNEmpty())
     monkeypatch.setattr(_alloc, "torch", _TorchWithNaNEmpty())  # the gradient buffers (empty_bnhd)
 
 
 def test_poisoned_buffers_start_as_nan(poisoned):
-    out, lse = torch_impl.alloc_outputs(torch.randn(2, 3, 5, 16))
+    out, lse = torch_plan.alloc_outputs(torch.randn(2, 3, 5, 16))
     assert out.shape == (2, 3, 5, 16) and lse.shape == (2, 3, 5)
     assert torch.isnan(out).all() and torch.isnan(lse).all()
-    assert torch.isnan(torch_impl.torch.empty(3, 4)).all()
-    assert torch_impl.torch.empty(3, dtype=torch.int64).dtype == torch.int64
+    assert torch.isnan(torch_plan.torch.empty(3, 4)).all()
+    assert torch_plan.torch.empty(3, dtype=torch.int64).dtype == torch.int64
 
 
 # --------------------------------------------------------------------------------------- edge cases

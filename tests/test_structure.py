@@ -14,9 +14,9 @@ OP_FILES = {"__init__.py", "interface.py", "torch_impl.py", "triton_fwd.py", "tr
             "aot.py"}
 # Where an op's kernels need them: shared Triton device code; CUDA C++ launchers (an op without them
 # has no "cuda" entry in its backend table).
-OPTIONAL_OP_FILES = {"triton_common.py", "cuda.py"}
-BACKEND_FILES = {"torch_impl": "torch", "cuda": "cuda", "triton_fwd": "triton", "triton_bwd": "triton",
-                 "triton_launch": "triton", "triton_common": "triton"}
+OPTIONAL_OP_FILES = {"triton_common.py", "cuda.py", "torch_plan.py"}
+BACKEND_FILES = {"torch_impl": "torch", "torch_plan": "torch", "cuda": "cuda", "triton_fwd": "triton",
+                 "triton_bwd": "triton", "triton_launch": "triton", "triton_common": "triton"}
 MAX_LINES = 600
 
 # Layers, lowest first: a module may import its own layer and those below, never one above.
