@@ -78,6 +78,8 @@ def test_masked_call_is_used_only_where_it_is_exact():
     assert not torch_plan._plan(layout, 2, 10, 0, (10, 0), True).masked
     assert torch_plan._plan(MemoryLayout(2, 2, MB), 2, 10, 0, (10, 0), True).masked
     assert not torch_plan._plan(MemoryLayout(2, 2, MB), 2, 10, 3, None, True).masked  # prefix
+    assert torch_plan._plan(MemoryLayout(2, 2, "causal"), 2, 10, 0, None, True).masked  # one causal block
+    assert not torch_plan._plan(MemoryLayout(2, 2, "full"), 2, 10, 0, None, True).masked  # one plain call
     big = torch_plan.MEASURED_CHOICE_MAX_N  # S = that: N above it, the composition always runs
     assert not torch_plan._plan(MemoryLayout(2, 2, MB), 1, big, 0, None, True).masked
     assert torch_plan._plan(MemoryLayout(2, 2, MB), 1, big - 4, 0, None, True).masked
@@ -133,6 +135,8 @@ def test_candidates_cover_every_plan():
     assert torch_plan._candidates(300) == (0, 300, 128)
     assert torch_plan._candidates(1152) == (0, 1152, *torch_plan.CHUNK_ROWS)
     assert torch_plan._bwd_candidates(300) == (0, 300, 128, -128)
+    assert torch_plan._candidates(300, whole=True) == (0, 128)  # one causal call, never one masked call
+    assert torch_plan._bwd_candidates(300, whole=True) == (0, 128, -128)
     assert torch_plan._bwd_candidates(1152) == (0, 1152, *torch_plan.CHUNK_ROWS, *(-c for c in torch_plan.COL_KEYS))
 
 
@@ -177,6 +181,30 @@ def test_every_plan_computes_the_attention(monkeypatch, fwd, bwd):
     out = segment_attention(q, k, v, layout, segment_lengths=lengths, backend="torch")
     ref = segment_attention_ref(q, k, v, layout, segment_lengths=lengths)
     base = segment_attention_ref(q, k, v, layout, segment_lengths=lengths, upcast=False)
+    assert_close(out, ref.double(), base, name="out")
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    assert sorted(torch_plan.plan_choices().values()) == sorted([fwd, bwd])
+    exp = torch.autograd.grad(ref, (q, k, v), dout)
+    eager = torch.autograd.grad(base, (q, k, v), dout)
+    for g, e, b, name in zip(got, exp, eager, "qkv"):
+        assert_close(g, e.double(), b, name=f"d{name}")
+
+
+@pytest.mark.parametrize("fwd,bwd", [(0, 0), (64, -64), (0, 128)],
+                         ids=["one-causal-call", "row-then-key-chunks", "causal-call-then-row-chunks"])
+def test_one_causal_block_computes_the_attention_by_every_plan(monkeypatch, fwd, bwd):
+    """A causal mask without padding is one stock causal call, or chunks of masked calls."""
+    from rmt_kernels import segment_attention_ref
+
+    monkeypatch.setattr(torch_plan, "_CHOICES", {})
+    monkeypatch.setattr(torch_plan, "_fastest_fwd", lambda *a: fwd)
+    monkeypatch.setattr(torch_plan, "_fastest_bwd", lambda *a: bwd)
+    layout = MemoryLayout(4, 4, "causal")
+    q, k, v = _attention_inputs(b=2, hq=4, hkv=2, n=200, d=16, grad=True)
+    out = segment_attention(q, k, v, layout, backend="torch")
+    ref = segment_attention_ref(q, k, v, layout)
+    base = segment_attention_ref(q, k, v, layout, upcast=False)
     assert_close(out, ref.double(), base, name="out")
     dout = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), dout)

@@ -66,7 +66,8 @@ def segment_attention_eager_torch(
     dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None,
 ):
     """Eager calls where one stock call is the whole op (a single causal or rectangular block, or
-    the masked call when it is the plan of the forward and, under autograd, of the backward): SDPA's
+    the masked call), when that call is the plan of the forward and, under autograd, of the backward
+    (:mod:`.torch_plan` may cut one causal block into chunks instead): SDPA's
     own entry runs that CPU kernel, and its C++ autograd node runs the kernel's backward, the
     launchers' formula without a Python autograd node. With dropout: the dense path in differentiable
     ops, whose graph keeps the probabilities for the backward (as SDPA's own dropout path does)
@@ -77,14 +78,14 @@ def segment_attention_eager_torch(
         return None
     plan = plan_of(q, prefix_k, segment_lengths, layout)
     gqa = q.shape[1] != k.shape[1]
-    if plan.whole is not None:
-        return _sdpa(q, k, v, None, 0.0, plan.whole.causal, scale=scale, enable_gqa=gqa)
-    n = q.shape[2]
-    if fwd_choice(plan, q, k, v, layout, scale) != n:
+    one_call = 0 if plan.whole is not None else q.shape[2]  # the plan code of that one stock call
+    if fwd_choice(plan, q, k, v, layout, scale) != one_call:
         return None
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if grad and known_bwd_choice(plan, q, k, layout, scale) != n:
+    if grad and known_bwd_choice(plan, q, k, layout, scale) != one_call:
         return None  # the backward's plan is another one, or is measured at the first backward
+    if plan.whole is not None:
+        return _sdpa(q, k, v, None, 0.0, plan.whole.causal, scale=scale, enable_gqa=gqa)
     return _sdpa(q, k, v, mask_of(plan, layout, q), 0.0, False, scale=scale, enable_gqa=gqa)
 
 

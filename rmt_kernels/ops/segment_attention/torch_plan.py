@@ -12,9 +12,9 @@ The prefix is read from its own tensors, padding only shortens the key ranges of
 with equal ``segment_lengths`` share one set of calls), and a mask that is one causal or one
 rectangular block costs exactly one attention call.
 
-A mask of several blocks can also run as stock calls with an additive mask (CPU, no prefix, every row
-sees a key), which compute exactly the pairs they are given (the stock causal call skips little: on
-CPU its backward costs what a full call does):
+A mask of several blocks, or one causal block, can also run as stock calls with an additive mask (CPU,
+no prefix, every row sees a key), which compute exactly the pairs they are given (the stock causal call
+skips little: on CPU its backward costs what a full call does):
 
 - one call over all rows;
 - *row chunks* of ``c`` rows (:data:`CHUNK_ROWS`), each one call over the keys up to its last visible
@@ -24,8 +24,9 @@ CPU its backward costs what a full call does):
   its keys' dk/dv whole and a part of dq (summed). Since the backward needs only the merged ``out`` and
   ``lse``, its plan is chosen independently of the forward's.
 
-Which plan is fastest is measured, not guessed. Up to ``MASKED_CALL_MAX_N`` packed rows the one masked
-call always wins (the fixed cost of each extra call outweighs the masked work it saves). From there to
+Which plan is fastest is measured, not guessed. Up to ``MASKED_CALL_MAX_N`` packed rows one call
+always wins, the masked one or the causal one that is the whole op (the fixed cost of each extra call
+outweighs the masked work it saves). From there to
 ``MEASURED_CHOICE_MAX_N`` the first forward of each layout, shape, dtype and thread count times the
 composition, the one masked call and each row-chunk size, and the first backward times those and each
 key-chunk size (twice each, alternated, best of two, no autograd); the fastest serves every later call
@@ -131,8 +132,11 @@ class _Run(NamedTuple):
 class _Plan(NamedTuple):
     runs: Tuple[_Run, ...]
     whole: Optional[object]  # the one block that is the whole op (one stock call), else None
-    masked: bool  # one stock call with an additive mask is possible (CPU, several blocks, exact)
+    # Stock calls with an additive mask are possible (CPU, exact): a mask of several blocks, or one
+    # causal block (whose stock backward skips nothing), with no prefix and no row without keys.
+    masked: bool
     lengths: Optional[tuple]
+
 
 def lengths_key(segment_lengths: Optional[torch.Tensor], segment_len: int) -> Optional[tuple]:
     """``segment_lengths`` as a tuple of ints (None when every row is complete): a host read."""
@@ -156,7 +160,7 @@ def _plan(layout: MemoryLayout, batch: int, segment_len: int, prefix_len: int, l
     if len(runs) == 1 and len(runs[0].blocks) == 1 and _is_whole(runs[0].blocks[0], n):
         whole = runs[0].blocks[0]
     masked = (
-        on_cpu and whole is None and prefix_len == 0 and n <= MEASURED_CHOICE_MAX_N
+        on_cpu and (whole is None or whole.causal) and prefix_len == 0 and n <= MEASURED_CHOICE_MAX_N
         and bool((layout.visible_counts(segment_len, 0, lengths) > 0).all())
     )
     return _Plan(tuple(runs), whole, masked, lengths)
@@ -303,12 +307,13 @@ def _static_only(q) -> bool:
 
 
 def _static_choice(plan: _Plan, q, scale: float) -> Optional[int]:
-    """The plan when no measurement is needed (or allowed), else None."""
+    """The plan when no measurement is needed (or allowed), else None. Up to ``MASKED_CALL_MAX_N`` rows
+    one call: the masked one, or the one causal call when that is the whole op."""
     if not plan.masked or scale <= 0:
         return 0
     n = q.shape[2]
     if n <= MASKED_CALL_MAX_N:
-        return n
+        return 0 if plan.whole is not None else n
     return 0 if _static_only(q) else None
 
 
@@ -344,16 +349,17 @@ def bwd_choice(plan: _Plan, dout, q, k, v, out, lse, layout: MemoryLayout, scale
     return choice
 
 
-def _candidates(n: int) -> Tuple[int, ...]:
-    """Forward plans worth timing at ``n`` rows: the composition (0), one masked call (n) and the row
-    chunks that cut the rows into at least two chunks."""
-    return (0, n, *(c for c in CHUNK_ROWS if 2 * c <= n))
+def _candidates(n: int, whole: bool = False) -> Tuple[int, ...]:
+    """Forward plans worth timing at ``n`` rows: the composition (0; with ``whole``, the one causal
+    call), one masked call (n; not with ``whole``: it computes the whole square) and the row chunks that
+    cut the rows into at least two chunks."""
+    return (0, *(() if whole else (n,)), *(c for c in CHUNK_ROWS if 2 * c <= n))
 
 
-def _bwd_candidates(n: int) -> Tuple[int, ...]:
+def _bwd_candidates(n: int, whole: bool = False) -> Tuple[int, ...]:
     """Backward plans worth timing at ``n`` rows: the forward's, and key chunks (``-c``) that cut the
     keys into at least two chunks."""
-    return (*_candidates(n), *(-c for c in COL_KEYS if 2 * c <= n))
+    return (*_candidates(n, whole), *(-c for c in COL_KEYS if 2 * c <= n))
 
 
 def _best(fns: dict) -> int:
@@ -372,14 +378,16 @@ def _fastest_fwd(plan: _Plan, q, k, v, layout: MemoryLayout, scale: float) -> in
     def run(rows):
         if rows:
             return lambda: masked_fwd(plan, q, k, v, layout, scale, rows)
+        if plan.whole is not None:
+            return lambda: block_fwd(q, k, v, plan.whole.causal, scale)
         return lambda: composed_fwd(plan, q, k, v, None, None, scale)
 
-    return _best({c: run(c) for c in _candidates(q.shape[2])})
+    return _best({c: run(c) for c in _candidates(q.shape[2], plan.whole is not None)})
 
 
 def _fastest_bwd(plan: _Plan, dout, q, k, v, out, lse, layout: MemoryLayout, scale: float) -> int:
     return _best({c: (lambda c=c: planned_bwd(c, plan, dout, q, k, v, out, lse, layout, scale))
-                  for c in _bwd_candidates(q.shape[2])})
+                  for c in _bwd_candidates(q.shape[2], plan.whole is not None)})
 
 
 # --------------------------------------------------------------------------- chunked masked calls
@@ -442,6 +450,8 @@ def planned_bwd(choice: int, plan: _Plan, dout, q, k, v, out, lse, layout: Memor
         return _masked_bwd(plan, dout, q, k, v, out, lse, layout, scale, choice)
     if choice < 0:
         return _key_chunked_bwd(plan, dout, q, k, v, out, lse, layout, scale, -choice)
+    if plan.whole is not None:
+        return block_bwd(dout, q, k, v, out, lse, plan.whole.causal, scale)
     return composed_bwd(plan, dout, q, k, v, None, None, out, lse, scale, False)[:3]
 
 
