@@ -167,9 +167,9 @@ class StepOutput(NamedTuple):
     logits: ``[B, N, V]`` or None; when given, the driver returns the segment rows of the logits,
         otherwise the segment rows of ``hidden``.
 
-    ``hidden`` and ``logits`` may each also hold only the rows ``[R, N)`` (``N - R`` rows): a step whose
-    LM head skips the read-memory rows (Hugging Face ``logits_to_keep=N - R``) computes no logits that
-    nobody reads.
+    ``hidden`` and ``logits`` may each also hold only the rows ``[R, N)`` (``N - R`` rows), and
+    ``logits`` only the segment's rows ``[R, R + S)``: a step whose LM head skips the memory rows
+    (Hugging Face ``logits_to_keep=N - R``) computes no logits that nobody reads.
     hidden_states: every layer's ``[B, N, d]`` hidden states, only needed when
         ``info.output_hidden_states`` is True.
     """
@@ -228,10 +228,12 @@ def _as_step_output(result, info: SegmentInfo, dim: int) -> StepOutput:
             f"step must return the last hidden state [B, N, d] = [{b}, {n}, {dim}] (or its rows [R, N): "
             f"[{b}, {rows[1]}, {dim}]), got {shape}"
         )
-    if out.logits is not None and (out.logits.dim() != 3 or out.logits.shape[0] != b or out.logits.shape[1] not in rows):
+    s = info.segment_len
+    if out.logits is not None and (out.logits.dim() != 3 or out.logits.shape[0] != b
+                                   or out.logits.shape[1] not in (*rows, s)):
         raise ValueError(
-            f"step logits must be [B, N, V] with B={b}, N={n} (or rows [R, N): {rows[1]} rows), "
-            f"got {tuple(out.logits.shape)}"
+            f"step logits must be [B, N, V] with B={b}, N={n} (or rows [R, N): {rows[1]} rows, or the "
+            f"segment's: {s} rows), got {tuple(out.logits.shape)}"
         )
     if info.output_hidden_states:
         if out.hidden_states is None:
@@ -483,7 +485,7 @@ class SegmentDriver:
         res = _as_step_output(step(packed, info), info, run.dim)
         r, s, n = layout.num_read, info.segment_len, packed.shape[1]
         rows = res.logits if res.logits is not None else res.hidden
-        first = r - (n - rows.shape[1])  # the segment's first row in ``rows`` (0 when rows start at R)
+        first = r if rows.shape[1] == n else 0  # rows [0, N), or from the segment's first ([R, N) or S rows)
         main = rows[:, first : first + s]
         new_mem = res.hidden[:, res.hidden.shape[1] - layout.num_write :]
         hs = tuple(h[:, r : r + s] for h in res.hidden_states) if info.output_hidden_states else None

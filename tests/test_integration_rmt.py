@@ -476,7 +476,8 @@ def test_import_without_transformers_names_the_extra():
 
 @pytest.mark.parametrize("peft_wrapped", [False, True], ids=["bare", "peft"])
 def test_head_skips_the_read_memory_rows(peft_wrapped):
-    """The LM head runs on rows [R, N) only (``logits_to_keep = N - R``): the read memory's logits,
+    """The LM head runs on the segment's rows only (``logits_to_keep = N - R``, then a hook that hands
+    the head the segment rows and keeps the W rows of its input as the memory): the memory rows' logits,
     which the original computes and drops, are never computed; the results stay the original's."""
     model = _peft(_sized(_gpt2)) if peft_wrapped else _gpt2().eval()
     oracle = OracleWrapper(OracleCell(model, M), segment_size=8)
@@ -485,13 +486,40 @@ def test_head_skips_the_read_memory_rows(peft_wrapped):
     ours.load_state_dict(oracle.state_dict(), strict=True)
     head = ours.memory_cell.model.get_output_embeddings()
     rows = []
-    hook = head.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[1]))
+    hook = head.register_forward_hook(lambda _m, args, out: rows.append(out.shape[1]))  # runs after ours
     ids, mask, _ = _inputs("right", None)
     try:
         out = ours(input_ids=ids, labels=ids, attention_mask=mask)
     finally:
         hook.remove()
-    assert rows == [8 + M, 8 + M, 6 + M], rows  # segments of 8, 8 and 6 tokens, then the W rows
+    assert rows == [8, 8, 6], rows  # segments of 8, 8 and 6 tokens: no memory row gets logits
     loss, logits, _ = oracle(ids, labels=ids, attention_mask=mask)
     assert_close(out.logits, logits, name="logits")
     assert_close(out.loss, loss, name="loss")
+
+
+@pytest.mark.parametrize("with_mask", [False, True], ids=["labels", "labels+labels_mask"])
+def test_loss_ignores_minus_100_labels_as_the_official(with_mask):
+    """Labels of -100 (the Hugging Face convention) are ignored as the official loss ignores them, with
+    and without ``labels_mask``, and the logits' gradient is the official one."""
+    ref_w, base_w, ours = _pair(_gpt2, segment_size=8)
+    ids, _, _ = _inputs(None, None)
+    labels = ids.clone()
+    labels[0, 3:9] = -100
+    labels[2, -1] = -100
+    labels_mask = (torch.rand(ids.shape) < 0.7) if with_mask else None
+
+    def run(w, is_ours):
+        if is_ours:
+            out = w(input_ids=ids, labels=labels, labels_mask=labels_mask)
+            loss, logits = out.loss, out.logits
+        else:
+            loss, logits, _ = w(ids, labels=labels, labels_mask=labels_mask)
+        logits.retain_grad()
+        loss.backward()
+        return loss.detach(), logits.grad
+
+    ref, base, out = run(ref_w, False), run(base_w, False), run(ours, True)
+    assert torch.isfinite(out[0])
+    assert_close(out[0], ref[0], base[0], name="loss")
+    assert_close(out[1], ref[1], base[1], name="d logits")

@@ -469,7 +469,7 @@ def test_explicit_bounds_run_a_prefix():
     assert_close(res.memory, ref_mem, name="memory")
 
 
-@pytest.mark.parametrize("trim", ["logits", "hidden", "both"])
+@pytest.mark.parametrize("trim", ["logits", "hidden", "both", "segment-logits"])
 def test_step_may_return_rows_from_the_segment_start(trim):
     """A step whose head skips the read-memory rows (``[R, N)`` only: HF ``logits_to_keep = N - R``)
     gives the same outputs, memory and gradients as one returning every row."""
@@ -482,6 +482,8 @@ def test_step_may_return_rows_from_the_segment_start(trim):
         r = info.layout.num_read
         hidden = out.hidden[:, r:] if trim in ("hidden", "both") else out.hidden
         logits = out.logits[:, r:] if trim in ("logits", "both") else out.logits
+        if trim == "segment-logits":
+            logits = out.logits[:, r : r + info.segment_len]
         return StepOutput(hidden, logits)
 
     results = []

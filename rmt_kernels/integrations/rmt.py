@@ -176,17 +176,25 @@ def check_labels_mask(labels_mask) -> None:
         )
 
 
+IGNORE_INDEX = -100  # F.cross_entropy's default, which the official loss relies on too
+
+
 def shifted_loss(logits: torch.Tensor, labels: Optional[torch.Tensor], labels_mask: Optional[torch.Tensor]):
     """The official wrappers' loss: ``cross_entropy(logits[:, :-1], labels[:, 1:])`` over the positions
-    ``labels_mask[:, :-1]`` keeps (all without a mask); 0 without labels."""
+    ``labels_mask[:, :-1]`` keeps (all without a mask); 0 without labels.
+
+    Computed without the copies of the logits that the official slicing costs (``logits[:, :-1]`` then
+    ``reshape``, and a zero-filled ``[B, T, V]`` gradient for the slice): the labels are shifted
+    instead, and the last position and the positions the mask drops get ``-100``, which
+    ``cross_entropy`` ignores (as it ignores ``-100`` labels in the official loss). The mean runs over
+    the same positions, so the value is the official one up to the order of the sum."""
     if labels is None:
         return 0
-    flat_logits = logits[..., :-1, :].reshape(-1, logits.shape[-1])
-    flat_labels = labels[..., 1:].reshape(-1)
+    shifted = labels.new_full(labels.shape, IGNORE_INDEX)
+    shifted[..., :-1] = labels[..., 1:]
     if labels_mask is not None:
-        keep = labels_mask[..., :-1].reshape(-1)
-        flat_logits, flat_labels = flat_logits[keep], flat_labels[keep]
-    return F.cross_entropy(flat_logits, flat_labels)
+        shifted[..., :-1].masked_fill_(~labels_mask[..., :-1], IGNORE_INDEX)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def _takes_logits_to_keep(model) -> bool:
@@ -297,18 +305,27 @@ class MemoryCell(torch.nn.Module):
                 mask[:, r : r + info.segment_len] = attention_mask[:, info.start : info.end]
             kwargs = {"rmt_layout": info.layout} if uses_kernels else {}
             if skip_read_rows and info.layout.num_read:
-                # The head runs on rows [R, N) only: nobody reads the read-memory rows' logits (the
-                # original computes them and drops them), and its input is still every row the driver
-                # reads (the segment and the W rows of the next memory).
+                # The model's head reads rows [R, N) only: nobody reads the read-memory rows' logits
+                # (the original computes them and drops them); below, a hook on the head also drops the
+                # W rows, whose hidden state it captures as the next memory.
                 kwargs["logits_to_keep"] = packed.shape[1] - info.layout.num_read
             # The last hidden state is what the LM head reads (a hook on its input), so the model is
             # not asked for every layer's hidden states unless the caller wants them.
             all_layers = info.output_hidden_states or head is None
             captured = []
-            hook = None if all_layers else head.register_forward_pre_hook(
-                lambda _m, args, kw: captured.append(args[0] if args else next(iter(kw.values()), None)),
-                with_kwargs=True,
-            )
+            head_rows = packed.shape[1] - info.layout.num_read if "logits_to_keep" in kwargs else packed.shape[1]
+
+            def head_input(_module, args, kw):
+                x = args[0] if args else next(iter(kw.values()), None)
+                captured.append(x)
+                if args and isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[1] == head_rows:
+                    # Only the segment's rows need logits: the head gets those, the W rows (the next
+                    # memory) are read from its captured input.
+                    start = info.layout.num_read - (packed.shape[1] - head_rows)
+                    return (x[:, start : start + info.segment_len], *args[1:]), kw
+                return None
+
+            hook = None if all_layers else head.register_forward_pre_hook(head_input, with_kwargs=True)
             try:
                 out = self.model(
                     inputs_embeds=packed,
