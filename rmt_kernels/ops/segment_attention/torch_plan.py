@@ -29,7 +29,7 @@ always wins, the masked one or the causal one that is the whole op (the fixed co
 outweighs the masked work it saves). From there to
 ``MEASURED_CHOICE_MAX_N`` the first forward of each layout, shape, dtype and thread count times the
 composition, the one masked call and each row-chunk size, and the first backward times those and each
-key-chunk size (twice each, alternated, best of two, no autograd); the fastest serves every later call
+key-chunk size (three times each, alternated, best of three, no autograd); the fastest serves every later call
 (:func:`plan_choices` shows them). Above it the composition always runs (a masked call's mask grows as
 N^2). Under ``torch.compile`` tracing, or with ``RMT_KERNELS_TORCH_PLAN=static``, nothing is timed: the
 static rule (one masked call only up to ``MASKED_CALL_MAX_N``) decides. All plans compute the same
@@ -363,13 +363,13 @@ def _bwd_candidates(n: int, whole: bool = False) -> Tuple[int, ...]:
 
 
 def _best(fns: dict) -> int:
-    """The key of the fastest of ``fns`` (callables): each timed twice, alternated, best of two (a
-    single candidate is not run)."""
+    """The key of the fastest of ``fns`` (callables): each timed three times, alternated, best of three
+    (a single candidate is not run)."""
     if len(fns) == 1:
         return next(iter(fns))
     best = {c: float("inf") for c in fns}
     with torch.no_grad():
-        for _ in range(2):
+        for _ in range(3):
             for c, fn in fns.items():
                 t0 = time.perf_counter()
                 fn()
