@@ -38,10 +38,13 @@ def timing_config(device_type: str, profile: str, reps: Optional[int] = None) ->
     """Defaults per device and profile; ``reps`` fixes the number of timed reps."""
     if device_type == "cuda":
         cfg = TimingConfig(warmup=3, min_reps=10, max_reps=100, budget_s=1.0)
+    # CPU: two warm-up calls, since a first call may do one-time work (the torch backend times its plans
+    # on the first call of a shape), which must neither be timed nor set the number of reps; small
+    # points get up to 31 reps, so that their p20/p80 spread is a measurement and not two samples.
     elif profile == "full":
-        cfg = TimingConfig(warmup=1, min_reps=5, max_reps=21, budget_s=8.0)
+        cfg = TimingConfig(warmup=2, min_reps=5, max_reps=31, budget_s=8.0)
     elif profile == "quick":
-        cfg = TimingConfig(warmup=1, min_reps=5, max_reps=11, budget_s=1.5)
+        cfg = TimingConfig(warmup=2, min_reps=5, max_reps=31, budget_s=1.5)
     else:
         cfg = TimingConfig(warmup=1, min_reps=2, max_reps=2, budget_s=0.0)
     if reps is not None:
