@@ -18,6 +18,7 @@ import torch
 from ...layout import MemoryLayout
 from .._alloc import accum_dtype
 from .torch_plan import (
+    MASKED_CALL_MAX_N,
     _sdpa,
     block_bwd,
     block_fwd,
@@ -74,10 +75,16 @@ def segment_attention_eager_torch(
     instead of recomputing them. None elsewhere (the caller then takes the launchers)."""
     if dropout_p > 0:
         return _dropout_eager(q, k, v, prefix_k, prefix_v, segment_lengths, layout, scale, dropout_p, seed)
-    if q.device.type != "cpu" or scale <= 0 or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+    if not q.is_cpu or scale <= 0 or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         return None
     plan = plan_of(q, prefix_k, segment_lengths, layout)
     gqa = q.shape[1] != k.shape[1]
+    if not plan.masked or q.shape[2] <= MASKED_CALL_MAX_N:  # the static rule decides both passes
+        if plan.whole is not None:
+            return _sdpa(q, k, v, None, 0.0, plan.whole.causal, scale=scale, enable_gqa=gqa)
+        if plan.masked:
+            return _sdpa(q, k, v, mask_of(plan, layout, q), 0.0, False, scale=scale, enable_gqa=gqa)
+        return None
     one_call = 0 if plan.whole is not None else q.shape[2]  # the plan code of that one stock call
     if fwd_choice(plan, q, k, v, layout, scale) != one_call:
         return None

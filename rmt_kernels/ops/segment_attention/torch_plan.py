@@ -168,7 +168,7 @@ def _plan(layout: MemoryLayout, batch: int, segment_len: int, prefix_len: int, l
 def plan_of(q, prefix_k, segment_lengths, layout: MemoryLayout) -> _Plan:
     s = q.shape[2] - layout.num_read - layout.num_write  # N >= R + W: checked by the public entry
     p = 0 if prefix_k is None else prefix_k.shape[2]
-    return _plan(layout, q.shape[0], s, p, lengths_key(segment_lengths, s), q.device.type == "cpu")
+    return _plan(layout, q.shape[0], s, p, lengths_key(segment_lengths, s), q.is_cpu)
 
 @functools.lru_cache(maxsize=256)
 def _additive_mask(layout: MemoryLayout, segment_len: int, lengths: Optional[tuple], dtype: torch.dtype,
