@@ -54,6 +54,7 @@ switches the backbone's attention in place and says so once (see ``attn_implemen
 
 from __future__ import annotations
 
+import functools
 import inspect
 import numbers
 import re
@@ -202,7 +203,12 @@ def _takes_logits_to_keep(model) -> bool:
     logits of the last rows only), as the causal LMs of ``transformers`` >= 4.50 do. A model that
     ignored it would still be read right: the driver takes N-row logits as well as N - R."""
     inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-    forward = getattr(type(inner), "forward", None)
+    return _forward_takes_logits_to_keep(type(inner))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_logits_to_keep(cls) -> bool:
+    forward = getattr(cls, "forward", None)
     try:
         return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
     except (TypeError, ValueError):  # pragma: no cover - a forward without a signature
