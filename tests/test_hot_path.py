@@ -165,18 +165,21 @@ def test_key_chunks_hold_every_row_that_sees_their_keys(mask):
         assert not rows[:r0].any() and not rows[r1:].any() and rows[r0] and rows[r1 - 1]
 
 
-@pytest.mark.parametrize("fwd,bwd", [(0, 0), (64, 64), (200, 200), (64, -64), (0, -128), (200, 64)],
-                         ids=["composition", "row-chunks", "one-masked-call", "rows-then-key-chunks",
-                              "composition-then-key-chunks", "one-call-then-row-chunks"])
-def test_every_plan_computes_the_attention(monkeypatch, fwd, bwd):
-    """Whichever plans the measurement picks, forward and backward equal the reference."""
+@pytest.mark.parametrize("fwd,bwd,dtype", [
+    (0, 0, torch.float32), (64, 64, torch.float32), (200, 200, torch.float32), (64, -64, torch.float32),
+    (0, -128, torch.float32), (200, 64, torch.float32), (64, -64, torch.bfloat16),
+], ids=["composition", "row-chunks", "one-masked-call", "rows-then-key-chunks", "composition-then-key-chunks",
+        "one-call-then-row-chunks", "bf16-rows-then-key-chunks"])
+def test_every_plan_computes_the_attention(monkeypatch, fwd, bwd, dtype):
+    """Whichever plans the measurement picks, forward and backward equal the reference (16-bit inputs:
+    the chunks' gradients are summed in float32)."""
     from rmt_kernels import segment_attention_ref
 
     monkeypatch.setattr(torch_plan, "_CHOICES", {})
     monkeypatch.setattr(torch_plan, "_fastest_fwd", lambda *a: fwd)
     monkeypatch.setattr(torch_plan, "_fastest_bwd", lambda *a: bwd)
     layout = MemoryLayout(4, 4, MB)
-    q, k, v = _attention_inputs(b=2, hq=4, hkv=2, n=200, d=16, grad=True)  # grouped-query heads, padding
+    q, k, v = _attention_inputs(b=2, hq=4, hkv=2, n=200, d=16, dtype=dtype, grad=True)  # GQA, padding
     lengths = torch.tensor([150, 192])
     out = segment_attention(q, k, v, layout, segment_lengths=lengths, backend="torch")
     ref = segment_attention_ref(q, k, v, layout, segment_lengths=lengths)
