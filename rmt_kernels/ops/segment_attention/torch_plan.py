@@ -14,7 +14,7 @@ rectangular block costs exactly one attention call.
 
 A mask of several blocks, or one causal block, can also run as stock calls with an additive mask (CPU,
 no prefix, every row sees a key), which compute exactly the pairs they are given (the stock causal call
-skips little: on CPU its backward costs what a full call does):
+skips little: on CPU its backward costs what a full call does at N=512 and N=2048, 81% of it at 1024):
 
 - one call over all rows;
 - *row chunks* of ``c`` rows (:data:`CHUNK_ROWS`), each one call over the keys up to its last visible
