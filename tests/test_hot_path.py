@@ -131,6 +131,20 @@ def test_backward_plan_is_measured_once_at_the_first_backward(monkeypatch):
     assert choices["fwd"] in torch_plan._candidates(300) and choices["bwd"] in torch_plan._bwd_candidates(300)
 
 
+def test_new_padding_lengths_are_not_timed_again(monkeypatch):
+    """A padded batch with new lengths at every step reuses the choices of its shape (timing again would
+    cost seconds per step); a batch without padding has its own."""
+    layout = MemoryLayout(4, 4, MB)
+    timed = _spy_fastest(monkeypatch)
+    q, k, v = _choice_inputs(300, grad=True)
+    for length in (200, 250, 7):  # S = 292
+        out = segment_attention(q, k, v, layout, segment_lengths=torch.tensor([length]), backend="torch")
+        out.sum().backward()
+    assert [phase for phase, _ in timed] == ["fwd", "bwd"]
+    segment_attention(q, k, v, layout, backend="torch").sum().backward()
+    assert [phase for phase, _ in timed] == ["fwd", "bwd", "fwd", "bwd"]
+
+
 def test_candidates_cover_every_plan():
     assert torch_plan._candidates(300) == (0, 300, 128)
     assert torch_plan._candidates(1152) == (0, 1152, *torch_plan.CHUNK_ROWS)
@@ -152,12 +166,25 @@ def test_row_chunks_hold_every_visible_key(mask):
 
 
 @pytest.mark.parametrize("mask", ["memory_bidirectional", "causal", "full"])
-def test_key_chunks_hold_every_row_that_sees_their_keys(mask):
+@pytest.mark.parametrize("r, w, lengths", [(3, 5, (7, 10)), (3, 5, None), (0, 2, (4, 0)), (2, 2, (0, 0)),
+                                           (4, 1, (10, 3, 6))])
+def test_key_ends_follow_the_dense_mask(mask, r, w, lengths):
+    """The rule that gives each row's last visible key, against the dense mask it replaces."""
+    layout = MemoryLayout(r, w, mask)
+    visible = layout.dense_mask(10, 0, lengths).any(0)  # [N, N] over the batch rows
+    want = (visible * torch.arange(1, visible.shape[0] + 1)).amax(-1)
+    assert torch.equal(torch_plan._key_ends(layout, 10, lengths), want)
+
+
+@pytest.mark.parametrize("mask", ["memory_bidirectional", "causal", "full"])
+@pytest.mark.parametrize("lengths", [(7, 10), (3, 5), None], ids=["padded", "padding-only-chunk", "complete"])
+def test_key_chunks_hold_every_row_that_sees_their_keys(mask, lengths):
     layout = MemoryLayout(3, 5, mask)
-    lengths = (7, 10)
     visible = layout.dense_mask(10, 0, lengths).any(0)  # [rows, keys]
     chunks = torch_plan._key_chunks(layout, 10, lengths, 4)
     seen = [k0 for k0 in range(0, 18, 4) if visible[:, k0 : k0 + 4].any()]
+    if lengths == (3, 5):
+        assert 8 not in seen  # keys [8, 12) are padding in every batch row
     assert [c[0] for c in chunks] == seen  # chunks no row sees are left out (keys of padding)
     for k0, k1, r0, r1 in chunks:
         assert k1 == min(k0 + 4, 18)

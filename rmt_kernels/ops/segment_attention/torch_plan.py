@@ -26,15 +26,16 @@ skips little: on CPU its backward costs what a full call does at N=512 and N=204
 
 Which plan is fastest is measured, not guessed. Up to ``MASKED_CALL_MAX_N`` packed rows one call
 always wins, the masked one or the causal one that is the whole op (the fixed cost of each extra call
-outweighs the masked work it saves). From there to
-``MEASURED_CHOICE_MAX_N`` the first forward of each layout, shape, dtype and thread count times the
-composition, the one masked call and each row-chunk size, and the first backward times those and each
-key-chunk size (three times each, alternated, best of three, no autograd); the fastest serves every later call
-(:func:`plan_choices` shows them). Above it the composition always runs (a masked call's mask grows as
-N^2). Under ``torch.compile`` tracing, or with ``RMT_KERNELS_TORCH_PLAN=static``, nothing is timed: the
-static rule (one masked call only up to ``MASKED_CALL_MAX_N``) decides. All plans compute the same
-attention; the choice changes only rounding. The plan of a call (runs of equal lengths, blocks, chunks)
-depends only on the layout and the sizes, and is cached.
+outweighs the masked work it saves). From there to ``MEASURED_CHOICE_MAX_N`` the first forward of each
+layout, shape, dtype, thread count and padded-or-not (not the lengths themselves: a batch of new lengths
+is not timed again) times the composition, the one masked call and each row-chunk size, and the first
+backward times those and each key-chunk size (three times each, alternated, best of three, no
+autograd); the fastest serves every later call (:func:`plan_choices` shows them). Above it the
+composition always runs (a masked call's mask grows as N^2). Under ``torch.compile`` tracing, or with
+``RMT_KERNELS_TORCH_PLAN=static``, nothing is timed: the static rule (one masked call only up to
+``MASKED_CALL_MAX_N``) decides. All plans compute the same attention; the choice changes only
+rounding. The plan of a call (runs of equal lengths, blocks, chunks) depends only on the layout and the
+sizes, and is cached.
 """
 
 from __future__ import annotations
@@ -170,7 +171,8 @@ def plan_of(q, prefix_k, segment_lengths, layout: MemoryLayout) -> _Plan:
     p = 0 if prefix_k is None else prefix_k.shape[2]
     return _plan(layout, q.shape[0], s, p, lengths_key(segment_lengths, s), q.is_cpu)
 
-@functools.lru_cache(maxsize=256)
+# A padded batch's mask is [B, 1, N, N] (up to 128 MB at B=8, N=2048 in float32): few are kept.
+@functools.lru_cache(maxsize=8)
 def _additive_mask(layout: MemoryLayout, segment_len: int, lengths: Optional[tuple], dtype: torch.dtype,
                    device: torch.device) -> torch.Tensor:
     """``[B or 1, 1, N, N]``: 0 where the layout lets a row see a key, ``-inf`` elsewhere."""
@@ -288,7 +290,7 @@ FWD, BWD = "fwd", "bwd"
 
 
 def plan_choices() -> Dict[tuple, int]:
-    """The measured choices so far: ``(layout, q shape, k shape, dtype, lengths, threads, phase) -> plan``
+    """The measured choices so far: ``(layout, q shape, k shape, dtype, padded, threads, phase) -> plan``
     with ``phase`` ``"fwd"`` or ``"bwd"`` and ``plan`` 0 (the block composition), N (one masked call
     over all rows), ``c > 0`` (row chunks of ``c`` rows) or ``-c`` (key chunks of ``c`` keys, backward
     only)."""
@@ -318,7 +320,10 @@ def _static_choice(plan: _Plan, q, scale: float) -> Optional[int]:
 
 
 def _choice_key(plan: _Plan, q, k, layout: MemoryLayout, phase: str) -> tuple:
-    return (layout, tuple(q.shape), tuple(k.shape), q.dtype, plan.lengths, torch.get_num_threads(), phase)
+    # Whether rows are padded, not their lengths: a padded batch of new lengths every step must not be
+    # timed again at every step (the fastest plan hardly depends on the lengths).
+    padded = plan.lengths is not None
+    return (layout, tuple(q.shape), tuple(k.shape), q.dtype, padded, torch.get_num_threads(), phase)
 
 
 def fwd_choice(plan: _Plan, q, k, v, layout: MemoryLayout, scale: float) -> int:
@@ -398,9 +403,14 @@ def _fastest_bwd(plan: _Plan, dout, q, k, v, out, lse, layout: MemoryLayout, sca
 
 @functools.lru_cache(maxsize=256)
 def _key_ends(layout: MemoryLayout, segment_len: int, lengths: Optional[tuple]) -> torch.Tensor:
-    """int64 ``[N]``: one past the last packed key each row sees (in any batch row)."""
-    visible = layout.dense_mask(segment_len, 0, lengths).any(0)  # [N, N]
-    return (visible * torch.arange(1, visible.shape[0] + 1)).amax(-1)
+    """int64 ``[N]``: one past the last packed key each row sees (in any batch row), from the layout's
+    rule without a dense mask: a row whose range reaches past the segment ends on a W key it sees; any
+    other row on the last valid key of its range in the longest batch row."""
+    ends = layout.key_end(segment_len)
+    if lengths is None:
+        return ends
+    past_segment = ends > layout.num_read + segment_len
+    return torch.where(past_segment, ends, ends.clamp(max=layout.num_read + max(lengths)))
 
 
 @functools.lru_cache(maxsize=256)
@@ -419,11 +429,16 @@ def _key_chunks(layout: MemoryLayout, segment_len: int, lengths: Optional[tuple]
     none of them get probability 0 there. Chunks no row sees are left out (their dk, dv are 0)."""
     ends = _key_ends(layout, segment_len, lengths)
     n = ends.shape[0]
+    valid_end = layout.num_read + (segment_len if lengths is None else max(lengths))  # then [R + S, N)
     out = []
     for k0 in range(0, n, keys):
-        seen = (ends > k0).nonzero()
+        k1 = min(k0 + keys, n)
+        first = k0 if k0 < valid_end else max(k0, layout.num_read + segment_len)  # first valid key
+        if first >= k1:
+            continue  # only padding keys: no row sees them
+        seen = (ends > first).nonzero()
         if seen.numel():
-            out.append((k0, min(k0 + keys, n), int(seen[0]), int(seen[-1]) + 1))
+            out.append((k0, k1, int(seen[0]), int(seen[-1]) + 1))
     return tuple(out)
 
 
