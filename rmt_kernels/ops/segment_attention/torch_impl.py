@@ -20,18 +20,14 @@ from .._alloc import accum_dtype
 from .torch_plan import (
     MASKED_CALL_MAX_N,
     _sdpa,
-    block_bwd,
-    block_fwd,
     bwd_choice,
-    composed_bwd,
-    composed_fwd,
     fwd_choice,
     known_bwd_choice,
     lengths_key,
     mask_of,
-    masked_fwd,
     plan_of,
     planned_bwd,
+    planned_fwd,
     unit_last_stride,
 )
 
@@ -54,12 +50,8 @@ def segment_attention_fwd_torch(
     if prefix_k is not None:
         prefix_k, prefix_v = unit_last_stride(prefix_k), unit_last_stride(prefix_v)
     plan = plan_of(q, prefix_k, segment_lengths, layout)
-    rows = fwd_choice(plan, q, k, v, layout, scale)
-    if rows:
-        return masked_fwd(plan, q, k, v, layout, scale, rows)
-    if plan.whole is not None:
-        return block_fwd(q, k, v, plan.whole.causal, scale)
-    return composed_fwd(plan, q, k, v, prefix_k, prefix_v, scale)
+    choice = fwd_choice(plan, q, k, v, layout, scale)
+    return planned_fwd(choice, plan, q, k, v, prefix_k, prefix_v, layout, scale)
 
 
 def segment_attention_eager_torch(
@@ -108,11 +100,7 @@ def segment_attention_bwd_torch(
     dout, q, k, v, prefix_k, prefix_v = map(unit_last_stride, (dout, q, k, v, prefix_k, prefix_v))
     plan = plan_of(q, prefix_k, segment_lengths, layout)
     choice = bwd_choice(plan, dout, q, k, v, out, lse, layout, scale)
-    if choice:
-        return (*planned_bwd(choice, plan, dout, q, k, v, out, lse, layout, scale), None, None)
-    if plan.whole is not None:
-        return (*block_bwd(dout, q, k, v, out, lse, plan.whole.causal, scale), None, None)
-    return composed_bwd(plan, dout, q, k, v, prefix_k, prefix_v, out, lse, scale, need_prefix_grad)
+    return planned_bwd(choice, plan, dout, q, k, v, prefix_k, prefix_v, out, lse, layout, scale, need_prefix_grad)
 
 
 # --------------------------------------------------------------------------- dropout

@@ -273,8 +273,8 @@ def composed_bwd(plan: _Plan, dout, q, k, v, prefix_k, prefix_v, out, lse, scale
 
 
 # Rows per masked call of the row-chunked plan (candidates timed against the composition and the one
-# masked call). The stock CPU kernel skips masked work of a causal call only in blocks of 512 keys; a
-# masked call computes every pair it is given. Cutting the rows into chunks that each take the keys up
+# masked call). The stock CPU kernel skips little of a causal mask (see the module docstring); a masked
+# call computes every pair it is given, and no other. Cutting the rows into chunks that each take the keys up
 # to their last visible one computes about ``N^2 / 2 + N * c / 2`` pairs of a causal-like mask (``c``
 # rows per chunk) with no merge: every row lives in exactly one chunk.
 CHUNK_ROWS = (128, 192, 256)
@@ -383,18 +383,12 @@ def _best(fns: dict) -> int:
 
 
 def _fastest_fwd(plan: _Plan, q, k, v, layout: MemoryLayout, scale: float) -> int:
-    def run(rows):
-        if rows:
-            return lambda: masked_fwd(plan, q, k, v, layout, scale, rows)
-        if plan.whole is not None:
-            return lambda: block_fwd(q, k, v, plan.whole.causal, scale)
-        return lambda: composed_fwd(plan, q, k, v, None, None, scale)
-
-    return _best({c: run(c) for c in _candidates(q.shape[2], plan.whole is not None)})
+    return _best({c: (lambda c=c: planned_fwd(c, plan, q, k, v, None, None, layout, scale))
+                  for c in _candidates(q.shape[2], plan.whole is not None)})
 
 
 def _fastest_bwd(plan: _Plan, dout, q, k, v, out, lse, layout: MemoryLayout, scale: float) -> int:
-    return _best({c: (lambda c=c: planned_bwd(c, plan, dout, q, k, v, out, lse, layout, scale))
+    return _best({c: (lambda c=c: planned_bwd(c, plan, dout, q, k, v, None, None, out, lse, layout, scale, False))
                   for c in _bwd_candidates(q.shape[2], plan.whole is not None)})
 
 
@@ -446,7 +440,37 @@ def mask_of(plan: _Plan, layout: MemoryLayout, q) -> torch.Tensor:
     return _additive_mask(layout, layout.segment_len(q.shape[2]), plan.lengths, q.dtype, q.device)
 
 
-def masked_fwd(plan: _Plan, q, k, v, layout: MemoryLayout, scale: float, rows: int):
+def planned_fwd(choice: int, plan: _Plan, q, k, v, prefix_k, prefix_v, layout: MemoryLayout, scale: float):
+    """``(out, lse)`` by the forward plan ``choice`` (see :func:`plan_choices`; a call with a prefix
+    always has plan 0)."""
+    if choice:
+        return _masked_fwd(plan, q, k, v, layout, scale, choice)
+    if plan.whole is not None:
+        return block_fwd(q, k, v, plan.whole.causal, scale)
+    return composed_fwd(plan, q, k, v, prefix_k, prefix_v, scale)
+
+
+def planned_bwd(choice: int, plan: _Plan, dout, q, k, v, prefix_k, prefix_v, out, lse, layout: MemoryLayout,
+                scale: float, need_prefix_grad: bool):
+    """``(dq, dk, dv, dprefix_k, dprefix_v)`` by the backward plan ``choice`` (see :func:`plan_choices`;
+    a call with a prefix always has plan 0); prefix grads None without a prefix or ``need_prefix_grad``."""
+    if choice == 0 and plan.whole is None:
+        return composed_bwd(plan, dout, q, k, v, prefix_k, prefix_v, out, lse, scale, need_prefix_grad)
+    if choice == 0:
+        grads = block_bwd(dout, q, k, v, out, lse, plan.whole.causal, scale)
+    elif choice >= q.shape[2]:
+        grads = _cpu_bwd(dout, q, k, v, out, lse, 0.0, False, attn_mask=mask_of(plan, layout, q), scale=scale)
+    else:
+        s = layout.segment_len(q.shape[2])
+        if choice > 0:  # row chunks: (rows, keys [0, end))
+            tiles = [(r0, r1, 0, end) for r0, r1, end in _row_chunks(layout, s, plan.lengths, choice)]
+        else:  # key chunks: (the rows that see them, keys)
+            tiles = [(r0, r1, k0, k1) for k0, k1, r0, r1 in _key_chunks(layout, s, plan.lengths, -choice)]
+        grads = _tiled_bwd(plan, dout, q, k, v, out, lse, layout, scale, tiles)
+    return (*grads, None, None)
+
+
+def _masked_fwd(plan: _Plan, q, k, v, layout: MemoryLayout, scale: float, rows: int):
     """The attention as masked stock calls over chunks of ``rows`` rows (one call when ``rows >= N``)."""
     bias = mask_of(plan, layout, q)
     n = q.shape[2]
@@ -461,52 +485,19 @@ def masked_fwd(plan: _Plan, q, k, v, layout: MemoryLayout, scale: float, rows: i
     return out, lse
 
 
-def planned_bwd(choice: int, plan: _Plan, dout, q, k, v, out, lse, layout: MemoryLayout, scale: float):
-    """``(dq, dk, dv)`` by the backward plan ``choice`` (see :func:`plan_choices`) of a call without a
-    prefix."""
-    if choice > 0:
-        return _masked_bwd(plan, dout, q, k, v, out, lse, layout, scale, choice)
-    if choice < 0:
-        return _key_chunked_bwd(plan, dout, q, k, v, out, lse, layout, scale, -choice)
-    if plan.whole is not None:
-        return block_bwd(dout, q, k, v, out, lse, plan.whole.causal, scale)
-    return composed_bwd(plan, dout, q, k, v, None, None, out, lse, scale, False)[:3]
-
-
-def _masked_bwd(plan: _Plan, dout, q, k, v, out, lse, layout: MemoryLayout, scale: float, rows: int):
-    """``(dq, dk, dv)`` over row chunks of ``rows`` rows (one call when ``rows >= N``): each chunk's
-    backward gives its rows' dq whole and a part of dk/dv (summed; the widest chunk first, adopted as
-    the buffer)."""
-    bias = mask_of(plan, layout, q)
-    n = q.shape[2]
-    if rows >= n:
-        return _cpu_bwd(dout, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale)
-    acc = accum_dtype(q.dtype)
-    dq, dk, dv = GradAccumulator(q, acc), GradAccumulator(k, acc), GradAccumulator(v, acc)
-    b = q.shape[0]
-    chunks = _row_chunks(layout, layout.segment_len(n), plan.lengths, rows)
-    for r0, r1, end in sorted(chunks, key=lambda c: -c[2]):
-        g_q, g_k, g_v = _cpu_bwd(dout[:, :, r0:r1], q[:, :, r0:r1], k[:, :, :end], v[:, :, :end], out[:, :, r0:r1],
-                                 lse[:, :, r0:r1], 0.0, False, attn_mask=bias[..., r0:r1, :end], scale=scale)
-        dq.write(0, b, r0, g_q)
-        dk.write(0, b, 0, g_k)
-        dv.write(0, b, 0, g_v)
-    whole = ((0, b),)
-    return dq.finish(whole, q.dtype), dk.finish(whole, q.dtype), dv.finish(whole, q.dtype)
-
-
-def _key_chunked_bwd(plan: _Plan, dout, q, k, v, out, lse, layout: MemoryLayout, scale: float, keys: int):
-    """``(dq, dk, dv)`` over key chunks of ``keys`` keys: each chunk's backward gives its keys' dk/dv
-    whole and a part of dq for its rows (summed; the tallest chunk first, adopted as the buffer)."""
+def _tiled_bwd(plan: _Plan, dout, q, k, v, out, lse, layout: MemoryLayout, scale: float, tiles):
+    """``(dq, dk, dv)`` over ``tiles`` ``(r0, r1, k0, k1)``, each one masked stock backward of rows
+    ``[r0, r1)`` against keys ``[k0, k1)``: a row chunk gives its rows' dq whole and a part of dk/dv, a
+    key chunk its keys' dk/dv whole and a part of dq (parts summed). Tiles run longest side first, so a
+    tile spanning all rows (or all keys) is adopted as the dq (dk/dv) buffer."""
     bias = mask_of(plan, layout, q)
     acc = accum_dtype(q.dtype)
     dq, dk, dv = GradAccumulator(q, acc), GradAccumulator(k, acc), GradAccumulator(v, acc)
     b = q.shape[0]
-    chunks = _key_chunks(layout, layout.segment_len(q.shape[2]), plan.lengths, keys)
-    for k0, k1, r0, r1 in sorted(chunks, key=lambda c: c[2] - c[3]):
-        rows = slice(r0, r1)
-        g_q, g_k, g_v = _cpu_bwd(dout[:, :, rows], q[:, :, rows], k[:, :, k0:k1], v[:, :, k0:k1], out[:, :, rows],
-                                 lse[:, :, rows], 0.0, False, attn_mask=bias[..., rows, k0:k1], scale=scale)
+    for r0, r1, k0, k1 in sorted(tiles, key=lambda t: -max(t[1] - t[0], t[3] - t[2])):
+        rows, keys = slice(r0, r1), slice(k0, k1)
+        g_q, g_k, g_v = _cpu_bwd(dout[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys], out[:, :, rows],
+                                 lse[:, :, rows], 0.0, False, attn_mask=bias[..., rows, keys], scale=scale)
         dq.write(0, b, r0, g_q)
         dk.write(0, b, k0, g_k)
         dv.write(0, b, k0, g_v)
