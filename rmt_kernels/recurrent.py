@@ -166,12 +166,12 @@ class StepOutput(NamedTuple):
     hidden: ``[B, N, d]`` last hidden state after the final norm; its W rows become the next memory.
     logits: ``[B, N, V]`` or None; when given, the driver returns the segment rows of the logits,
         otherwise the segment rows of ``hidden``.
+    hidden_states: every layer's ``[B, N, d]`` hidden states, only needed when
+        ``info.output_hidden_states`` is True.
 
     ``hidden`` and ``logits`` may each also hold only the rows ``[R, N)`` (``N - R`` rows), and
     ``logits`` only the segment's rows ``[R, R + S)``: a step whose LM head skips the memory rows
     (Hugging Face ``logits_to_keep=N - R``) computes no logits that nobody reads.
-    hidden_states: every layer's ``[B, N, d]`` hidden states, only needed when
-        ``info.output_hidden_states`` is True.
     """
 
     hidden: Tensor

@@ -310,25 +310,24 @@ class MemoryCell(torch.nn.Module):
                 mask = torch.ones(packed.shape[:2], dtype=torch.int64, device=attention_mask.device)
                 mask[:, r : r + info.segment_len] = attention_mask[:, info.start : info.end]
             kwargs = {"rmt_layout": info.layout} if uses_kernels else {}
-            if skip_read_rows and info.layout.num_read:
-                # The model's head reads rows [R, N) only: nobody reads the read-memory rows' logits
-                # (the original computes them and drops them); below, a hook on the head also drops the
-                # W rows, whose hidden state it captures as the next memory.
-                kwargs["logits_to_keep"] = packed.shape[1] - info.layout.num_read
+            r, n = info.layout.num_read, packed.shape[1]
             # The last hidden state is what the LM head reads (a hook on its input), so the model is
             # not asked for every layer's hidden states unless the caller wants them.
             all_layers = info.output_hidden_states or head is None
+            if all_layers and skip_read_rows and r:
+                # No hook: the model's head reads rows [R, N) only (nobody reads the read-memory rows'
+                # logits, which the original computes and drops).
+                kwargs["logits_to_keep"] = n - r
             captured = []
-            head_rows = packed.shape[1] - info.layout.num_read if "logits_to_keep" in kwargs else packed.shape[1]
 
             def head_input(_module, args, kw):
                 x = args[0] if args else next(iter(kw.values()), None)
                 captured.append(x)
-                if args and isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[1] == head_rows:
-                    # Only the segment's rows need logits: the head gets those, the W rows (the next
-                    # memory) are read from its captured input.
-                    start = info.layout.num_read - (packed.shape[1] - head_rows)
-                    return (x[:, start : start + info.segment_len], *args[1:]), kw
+                if args and isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[1] == n:
+                    # Only the segment's rows need logits (the original computes every row's and drops
+                    # the memory rows'): the head gets those, the W rows (the next memory) are read from
+                    # its captured input.
+                    return (x[:, r : r + info.segment_len], *args[1:]), kw
                 return None
 
             hook = None if all_layers else head.register_forward_pre_hook(head_input, with_kwargs=True)
