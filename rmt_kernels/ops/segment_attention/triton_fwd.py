@@ -262,6 +262,8 @@ def _segment_attention_fwd_kernel(
     if TMA:
         # One pipelined loop over the tiles in ascending order, masked or not at run time.
         trace_tile = trace_row + n_ptiles
+        # Two copies of the loop, not tl.range(warp_specialize=WARP_SPECIALIZE): a triton whose tl.range
+        # lacks the argument must never see it (this branch is pruned when the constexpr is False).
         if WARP_SPECIALIZE:
             for t in tl.range(0, e1 + (e2 - s2), warp_specialize=True):
                 acc, m_i, l_i = _packed_tile(acc, m_i, l_i, q, t, KD, VD, b_desc, hk, offs_n, rows_end, f1, e1, s2, c0,
